@@ -1,0 +1,1 @@
+"""Federation: catalog, discovery API server, peering, mirroring, CA and trust federation."""

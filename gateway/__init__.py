@@ -1,0 +1,1 @@
+"""East-west gateway: SNI routing of cross-cluster mTLS, admission, probe endpoint."""

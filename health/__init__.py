@@ -1,0 +1,1 @@
+"""Regional health: probes, statistics, the failover controller and the dashboard."""

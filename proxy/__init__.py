@@ -1,0 +1,1 @@
+"""The mesh vocabulary and the data plane: names, identity, TLS, policy schema, sidecar."""

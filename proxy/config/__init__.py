@@ -1,0 +1,1 @@
+"""Files people write: the shared document shape, value types, and the YAML loader."""

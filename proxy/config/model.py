@@ -1,0 +1,105 @@
+"""The shape every policy and config document shares, and the value types they use.
+
+Documents are Kubernetes-style (``apiVersion``, ``kind``, ``metadata``, ``spec``) and are
+validated once, at the edge, into frozen values. Durations are written as ``250ms``, ``2s``,
+``1m`` or ``1h`` and held as float seconds; shares are written as ``5%`` (or a number between 0
+and 1) and held as a float between 0 and 1.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
+
+API_VERSION = "snapbright.io/v1alpha1"
+
+_DURATION = re.compile(r"^(?P<value>\d+(?:\.\d+)?)(?P<unit>us|µs|ms|s|m|h)$")
+_UNIT_SECONDS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+def _parse_duration(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError("must be a duration string such as 250ms, 2s or 1m")
+    match = _DURATION.match(value.strip())
+    if match is None:
+        raise ValueError(f"invalid duration {value!r}: use a number and us, ms, s, m or h")
+    return float(match["value"]) * _UNIT_SECONDS[match["unit"]]
+
+
+def _format_duration(seconds: float) -> str:
+    if seconds >= 1 and float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    return f"{round(seconds * 1000, 3):g}ms"
+
+
+def _parse_share(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("must be a percentage such as 5% or a number between 0 and 1")
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.endswith("%"):
+            raise ValueError(f"invalid share {value!r}: write a percentage such as 5%")
+        try:
+            share = float(text[:-1]) / 100.0
+        except ValueError:
+            raise ValueError(f"invalid share {value!r}: write a percentage such as 5%") from None
+    elif isinstance(value, int | float):
+        share = float(value)
+    else:
+        raise ValueError("must be a percentage such as 5% or a number between 0 and 1")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError("must be between 0% and 100%")
+    return share
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(_parse_duration),
+    PlainSerializer(_format_duration, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?(us|µs|ms|s|m|h)$"}),
+]
+"""A duration written as ``250ms``/``2s``/``1m``, held as seconds."""
+
+Share = Annotated[
+    float,
+    BeforeValidator(_parse_share),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^\d+(\.\d+)?%$"},
+                {"type": "number", "minimum": 0, "maximum": 1},
+            ]
+        }
+    ),
+]
+"""A share of traffic written as ``5%`` or ``0.05``, held as a float in [0, 1]."""
+
+Name = Annotated[str, Field(pattern=_DNS_LABEL, max_length=63)]
+"""A DNS-label name (services, clusters, namespaces): lowercase, digits and ``-``."""
+
+
+class Frozen(BaseModel):
+    """Base of every validated value: immutable, unknown fields rejected, no coercion."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class Metadata(Frozen):
+    """Who a document is: its name, namespace and labels."""
+
+    name: Name
+    namespace: Name = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Document(Frozen):
+    """A Kubernetes-style document. Subclasses fix ``KIND`` and type ``spec``."""
+
+    KIND: ClassVar[str] = ""
+
+    apiVersion: str = Field(pattern=f"^{re.escape(API_VERSION)}$")
+    kind: str
+    metadata: Metadata

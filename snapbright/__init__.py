@@ -1,0 +1,1 @@
+"""Snapbright: the product — CLI, process wiring, the local runtime and checks."""

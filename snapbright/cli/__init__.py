@@ -1,0 +1,1 @@
+"""The `snapbright` command line: one module per command group, composed in app.py."""
