@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +30,9 @@ def _protos() -> list[Path]:
 
 
 def _generate(protos: list[Path], out: Path) -> None:
+    # protoc finds the mypy plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) on PATH.
+    scripts = str(Path(sys.executable).parent)
+    os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
     args = [
         "grpc_tools.protoc",
         f"-I{ROOT}",
