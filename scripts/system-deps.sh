@@ -8,6 +8,7 @@ declare -A wanted=(
   [openssl]=openssl
   [haproxy]=haproxy
   [wrk]=wrk
+  [promtool]=prometheus
 )
 
 missing=()
