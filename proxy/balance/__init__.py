@@ -1,0 +1,1 @@
+"""Target selection: a target cluster by weight, then an endpoint by power of two choices."""
