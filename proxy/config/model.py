@@ -103,3 +103,17 @@ class Document(Frozen):
     apiVersion: str = Field(pattern=f"^{re.escape(API_VERSION)}$")
     kind: str
     metadata: Metadata
+
+
+class FieldError(ValueError):
+    """A check on a whole model that knows which field is wrong.
+
+    Raise it from a model validator with ``loc`` relative to that model (``("peerings", 1)``);
+    the loader appends it to the model's own location, so the error points at the field's line
+    and column rather than at the model.
+    """
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
