@@ -1,0 +1,1 @@
+"""Retry budget and eligibility, circuit breaking, outlier ejection and fault injection."""
