@@ -1,0 +1,1 @@
+"""Service mirroring: federated upstreams from local services and peers' imports."""

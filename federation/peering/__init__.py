@@ -1,0 +1,1 @@
+"""Peering between clusters: tokens, the session state machine, and exported-service logs."""
