@@ -28,6 +28,9 @@ attributes. Example::
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Final, Literal, Self
 
 from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -212,3 +215,246 @@ class FailoverPolicy(Document):
 
     kind: Literal["FailoverPolicy"]
     spec: FailoverPolicySpec
+
+
+# --- What the controller sees, remembers and decides (built by code, not read from files) ---
+
+TOTAL_WEIGHT: Final = 10_000
+"""Weights are integer basis points: every decision's weights sum to exactly this."""
+
+
+@dataclass(frozen=True, slots=True)
+class TargetObservation:
+    """One target cluster of the service, as seen from this caller cluster at ``observed_at``.
+
+    Latencies are the service's own latency percentiles in seconds (``None`` when not measured)
+    without the network between; ``rtt`` is that network, from this caller cluster to the
+    target's gateway (0 for the local cluster). ``headroom`` is the requests/s the target can
+    take beyond its current load, or ``None`` when it does not say. ``samples`` is how many
+    requests (or probes) the statistics rest on.
+    """
+
+    cluster: str
+    observed_at: float
+    samples: int
+    healthy_endpoints: int
+    p50: float | None = None
+    p90: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    error_rate: float = 0.0
+    rtt: float = 0.0
+    headroom: float | None = None
+
+    def latency(self, percentile: Percentile) -> float | None:
+        """The service latency at ``percentile``, in seconds, if measured."""
+        value: float | None = getattr(self, percentile)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Observations:
+    """Everything one tick of the controller sees for one service in one caller cluster."""
+
+    local: str
+    # The caller cluster's requests/s to the service: turns a target's headroom into a share.
+    request_rate: float
+    targets: tuple[TargetObservation, ...]
+
+
+class Mode(StrEnum):
+    """Where the controller stands for one (service, caller cluster)."""
+
+    STEADY = "steady"
+    SHIFTING = "shifting"
+    DEGRADED_HELD = "degraded-held"
+    FAILING_BACK = "failing-back"
+    LOCAL_DOWN = "local-down"
+
+
+class Rule(StrEnum):
+    """The rule that fired for a decision."""
+
+    HOLD = "hold"
+    ENTER_DEGRADED = "enter-degraded"
+    RAMP_STEP = "ramp-step"
+    CAP_REACHED = "cap-reached"
+    HEADROOM_LIMITED = "headroom-limited"
+    NO_TARGET = "no-target"
+    TARGET_LOST = "target-lost"
+    EXIT_PENDING = "exit-pending"
+    FAILBACK_STEP = "failback-step"
+    FAILBACK_COMPLETE = "failback-complete"
+    NO_HEALTHY_LOCAL = "no-healthy-local"
+    NO_LOCAL_DATA = "no-local-data"
+
+
+class Direction(StrEnum):
+    """Which way traffic moved relative to the local cluster."""
+
+    AWAY = "away"
+    BACK = "back"
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerClock:
+    """Since when a trigger has read continuously above its enter / below its exit threshold."""
+
+    over_since: float | None = None
+    under_since: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterClocks:
+    """The hysteresis clocks of one target cluster."""
+
+    latency: TriggerClock = TriggerClock()
+    error_rate: TriggerClock = TriggerClock()
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerState:
+    """What the controller remembers between ticks for one (service, caller cluster)."""
+
+    weights: Mapping[str, int]
+    mode: Mode = Mode.STEADY
+    clocks: Mapping[str, ClusterClocks] = field(default_factory=dict)
+    # Start of the stable period before failback (None while not recovered).
+    recovered_at: float | None = None
+    last_step_at: float | None = None
+    last_direction: Direction | None = None
+
+    @classmethod
+    def initial(cls, local: str) -> ControllerState:
+        """All traffic local, nothing observed yet."""
+        return cls(weights={local: TOTAL_WEIGHT})
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One tick's outcome: the new weights, the state to keep, and why."""
+
+    at: float
+    rule: Rule
+    weights: Mapping[str, int]
+    previous_weights: Mapping[str, int]
+    state: ControllerState
+    explanation: str
+    # Set when traffic starts moving the other way (the transitions people count).
+    transition: Direction | None = None
+    # Service latency plus network for every target with a measured latency, in seconds.
+    expected_latency: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the weights differ from the previous ones."""
+        clusters = set(self.weights) | set(self.previous_weights)
+        return any(self.weights.get(c, 0) != self.previous_weights.get(c, 0) for c in clusters)
+
+
+# --- Traces: scripted observations over time, replayed by ``simulate`` ---
+
+
+def _as_tuple(value: Any) -> Any:
+    # YAML gives lists; values hold tuples (strict mode would otherwise reject the list).
+    return tuple(value) if isinstance(value, list) else value
+
+
+class TraceSample(_Spec):
+    """What one target cluster looks like; in a change, only the keys written apply.
+
+    ``headroom`` is the requests/s the target can take before this caller sends it anything;
+    the simulator subtracts what it sends. ``age`` makes the observation that much older than
+    the tick (stale data is not evidence).
+    """
+
+    p50: Duration | None = None
+    p90: Duration | None = None
+    p95: Duration | None = None
+    p99: Duration | None = None
+    error_rate: Share | None = None
+    rtt: Duration | None = None
+    headroom: float | None = None
+    healthy_endpoints: int | None = Field(default=None, ge=0)
+    samples: int | None = Field(default=None, ge=0)
+    age: Duration | None = None
+
+
+class TraceChange(_Spec):
+    """A change to a cluster from ``from`` on: until ``until`` if given (a segment), and only
+    for ``for`` out of every ``every`` if given (pulses). ``set`` overrides values;
+    ``addLatency`` adds to every measured latency percentile (a brownout)."""
+
+    from_: Duration = Field(default=0.0, alias="from")
+    until: Duration | None = None
+    every: Duration | None = None
+    for_: Duration | None = Field(default=None, alias="for")
+    set_: TraceSample = Field(default=TraceSample(), alias="set")
+    add_latency: Duration = 0.0
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        if self.until is not None and self.until <= self.from_:
+            raise ValueError("until must be after from")
+        if (self.every is None) != (self.for_ is None):
+            raise ValueError("every and for go together: pulses of `for` once `every`")
+        if self.every is not None and self.for_ is not None and not 0 < self.for_ < self.every:
+            raise ValueError("for must be above 0 and shorter than every")
+        if not self.set_.model_fields_set and self.add_latency == 0:
+            raise ValueError("a change needs `set` values or an `addLatency`")
+        return self
+
+    def applies(self, t: float) -> bool:
+        """Whether this change is in force at time ``t`` (seconds from the trace start)."""
+        if t < self.from_ or (self.until is not None and t >= self.until):
+            return False
+        if self.every is None or self.for_ is None:
+            return True
+        # Small epsilon: ticks computed as i * tick land exactly on pulse edges.
+        return (t - self.from_) % self.every < self.for_ - 1e-9
+
+
+class TraceJitter(_Spec):
+    """Uniform noise of at most ± each amount, drawn per tick from the trace's seed."""
+
+    latency: Duration = 0.0
+    error_rate: Share = 0.0
+    rtt: Duration = 0.0
+
+
+class TraceCluster(_Spec):
+    """One target cluster over time: where it starts, its changes, its noise."""
+
+    start: TraceSample = TraceSample()
+    changes: Annotated[tuple[TraceChange, ...], BeforeValidator(_as_tuple)] = ()
+    jitter: TraceJitter = TraceJitter()
+
+
+class TraceSpec(_Spec):
+    """A scripted run: the caller cluster, its request rate, and every target cluster."""
+
+    caller: Name
+    duration: Duration
+    tick: Duration = 1.0
+    request_rate: float = Field(default=100.0, gt=0)
+    seed: int = 0
+    clusters: dict[Name, TraceCluster]
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        if self.tick <= 0:
+            raise ValueError("tick must be above 0s")
+        if self.duration < self.tick:
+            raise ValueError("duration must be at least one tick")
+        if self.caller not in self.clusters:
+            raise ValueError(f"clusters must include the caller cluster {self.caller!r}")
+        return self
+
+
+class Trace(Document):
+    """A FailoverTrace document: observations over time for ``snapbright policy simulate``."""
+
+    KIND: ClassVar[str] = "FailoverTrace"
+
+    kind: Literal["FailoverTrace"]
+    spec: TraceSpec
