@@ -1,0 +1,1 @@
+"""Per-second request statistics per upstream and target cluster, with mergeable histograms."""
