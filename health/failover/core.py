@@ -13,7 +13,7 @@ Rules, in the order they are checked:
    reason traffic leaves the local cluster (as in Linkerd and Consul).
 3. Degradation: a trigger above its enter threshold for its ``enterAfter`` enters degraded
    (``enter-degraded``, one ramp step at once); then one step of at most ``ramp.step`` per
-   ``ramp.interval`` while a trigger stays above enter (``ramp-step``), up to
+   ``ramp.interval`` while a trigger stays above enter, held (``ramp-step``), up to
    ``min(maxShare, 100% - keepShare)`` (``cap-reached``). Between the exit and the enter
    thresholds nothing changes.
 4. Recovery: every trigger below its exit threshold for its ``exitAfter`` (``exit-pending``
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -313,6 +313,7 @@ def decide(
             state,
             kept,
             local,
+            seen,
             old,
             dict(old),
             Rule.NO_LOCAL_DATA,
@@ -491,9 +492,20 @@ class _Context:
                 Rule.HOLD,
                 f"{self.readings()}: between exit and enter (or no evidence)",
             )
+        if not local.over_held:
+            # Any move away needs the enter threshold held, also after a dip mid-ramp.
+            return self._hold(
+                state,
+                kept,
+                expected,
+                Rule.HOLD,
+                f"{self.readings()}: above enter, not yet for enterAfter",
+            )
         due = state.last_step_at is None or self.now - state.last_step_at >= self.p.ramp_interval
         if self.away < self.p.cap_away and due:
-            return self._step_away(state, kept, expected, Rule.RAMP_STEP, local.over_now, [])
+            # Moving away again after failback began is a new entry, not a continued ramp.
+            rule = Rule.ENTER_DEGRADED if state.last_direction is Direction.BACK else Rule.RAMP_STEP
+            return self._step_away(state, kept, expected, rule, local.over_held, [])
         note = f"{self.readings()}: still degraded"
         if self.away >= self.p.cap_away:
             note += f"; {_pct(self.away / TOTAL)} moved, the cap"
@@ -586,7 +598,9 @@ class _Context:
         expected: Mapping[str, float],
         note: str,
     ) -> Decision:
-        return _finish(state, kept, self.local, self.old, new, rule, self.now, expected, note)
+        return _finish(
+            state, kept, self.local, self.seen, self.old, new, rule, self.now, expected, note
+        )
 
     def _hold(
         self,
@@ -647,6 +661,7 @@ def _finish(
     state: ControllerState,
     kept: ControllerState,
     local: str,
+    seen: Iterable[str],
     old: Mapping[str, int],
     new: Mapping[str, int],
     rule: Rule,
@@ -655,7 +670,7 @@ def _finish(
     note: str,
 ) -> Decision:
     local_old = old.get(local, 0)
-    clusters = sorted(set(old) | set(new) | set(expected))
+    clusters = sorted(set(old) | set(new) | set(seen))
     weights = {c: new.get(c, 0) for c in clusters}
     previous = {c: old.get(c, 0) for c in clusters}
     changed = weights != previous
