@@ -36,7 +36,7 @@ from typing import Annotated, Any, ClassVar, Final, Literal, Self
 from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from proxy.config.model import Document, Duration, Frozen, Name, Share
+from proxy.config.model import Document, Duration, FieldError, Frozen, Name, Share
 
 Percentile = Literal["p50", "p90", "p95", "p99"]
 """A latency percentile that observations carry and triggers compare."""
@@ -89,10 +89,10 @@ class LatencyTrigger(_Spec):
     @model_validator(mode="after")
     def _exit_below_enter(self) -> Self:
         if self.enter <= 0:
-            raise ValueError("enter must be a latency above 0ms")
+            raise FieldError(("enter",), "must be a latency above 0ms")
         if self.exit >= self.enter:
-            raise ValueError(
-                "exit must be below enter, so that a latency between the two changes nothing"
+            raise FieldError(
+                ("exit",), "must be below enter, so that a latency between the two changes nothing"
             )
         return self
 
@@ -109,10 +109,11 @@ class ErrorRateTrigger(_Spec):
     @model_validator(mode="after")
     def _exit_below_enter(self) -> Self:
         if self.enter <= 0:
-            raise ValueError("enter must be an error rate above 0%")
+            raise FieldError(("enter",), "must be an error rate above 0%")
         if self.exit >= self.enter:
-            raise ValueError(
-                "exit must be below enter, so that an error rate between the two changes nothing"
+            raise FieldError(
+                ("exit",),
+                "must be below enter, so that an error rate between the two changes nothing",
             )
         return self
 
@@ -395,11 +396,15 @@ class TraceChange(_Spec):
     @model_validator(mode="after")
     def _coherent(self) -> Self:
         if self.until is not None and self.until <= self.from_:
-            raise ValueError("until must be after from")
+            raise FieldError(("until",), "must be after from")
         if (self.every is None) != (self.for_ is None):
-            raise ValueError("every and for go together: pulses of `for` once `every`")
+            # Point at the key that is written: it is the one missing its partner.
+            written, missing = ("for", "every") if self.every is None else ("every", "for")
+            raise FieldError(
+                (written,), f"needs `{missing}` too: pulses last `for` once every `every`"
+            )
         if self.every is not None and self.for_ is not None and not 0 < self.for_ < self.every:
-            raise ValueError("for must be above 0 and shorter than every")
+            raise FieldError(("for",), "must be above 0s and shorter than every")
         if not self.set_.model_fields_set and self.add_latency == 0:
             raise ValueError("a change needs `set` values or an `addLatency`")
         return self
@@ -443,11 +448,11 @@ class TraceSpec(_Spec):
     @model_validator(mode="after")
     def _coherent(self) -> Self:
         if self.tick <= 0:
-            raise ValueError("tick must be above 0s")
+            raise FieldError(("tick",), "must be above 0s")
         if self.duration < self.tick:
-            raise ValueError("duration must be at least one tick")
+            raise FieldError(("duration",), "must be at least one tick")
         if self.caller not in self.clusters:
-            raise ValueError(f"clusters must include the caller cluster {self.caller!r}")
+            raise FieldError(("clusters",), f"must include the caller cluster {self.caller!r}")
         return self
 
 
