@@ -184,10 +184,9 @@ def _assess(
         if clock.over_since is not None and now - clock.over_since >= enter_after
     )
     measured = [r for r in readings if r[2] is not None]
-    clear_now = (
-        bool(readings)
-        and len(measured) == len(readings)
-        and all(clock.under_since is not None for _, clock, *_ in readings)
+    # Without triggers (no policy) nothing says degraded: clear, so held traffic comes home.
+    clear_now = len(measured) == len(readings) and all(
+        clock.under_since is not None for _, clock, *_ in readings
     )
     clear_held = clear_now and all(
         clock.under_since is not None and now - clock.under_since >= exit_after

@@ -395,6 +395,18 @@ def test_without_a_policy_traffic_moves_only_when_no_local_endpoint_is_healthy()
     assert decisions[10].rule is Rule.NO_HEALTHY_LOCAL
 
 
+def test_when_the_policy_is_removed_shifted_traffic_comes_back_gradually() -> None:
+    shifted = _run(_policy(), _brownout(start=10), 20)[-1].state
+    assert shifted.weights[LOCAL] == 200
+    scene, state, back = _brownout(start=0), shifted, []
+    for t in range(21, 60):
+        state = decide(None, state, scene(float(t), state.weights), float(t)).state
+        back.append(state.weights.get(LOCAL, 0))
+    assert back[:10] == [200] * 10  # the default stable period
+    assert back[10] == 2200
+    assert back[-1] == TOTAL_WEIGHT
+
+
 def test_hard_failure_moves_everything_at_once_regardless_of_ramp_and_caps() -> None:
     scene = _scene(lambda t: {"healthy": 0 if t >= 10 else 3})
     decision = _run(_policy(maxShare="50%", ramp={"step": "5%", "interval": "10s"}), scene, 10)[10]
