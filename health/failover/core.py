@@ -19,8 +19,8 @@ Rules, in the order they are checked:
 4. Recovery: every trigger below its exit threshold for its ``exitAfter`` (``exit-pending``
    while it holds), then the failback stable period, then steps of ``failback.step`` per
    ``failback.interval`` (``failback-step``) until all traffic is local
-   (``failback-complete``). A reading above exit on the way pauses failback; a degradation
-   held again re-enters degraded.
+   (``failback-complete``). A reading above exit on the way pauses failback until the exit
+   threshold and the stable period hold again; a degradation held again re-enters degraded.
 
 Targets: a remote cluster is chosen only with evidence (enough fresh samples), healthy
 endpoints, no trigger above its enter threshold, and, for each trigger that degrades the local
@@ -324,9 +324,12 @@ def decide(
     if local_obs.healthy_endpoints == 0:
         return ctx.hard_failure(state, kept, expected)
     mode, recovered_at, notes = state.mode, state.recovered_at, []
-    if mode is Mode.LOCAL_DOWN or (mode is Mode.STEADY and ctx.away > 0):
+    if mode is Mode.LOCAL_DOWN:
         mode, recovered_at = Mode.FAILING_BACK, now
         notes.append(f"local endpoints healthy again ({local_obs.healthy_endpoints})")
+    elif mode is Mode.STEADY and ctx.away > 0:
+        # A state that starts with traffic away (a restart, a hand-made state) comes home.
+        mode, recovered_at = Mode.FAILING_BACK, now
     kept = replace(kept, mode=mode, recovered_at=recovered_at)
     if mode is Mode.STEADY:
         return ctx.steady(state, kept, expected)
