@@ -391,10 +391,16 @@ class _Context:
     def _caps(self) -> dict[str, int | None]:
         caps: dict[str, int | None] = {}
         for cluster, obs in self.seen.items():
-            if not self.p.respect_headroom or obs.headroom is None or self.request_rate <= 0:
+            headroom = obs.headroom
+            if (
+                not self.p.respect_headroom
+                or headroom is None
+                or not math.isfinite(headroom)
+                or self.request_rate <= 0
+            ):
                 caps[cluster] = None
             else:
-                extra = math.floor(obs.headroom / self.request_rate * TOTAL)
+                extra = math.floor(headroom / self.request_rate * TOTAL)
                 caps[cluster] = max(0, self.old.get(cluster, 0) + extra)
         return caps
 
