@@ -137,6 +137,35 @@ def test_p2c_never_picks_the_costliest_of_three() -> None:
     assert picks[endpoints[1]] == pytest.approx(1000, rel=0.1)
 
 
+_endpoint_state = st.tuples(
+    st.floats(1e-4, 10.0),  # observed response time
+    st.floats(0.0, 100.0),  # when it was observed
+    st.integers(0, 50),  # outstanding requests
+    st.sampled_from([1.0, 10.0]),  # decay time constant
+)
+
+
+@given(a=_endpoint_state, b=_endpoint_state, now=st.floats(0.0, 200.0), seed=st.integers(0, 99))
+def test_p2c_of_two_picks_the_lower_cost(
+    a: tuple[float, float, int, float],
+    b: tuple[float, float, int, float],
+    now: float,
+    seed: int,
+) -> None:
+    pair = []
+    for port, (rtt, stamp, outstanding, decay) in enumerate((a, b), start=1):
+        endpoint = Endpoint("10.0.0.1", port, 0.0, default_rtt_s=1e-6, decay_s=decay)
+        endpoint.observe(rtt, stamp)
+        for _ in range(outstanding):
+            endpoint.start()
+        pair.append(endpoint)
+    costs = [endpoint.cost(now) for endpoint in pair]
+    picked = p2c_pick(pair, Random(seed), now)
+    assert picked is not None
+    if not math.isclose(costs[0], costs[1], rel_tol=1e-9, abs_tol=1e-300):
+        assert picked is pair[costs.index(min(costs))]
+
+
 def test_peak_ewma_jumps_at_once_to_a_slow_response() -> None:
     endpoint = Endpoint("10.0.0.1", 80, 0.0, default_rtt_s=0.01)
     endpoint.observe(0.5, 0.001)
