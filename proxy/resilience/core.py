@@ -76,12 +76,14 @@ class RetryBudget:
         "_allowance",
         "_buckets",
         "_current",
-        "_inv_width",
+        "_index",
         "_ratio",
         "_requests",
         "_retries",
+        "_slice_end",
         "_total_requests",
         "_total_retries",
+        "_width",
     )
 
     def __init__(
@@ -97,34 +99,34 @@ class RetryBudget:
         window_s = _check_number("retry budget window_s", window_s, minimum=0.0, inclusive=False)
         self._buckets = _check_int("retry budget buckets", buckets, minimum=1)
         self._allowance = min_per_s * window_s
-        self._inv_width = buckets / window_s
+        self._width = window_s / buckets
         self._requests = [0] * buckets
         self._retries = [0] * buckets
         self._total_requests = 0
         self._total_retries = 0
         self._current: int | None = None
+        self._index = 0
+        # Until the first call every timestamp is "after the current slice".
+        self._slice_end = -math.inf
 
     def record_request(self, now: float) -> None:
         """Count one first attempt of a request at ``now``."""
-        slot = int(now * self._inv_width)
-        if slot != self._current:
-            slot = self._slide(slot)
-        self._requests[slot % self._buckets] += 1
+        if now >= self._slice_end:
+            self._slide(now)
+        self._requests[self._index] += 1
         self._total_requests += 1
 
     def can_retry(self, now: float) -> bool:
         """Whether one more retry at ``now`` stays within the budget."""
-        slot = int(now * self._inv_width)
-        if slot != self._current:
-            self._slide(slot)
+        if now >= self._slice_end:
+            self._slide(now)
         return self._total_retries + 1 <= self._ratio * self._total_requests + self._allowance
 
     def record_retry(self, now: float) -> None:
         """Count one retry at ``now`` (after `can_retry` allowed it)."""
-        slot = int(now * self._inv_width)
-        if slot != self._current:
-            slot = self._slide(slot)
-        self._retries[slot % self._buckets] += 1
+        if now >= self._slice_end:
+            self._slide(now)
+        self._retries[self._index] += 1
         self._total_retries += 1
 
     def try_retry(self, now: float) -> bool:
@@ -134,16 +136,16 @@ class RetryBudget:
         self.record_retry(now)
         return True
 
-    def _slide(self, slot: int) -> int:
+    def _slide(self, now: float) -> None:
+        # Only called with now at or after the end of the current slice: a timestamp from
+        # before it (a late one; the loop clock does not go back) counts in the current one.
+        slot = math.floor(now / self._width)
         current = self._current
         if current is None or slot - current >= self._buckets:
             self._requests = [0] * self._buckets
             self._retries = [0] * self._buckets
             self._total_requests = 0
             self._total_retries = 0
-        elif slot < current:
-            # The loop clock does not go back; a late timestamp counts in the current slice.
-            return current
         else:
             for expired in range(current + 1, slot + 1):
                 index = expired % self._buckets
@@ -152,7 +154,8 @@ class RetryBudget:
                 self._requests[index] = 0
                 self._retries[index] = 0
         self._current = slot
-        return slot
+        self._index = slot % self._buckets
+        self._slice_end = (slot + 1) * self._width
 
 
 class Failure(StrEnum):

@@ -225,21 +225,29 @@ class StatsWindow:
 class Series:
     """The running second for one upstream and target cluster; a handle for the hot path."""
 
-    __slots__ = ("_buckets", "_closed", "_counts", "_second", "target_cluster", "upstream")
+    __slots__ = (
+        "_buckets",
+        "_closed",
+        "_counts",
+        "_second",
+        "_second_end",
+        "target_cluster",
+        "upstream",
+    )
 
     def __init__(self, upstream: str, target_cluster: str, closed: list[StatsWindow]) -> None:
         self.upstream = upstream
         self.target_cluster = target_cluster
         self._closed = closed
         self._second = -(2**62)
+        self._second_end = -math.inf
         self._counts = [0] * _OUTCOMES
         self._buckets = [0] * _BUCKETS
 
     def record(self, outcome: Outcome, latency_s: float, now: float) -> None:
         """Count one finished request: its outcome and its latency in seconds."""
-        second = int(now)
-        if second > self._second:
-            self._close(second)
+        if now >= self._second_end:
+            self._close(math.floor(now))
         # A timestamp from an earlier second (late completion) counts in the running one.
         self._counts[outcome] += 1
         if latency_s <= MIN_LATENCY_S:
@@ -262,6 +270,7 @@ class Series:
             self._counts = [0] * _OUTCOMES
             self._buckets = [0] * _BUCKETS
         self._second = next_second
+        self._second_end = next_second + 1.0
 
 
 class StatsRecorder:
@@ -304,7 +313,7 @@ class StatsRecorder:
         A window ``[s, s + 1)`` is closed once ``now >= s + 1``. Seconds without requests
         produce no window.
         """
-        second = int(now)
+        second = math.floor(now)
         for by_target in self._series.values():
             for series in by_target.values():
                 if series._second < second:
