@@ -406,7 +406,12 @@ class _Load:
 
     def _report_validation(self, exc: ValidationError, walked: _Document) -> None:
         reported: set[tuple[Loc, str]] = set()
-        for error in exc.errors(include_url=False):
+        errors = exc.errors(include_url=False)
+        failed = [tuple(error["loc"]) for error in errors]
+        for error in errors:
+            loc = tuple(error["loc"])
+            if error["type"] == "too_short" and any(f[: len(loc)] == loc != f for f in failed):
+                continue  # pydantic counts an item that failed as missing: report the item only
             code, loc, message = _explain(error)
             known = _known_prefix(loc, walked.positions)
             if any(known[: len(done)] == done for done in walked.diagnosed):
@@ -431,6 +436,8 @@ def _explain(error: ErrorDetails) -> tuple[Code, Loc, str]:
     if isinstance(cause, FieldError):
         return Code.INVALID_VALUE, (*loc, *cause.loc), cause.message
     if kind == "missing":
+        if loc and isinstance(loc[-1], int):
+            return Code.MISSING_FIELD, loc, f"item {loc[-1]} is missing: the list is too short"
         return Code.MISSING_FIELD, loc, "required field is missing"
     if kind == "extra_forbidden":
         return Code.UNKNOWN_FIELD, loc, "unknown field"
@@ -439,6 +446,8 @@ def _explain(error: ErrorDetails) -> tuple[Code, Loc, str]:
     message = error["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
+    if message.startswith("Input should be "):
+        message = "must be " + message.removeprefix("Input should be ")
     return Code.INVALID_VALUE, loc, message[:1].lower() + message[1:]
 
 

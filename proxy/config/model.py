@@ -12,6 +12,7 @@ import re
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
+from pydantic.alias_generators import to_camel
 
 API_VERSION = "snapbright.io/v1alpha1"
 
@@ -108,12 +109,18 @@ class Document(Frozen):
 class FieldError(ValueError):
     """A check on a whole model that knows which field is wrong.
 
-    Raise it from a model validator with ``loc`` relative to that model (``("peerings", 1)``);
-    the loader appends it to the model's own location, so the error points at the field's line
-    and column rather than at the model.
+    Raise it from a model validator with ``loc`` relative to that model and spelled as in the
+    file (aliases: ``("perTryTimeout",)``, ``("peerings", 1)``); the loader appends it to the
+    model's own location, so the error points at the field's line and column, not the model.
     """
 
     def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
         super().__init__(message)
         self.loc = loc
         self.message = message
+
+
+class Spec(Frozen):
+    """Base of a document's ``spec`` values: camelCase keys in files, snake_case in code."""
+
+    model_config = ConfigDict(alias_generator=to_camel)

@@ -241,7 +241,7 @@ def test_the_same_document_twice_in_a_file_is_rejected() -> None:
 
 def test_diagnostic_text_names_file_line_column_field_and_reason() -> None:
     text = str(_only(HEAD + "spec:\n  service: pay\n  attempts: 11\n"))
-    assert text == "f.yaml:7:13: spec.attempts: input should be less than or equal to 10"
+    assert text == "f.yaml:7:13: spec.attempts: must be less than or equal to 10"
 
 
 def test_raise_for_errors_carries_every_diagnostic() -> None:

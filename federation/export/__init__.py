@@ -1,0 +1,1 @@
+"""Which local services each peer cluster may reach: the ExportPolicy."""

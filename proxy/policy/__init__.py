@@ -1,0 +1,1 @@
+"""Data-plane policies people write: TrafficPolicy and AuthorizationPolicy."""

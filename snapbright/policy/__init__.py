@@ -1,0 +1,1 @@
+"""Every kind of document Snapbright reads, in one registry, and loading files against it."""
