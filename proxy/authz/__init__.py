@@ -1,0 +1,1 @@
+"""Authorization of inbound calls by SPIFFE ID: path normalisation and policy matching."""
