@@ -1,0 +1,201 @@
+"""The routing seam between the forwarder and the balancing, resilience and stats cores.
+
+The forwarder asks a `Router` for the `Route` of a request's authority once per connection
+and host, asks the route to `pick` an endpoint for each request, and reports back exactly once
+per pick: `Route.on_response` when response headers arrive, or `Route.on_failure`. That
+contract is what a balancer needs to count outstanding requests and latency. Everything here
+is pure: ``now`` is passed in.
+
+`RoundRobinRoute` and `StaticRouter` are the trivial implementations used until the weighted
+cluster pick and P2C cores are plugged in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.http.model import Failure
+
+__all__ = [
+    "EndpointAddress",
+    "Overloaded",
+    "RoundRobinRoute",
+    "Route",
+    "Router",
+    "StaticEndpoint",
+    "StaticRouter",
+    "normalise_authority",
+]
+
+
+class EndpointAddress(Protocol):
+    """Where a picked endpoint listens.
+
+    The forwarder pools connections per endpoint object, so a route must return the same
+    object for the same endpoint for as long as it keeps it.
+    """
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
+class Overloaded(Exception):
+    """Raised by `Route.pick` to shed a request: answered 503 with ``x-snapbright-overload``."""
+
+    def __init__(self, reason: str) -> None:
+        if not reason or not reason.isascii() or not reason.isprintable():
+            raise ValueError(f"overload reason must be printable ASCII, not {reason!r}")
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Route(Protocol):
+    """The endpoints of one service, as the forwarder sees them."""
+
+    def pick(self, now: float) -> EndpointAddress | None:
+        """The endpoint for the next request; ``None`` when there is none (503).
+
+        May raise `Overloaded`. Every endpoint returned is later reported exactly once.
+        """
+        ...
+
+    def on_response(
+        self, endpoint: EndpointAddress, status: int, latency: float, now: float
+    ) -> None:
+        """Response headers with ``status`` came back ``latency`` seconds after dispatch."""
+        ...
+
+    def on_failure(
+        self, endpoint: EndpointAddress, failure: Failure, latency: float, now: float
+    ) -> None:
+        """The request picked for ``endpoint`` got no response, for the reason given."""
+        ...
+
+
+class Router(Protocol):
+    """Maps a request's authority (Host header or absolute-form URL) to a route."""
+
+    def route(self, authority: bytes) -> Route | None:
+        """The route for ``authority`` as sent by the client, or ``None`` (404)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StaticEndpoint:
+    """An endpoint given by address and port, with nothing learned about it."""
+
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("endpoint host must not be empty")
+        port = self.port
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"endpoint port must be an integer in 1..65535, not {port!r}")
+
+
+class RoundRobinRoute:
+    """Picks endpoints in turn and ignores what it is told: the stand-in balancer."""
+
+    __slots__ = ("_endpoints", "_next")
+
+    def __init__(self, endpoints: Sequence[EndpointAddress]) -> None:
+        self._endpoints = tuple(endpoints)
+        self._next = 0
+
+    @property
+    def endpoints(self) -> tuple[EndpointAddress, ...]:
+        """The endpoints in rotation."""
+        return self._endpoints
+
+    def pick(self, now: float) -> EndpointAddress | None:
+        """The next endpoint in turn, or ``None`` if there are none."""
+        endpoints = self._endpoints
+        if not endpoints:
+            return None
+        index = self._next
+        self._next = index + 1 if index + 1 < len(endpoints) else 0
+        return endpoints[index]
+
+    def on_response(
+        self, endpoint: EndpointAddress, status: int, latency: float, now: float
+    ) -> None:
+        """Round robin learns nothing from responses."""
+
+    def on_failure(
+        self, endpoint: EndpointAddress, failure: Failure, latency: float, now: float
+    ) -> None:
+        """Round robin learns nothing from failures."""
+
+
+def normalise_authority(authority: bytes) -> str | None:
+    """The host part of an authority, lowercased, without port or trailing dot.
+
+    ``None`` when it is not a plausible host: empty, or with bytes no host name has.
+    """
+    host = authority
+    if host.startswith(b"["):
+        end = host.find(b"]")
+        if end < 0:
+            return None
+        rest = host[end + 1 :]
+        if rest and not (rest.startswith(b":") and rest[1:].isdigit()):
+            return None
+        host = host[: end + 1]
+    else:
+        colon = host.rfind(b":")
+        if colon >= 0:
+            if not host[colon + 1 :].isdigit():
+                return None
+            host = host[:colon]
+    if host.endswith(b"."):
+        host = host[:-1]
+    if not host or not host.isascii():
+        return None
+    text = host.decode("ascii").lower()
+    if not all(c.isalnum() or c in "-._[]:" for c in text):
+        return None
+    return text
+
+
+class StaticRouter:
+    """Routes by service name (the host part of the authority) to fixed routes."""
+
+    __slots__ = ("_cache", "_services")
+
+    _CACHE_MAX = 1024
+
+    def __init__(self, services: Mapping[str, Route]) -> None:
+        self._services = {name.lower().rstrip("."): route for name, route in services.items()}
+        self._cache: dict[bytes, Route | None] = {}
+
+    @classmethod
+    def from_endpoints(cls, services: Mapping[str, Sequence[tuple[str, int]]]) -> StaticRouter:
+        """A router with a `RoundRobinRoute` per service over ``(host, port)`` endpoints."""
+        return cls(
+            {
+                name: RoundRobinRoute([StaticEndpoint(host, port) for host, port in endpoints])
+                for name, endpoints in services.items()
+            }
+        )
+
+    def route(self, authority: bytes) -> Route | None:
+        """The route for the service named by ``authority``, or ``None``."""
+        cache = self._cache
+        try:
+            return cache[authority]
+        except KeyError:
+            pass
+        host = normalise_authority(authority)
+        route = None if host is None else self._services.get(host)
+        # Bounded: a client sending ever new Host values must not grow it without end.
+        if len(cache) >= self._CACHE_MAX:
+            cache.clear()
+        cache[authority] = route
+        return route
