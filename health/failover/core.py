@@ -320,7 +320,9 @@ def decide(
             expected,
             f"no fresh observation of the local cluster {local}: holding weights",
         )
-    ctx = _Context(p, local, local_obs, seen, health, old, now, observations.request_rate)
+    ctx = _Context(
+        p, local, local_obs, seen, health, clocks[local], old, now, observations.request_rate
+    )
     if local_obs.healthy_endpoints == 0:
         return ctx.hard_failure(state, kept, expected)
     mode, recovered_at, notes = state.mode, state.recovered_at, []
@@ -361,6 +363,7 @@ class _Context:
     local_obs: TargetObservation
     seen: Mapping[str, TargetObservation]
     health: Mapping[str, _Health]
+    clocks: ClusterClocks  # the local cluster's
     old: Mapping[str, int]
     now: float
     request_rate: float
@@ -387,6 +390,20 @@ class _Context:
         if not self.health[self.local].evidence:
             parts.append(f"only {self.local_obs.samples} samples: no evidence")
         return f"{self.local} " + ", ".join(parts) if parts else self.local
+
+    def _held(self, side: Literal["over", "under"]) -> str:
+        """How long each running local clock has held against what it needs."""
+        parts = []
+        for name, trigger, clock in (
+            ("latency", self.p.latency, self.clocks.latency),
+            ("errors", self.p.error_rate, self.clocks.error_rate),
+        ):
+            since = clock.over_since if side == "over" else clock.under_since
+            if trigger is None or since is None:
+                continue
+            needed = trigger.enter_after if side == "over" else trigger.exit_after
+            parts.append(f"{name} for {self.now - since:g}s of {needed:g}s")
+        return "(" + ", ".join(parts) + ")" if parts else ""
 
     def _caps(self) -> dict[str, int | None]:
         caps: dict[str, int | None] = {}
@@ -469,7 +486,7 @@ class _Context:
         if not local.over_held:
             note = f"{self.readings()}"
             if local.over_now:
-                note += ": above enter, not yet for enterAfter"
+                note += f": above enter {self._held('over')}"
             return self._done(state, kept, dict(self.old), Rule.HOLD, expected, note)
         return self._step_away(
             state,
@@ -490,7 +507,7 @@ class _Context:
                 kept,
                 expected,
                 Rule.EXIT_PENDING,
-                f"{self.readings()}: below exit, waiting for exitAfter",
+                f"{self.readings()}: below exit {self._held('under')}",
             )
         if not local.over_now:
             return self._hold(
@@ -507,7 +524,7 @@ class _Context:
                 kept,
                 expected,
                 Rule.HOLD,
-                f"{self.readings()}: above enter, not yet for enterAfter",
+                f"{self.readings()}: above enter {self._held('over')}",
             )
         due = state.last_step_at is None or self.now - state.last_step_at >= self.p.ramp_interval
         if self.away < self.p.cap_away and due:
