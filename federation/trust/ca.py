@@ -34,6 +34,8 @@ from proxy.identity.model import SpiffeId, TrustDomain
 from proxy.identity.svid import X509Svid
 
 DEFAULT_SVID_TTL = timedelta(hours=24)
+CLOCK_SKEW_ALLOWANCE = timedelta(seconds=60)
+"""How far SVIDs are backdated, for peers whose clocks run behind ours."""
 DEFAULT_ROOT_TTL = timedelta(days=365)
 DEFAULT_ROTATION_OVERLAP = timedelta(hours=72)
 BUNDLE_REFRESH_HINT_SECONDS = 300
@@ -117,7 +119,8 @@ class ClusterCA:
             .issuer_name(issuer.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
+            # Backdated a little so a peer whose clock runs slightly behind accepts it at once.
+            .not_valid_before(max(now - CLOCK_SKEW_ALLOWANCE, issuer.not_valid_before_utc))
             .not_valid_after(not_after)
             .add_extension(
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from federation.trust.ca import CaError, ClusterCA, create_ca
+from federation.trust.ca import CLOCK_SKEW_ALLOWANCE, CaError, ClusterCA, create_ca
 from federation.trust.store import KEY_MODE, StoreError, load_ca, save_ca, write_atomic
 from proxy.identity.bundle import TrustBundleSet
 from proxy.identity.model import SpiffeId, TrustDomain
@@ -89,6 +89,14 @@ def test_svid_lives_24_hours_by_default_and_renews_at_two_thirds(ca: ClusterCA) 
     short = ca.issue(API, NOW, ttl=timedelta(minutes=30))
     assert short.not_after == NOW + timedelta(minutes=30)
     assert short.renew_at == NOW + timedelta(minutes=20)
+
+
+def test_svid_is_backdated_for_peers_whose_clocks_run_behind(ca: ClusterCA) -> None:
+    later = NOW + timedelta(hours=1)
+    svid = ca.issue(API, later)
+    assert svid.leaf.not_valid_before_utc == later - CLOCK_SKEW_ALLOWANCE
+    # Never before the issuer itself is valid.
+    assert ca.issue(API, NOW).leaf.not_valid_before_utc == ca.active.root.not_valid_before_utc
 
 
 def test_svid_never_outlives_its_issuer(ca: ClusterCA) -> None:
