@@ -35,13 +35,13 @@ __all__ = [
     "OVERLOAD_MAX_PENDING",
     "OVERLOAD_MAX_REQUESTS",
     "CircuitBreaker",
-    "Failure",
+    "FailureClass",
     "FaultSpec",
     "OutlierDetector",
     "RetryBudget",
     "RetryPolicy",
     "decide_fault",
-    "failure_of_status",
+    "failure_class_of_status",
 ]
 
 
@@ -158,7 +158,7 @@ class RetryBudget:
         self._slice_end = (slot + 1) * self._width
 
 
-class Failure(StrEnum):
+class FailureClass(StrEnum):
     """What went wrong with one attempt, as retry-on configuration names it."""
 
     CONNECT_FAILURE = "connect-failure"
@@ -171,10 +171,10 @@ class Failure(StrEnum):
     """Any 5xx answer (includes gateway errors)."""
 
 
-def failure_of_status(status: int) -> Failure | None:
+def failure_class_of_status(status: int) -> FailureClass | None:
     """The failure class of a response status: gateway error, other 5xx, or ``None``."""
     if 500 <= status <= 599:
-        return Failure.GATEWAY_ERROR if 502 <= status <= 504 else Failure.SERVER_ERROR
+        return FailureClass.GATEWAY_ERROR if 502 <= status <= 504 else FailureClass.SERVER_ERROR
     return None
 
 
@@ -187,10 +187,11 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 class RetryPolicy:
     """When to retry one request, and how long to wait before the next attempt.
 
-    A connect failure is always safe to retry: nothing was sent. Other failures (a reset, a
-    5xx, a gateway error) are retried only when their class is in ``retry_on``, the method
-    is in ``methods`` (idempotent ones unless configured otherwise) and the body can be sent
-    again (empty, or buffered whole). ``max_attempts`` counts the first attempt. The delay
+    A connect failure is retried whatever the method and body, when ``retry_on`` lists it
+    (it does by default): nothing was sent, so it is always safe. Other failures (a reset,
+    a 5xx, a gateway error) are retried only when their class is listed, the method is in
+    ``methods`` (idempotent ones unless configured otherwise) and the body can be sent again
+    (empty, or buffered whole). ``max_attempts`` counts the first attempt. The delay
     before retry ``n`` (1-based) is drawn uniformly from ``[cap / 2, cap]`` with
     ``cap = min(max_backoff_s, base_backoff_s × 2^(n - 1))``: exponential, with jitter so
     that callers failing together do not retry together.
@@ -202,18 +203,22 @@ class RetryPolicy:
         self,
         *,
         max_attempts: int = 2,
-        retry_on: Iterable[Failure | str] = (Failure.CONNECT_FAILURE,),
+        retry_on: Iterable[FailureClass | str] = (FailureClass.CONNECT_FAILURE,),
         methods: Iterable[str] = IDEMPOTENT_METHODS,
         base_backoff_s: float = 0.025,
         max_backoff_s: float = 0.25,
     ) -> None:
         self._max_attempts = _check_int("retry max_attempts", max_attempts, minimum=1)
-        try:
-            self._retry_on = frozenset(Failure(failure) for failure in retry_on)
-        except ValueError as error:
-            known = ", ".join(failure.value for failure in Failure)
-            raise ValueError(f"retry_on: {error}; known classes: {known}") from None
-        self._gateway_errors = bool({Failure.GATEWAY_ERROR, Failure.SERVER_ERROR} & self._retry_on)
+        known = {failure.value: failure for failure in FailureClass}
+        for failure in retry_on:
+            if failure not in known:
+                names = ", ".join(known)
+                raise ValueError(f"retry_on: unknown failure class {failure!r}; known: {names}")
+        self._retry_on = frozenset(known[failure] for failure in retry_on)
+        # A gateway error is a 5xx: listing either class retries it.
+        self._gateway_errors = bool(
+            {FailureClass.GATEWAY_ERROR, FailureClass.SERVER_ERROR} & self._retry_on
+        )
         methods = frozenset(methods)
         for method in methods:
             if not _METHOD.fullmatch(method):
@@ -227,11 +232,11 @@ class RetryPolicy:
         """Attempts allowed in all, the first included."""
         return self._max_attempts
 
-    def is_retryable(self, method: str, failure: Failure, *, body_replayable: bool) -> bool:
+    def is_retryable(self, method: str, failure: FailureClass, *, body_replayable: bool) -> bool:
         """Whether an attempt that failed with ``failure`` may be tried again at all."""
-        if failure is Failure.CONNECT_FAILURE:
-            return Failure.CONNECT_FAILURE in self._retry_on
-        if failure is Failure.GATEWAY_ERROR:
+        if failure is FailureClass.CONNECT_FAILURE:
+            return FailureClass.CONNECT_FAILURE in self._retry_on
+        if failure is FailureClass.GATEWAY_ERROR:
             listed = self._gateway_errors
         else:
             listed = failure in self._retry_on
@@ -245,7 +250,7 @@ class RetryPolicy:
     def plan_retry(
         self,
         method: str,
-        failure: Failure,
+        failure: FailureClass,
         *,
         attempts: int,
         body_replayable: bool,

@@ -17,13 +17,13 @@ from proxy.resilience.core import (
     OVERLOAD_MAX_PENDING,
     OVERLOAD_MAX_REQUESTS,
     CircuitBreaker,
-    Failure,
+    FailureClass,
     FaultSpec,
     OutlierDetector,
     RetryBudget,
     RetryPolicy,
     decide_fault,
-    failure_of_status,
+    failure_class_of_status,
 )
 
 # --- retry budget -----------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_storm_of_failures_stays_within_budget(
     ratio: float, min_per_s: float, gaps: list[float]
 ) -> None:
     budget = RetryBudget(ratio=ratio, min_per_s=min_per_s, window_s=10.0)
-    policy = RetryPolicy(max_attempts=100, retry_on=[Failure.SERVER_ERROR])
+    policy = RetryPolicy(max_attempts=100, retry_on=[FailureClass.SERVER_ERROR])
     rng = Random(0)
     requests: Counter[int] = Counter()
     retries: Counter[int] = Counter()
@@ -117,7 +117,7 @@ def test_storm_of_failures_stays_within_budget(
         while (
             policy.plan_retry(
                 "GET",
-                Failure.SERVER_ERROR,
+                FailureClass.SERVER_ERROR,
                 attempts=attempts,
                 body_replayable=True,
                 budget=budget,
@@ -138,20 +138,20 @@ def test_storm_of_failures_stays_within_budget(
 
 _RETRY_CASES = [
     # (retry_on, methods, method, failure, body_replayable, retryable)
-    ({"connect-failure"}, IDEMPOTENT_METHODS, "POST", Failure.CONNECT_FAILURE, False, True),
-    (set(), IDEMPOTENT_METHODS, "GET", Failure.CONNECT_FAILURE, True, False),
-    ({"reset"}, IDEMPOTENT_METHODS, "GET", Failure.RESET, True, True),
-    ({"reset"}, IDEMPOTENT_METHODS, "PUT", Failure.RESET, False, False),
-    ({"reset"}, IDEMPOTENT_METHODS, "POST", Failure.RESET, True, False),
-    ({"reset"}, IDEMPOTENT_METHODS, "GET", Failure.SERVER_ERROR, True, False),
-    ({"5xx"}, IDEMPOTENT_METHODS, "DELETE", Failure.SERVER_ERROR, True, True),
-    ({"5xx"}, IDEMPOTENT_METHODS, "GET", Failure.GATEWAY_ERROR, True, True),
-    ({"5xx"}, IDEMPOTENT_METHODS, "PATCH", Failure.SERVER_ERROR, True, False),
-    ({"gateway-error"}, IDEMPOTENT_METHODS, "GET", Failure.GATEWAY_ERROR, True, True),
-    ({"gateway-error"}, IDEMPOTENT_METHODS, "GET", Failure.SERVER_ERROR, True, False),
-    ({"5xx"}, {"GET", "POST"}, "POST", Failure.SERVER_ERROR, True, True),
-    ({"5xx"}, {"GET", "POST"}, "POST", Failure.SERVER_ERROR, False, False),
-    ({"5xx"}, {"POST"}, "GET", Failure.SERVER_ERROR, True, False),
+    ({"connect-failure"}, IDEMPOTENT_METHODS, "POST", FailureClass.CONNECT_FAILURE, False, True),
+    (set(), IDEMPOTENT_METHODS, "GET", FailureClass.CONNECT_FAILURE, True, False),
+    ({"reset"}, IDEMPOTENT_METHODS, "GET", FailureClass.RESET, True, True),
+    ({"reset"}, IDEMPOTENT_METHODS, "PUT", FailureClass.RESET, False, False),
+    ({"reset"}, IDEMPOTENT_METHODS, "POST", FailureClass.RESET, True, False),
+    ({"reset"}, IDEMPOTENT_METHODS, "GET", FailureClass.SERVER_ERROR, True, False),
+    ({"5xx"}, IDEMPOTENT_METHODS, "DELETE", FailureClass.SERVER_ERROR, True, True),
+    ({"5xx"}, IDEMPOTENT_METHODS, "GET", FailureClass.GATEWAY_ERROR, True, True),
+    ({"5xx"}, IDEMPOTENT_METHODS, "PATCH", FailureClass.SERVER_ERROR, True, False),
+    ({"gateway-error"}, IDEMPOTENT_METHODS, "GET", FailureClass.GATEWAY_ERROR, True, True),
+    ({"gateway-error"}, IDEMPOTENT_METHODS, "GET", FailureClass.SERVER_ERROR, True, False),
+    ({"5xx"}, {"GET", "POST"}, "POST", FailureClass.SERVER_ERROR, True, True),
+    ({"5xx"}, {"GET", "POST"}, "POST", FailureClass.SERVER_ERROR, False, False),
+    ({"5xx"}, {"POST"}, "GET", FailureClass.SERVER_ERROR, True, False),
 ]
 
 
@@ -162,7 +162,7 @@ def test_retry_eligibility(
     retry_on: set[str],
     methods: set[str],
     method: str,
-    failure: Failure,
+    failure: FailureClass,
     body_replayable: bool,
     retryable: bool,
 ) -> None:
@@ -176,16 +176,16 @@ def test_retry_eligibility(
         (200, None),
         (404, None),
         (499, None),
-        (500, Failure.SERVER_ERROR),
-        (501, Failure.SERVER_ERROR),
-        (502, Failure.GATEWAY_ERROR),
-        (503, Failure.GATEWAY_ERROR),
-        (504, Failure.GATEWAY_ERROR),
-        (599, Failure.SERVER_ERROR),
+        (500, FailureClass.SERVER_ERROR),
+        (501, FailureClass.SERVER_ERROR),
+        (502, FailureClass.GATEWAY_ERROR),
+        (503, FailureClass.GATEWAY_ERROR),
+        (504, FailureClass.GATEWAY_ERROR),
+        (599, FailureClass.SERVER_ERROR),
     ],
 )
-def test_failure_class_of_status(status: int, failure: Failure | None) -> None:
-    assert failure_of_status(status) is failure
+def test_failure_class_of_status(status: int, failure: FailureClass | None) -> None:
+    assert failure_class_of_status(status) is failure
 
 
 def test_attempts_are_capped() -> None:
@@ -195,7 +195,7 @@ def test_attempts_are_capped() -> None:
     delays = [
         policy.plan_retry(
             "GET",
-            Failure.SERVER_ERROR,
+            FailureClass.SERVER_ERROR,
             attempts=attempts,
             body_replayable=True,
             budget=budget,
@@ -214,7 +214,7 @@ def test_ineligible_failure_does_not_spend_budget() -> None:
     budget = RetryBudget(ratio=0.0, min_per_s=0.1, window_s=10.0)
     delay = policy.plan_retry(
         "POST",
-        Failure.SERVER_ERROR,
+        FailureClass.SERVER_ERROR,
         attempts=1,
         body_replayable=True,
         budget=budget,
@@ -230,7 +230,7 @@ def test_exhausted_budget_stops_an_eligible_retry() -> None:
     budget = RetryBudget(ratio=0.0, min_per_s=0.0)
     delay = policy.plan_retry(
         "GET",
-        Failure.CONNECT_FAILURE,
+        FailureClass.CONNECT_FAILURE,
         attempts=1,
         body_replayable=True,
         budget=budget,
@@ -257,7 +257,10 @@ def test_backoff_doubles_up_to_the_maximum_with_jitter(retry: int, cap: float) -
     ("kwargs", "message"),
     [
         ({"max_attempts": 0}, "max_attempts must be an integer >= 1"),
-        ({"retry_on": ["timeout"]}, "retry_on: 'timeout' is not a valid Failure"),
+        (
+            {"retry_on": ["timeout"]},
+            "retry_on: unknown failure class 'timeout'; known: connect-failure",
+        ),
         ({"methods": ["get"]}, "must be upper-case HTTP methods: 'get'"),
         ({"base_backoff_s": -1.0}, "base_backoff_s must be >= 0"),
         ({"base_backoff_s": 1.0, "max_backoff_s": 0.5}, "max_backoff_s must be >= 1.0"),
