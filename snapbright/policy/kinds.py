@@ -16,7 +16,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
 from federation.export.model import ExportPolicy
-from health.failover.model import FailoverPolicy
+from health.failover.model import FailoverPolicy, Trace
 from proxy.config.loader import LoadResult, load_file
 from proxy.config.model import API_VERSION, Document
 from proxy.policy.model import AuthorizationPolicy, TrafficPolicy
@@ -26,6 +26,7 @@ KINDS: Mapping[str, type[Document]] = {
     kind.KIND: kind
     for kind in (
         FailoverPolicy,
+        Trace,
         TrafficPolicy,
         AuthorizationPolicy,
         ExportPolicy,
@@ -33,8 +34,6 @@ KINDS: Mapping[str, type[Document]] = {
     )
 }
 """Every document kind, by its ``kind``."""
-
-SCHEMA_BASE_URL = "https://snapbright.io/schemas/v1alpha1"
 
 
 def load_files(paths: Iterable[str | Path]) -> list[LoadResult]:
@@ -55,11 +54,7 @@ def schema(kind: str) -> dict[str, Any]:
     properties = generated["properties"]
     properties["apiVersion"] = {"const": API_VERSION, "title": "Apiversion", "type": "string"}
     properties["kind"] = {"const": kind, "title": "Kind", "type": "string"}
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": f"{SCHEMA_BASE_URL}/{kind}.json",
-        **generated,
-    }
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **generated}
 
 
 def schema_text(kind: str) -> str:
