@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from federation.peering.model import (
@@ -166,6 +166,7 @@ class PeerExports:
 class _Exported:
     healthy_endpoints: int
     exported_to: frozenset[str]
+    mirrored: bool
 
 
 class ExportBook:
@@ -217,12 +218,13 @@ class ExportBook:
     ) -> frozenset[str]:
         """A local service appeared or changed; return the peers whose exports changed.
 
-        ``exported_to`` is the export decision for this service. A service that is itself a
-        mirror (``mirrored_from`` names its origin) is exported to nobody.
+        ``exported_to`` is the export decision for this service (the ExportPolicy's
+        ``peers_of(key.name)``). A service that is itself a mirror (``mirrored_from`` names
+        its origin) is exported to nobody.
         """
         peers = frozenset(()) if mirrored_from is not None else frozenset(exported_to)
         previous = self._services.get(key)
-        exported = _Exported(healthy_endpoints, peers)
+        exported = _Exported(healthy_endpoints, peers, mirrored_from is not None)
         self._services[key] = exported
         changed: set[str] = set()
         service = self._exported_service(key, exported)
@@ -232,6 +234,18 @@ class ExportBook:
                 changed.add(peer)
         if previous is not None:
             changed.update(self._withdraw(key, previous.exported_to - peers))
+        return frozenset(changed)
+
+    def apply_decision(self, exported_to: Callable[[ServiceKey], Iterable[str]]) -> frozenset[str]:
+        """Re-decide every service (after an ExportPolicy reload; O(services), which a reload
+        may cost); return the peers whose exports changed."""
+        changed: set[str] = set()
+        for key, exported in list(self._services.items()):
+            peers = frozenset(exported_to(key)) if not exported.mirrored else frozenset()
+            if peers != exported.exported_to:
+                changed |= self.set_service(
+                    key, healthy_endpoints=exported.healthy_endpoints, exported_to=peers
+                )
         return frozenset(changed)
 
     def remove_service(self, key: ServiceKey) -> frozenset[str]:
@@ -400,6 +414,27 @@ class Deleted:
     """``snapbright peering delete``: withdraw the peer's mirrors and trust, and stop."""
 
     now: float
+
+
+def received(message: PeeringMessage, now: float) -> Event:
+    """The event a message from the peer stands for (a Close ends the stream)."""
+    match message:
+        case Open():
+            return Opened(message, now)
+        case ServicesSnapshot():
+            return ServicesSnapshotReceived(message, now)
+        case ServicesDelta():
+            return ServicesDeltaReceived(message, now)
+        case TrustBundleUpdate():
+            return BundleReceived(message, now)
+        case HealthSummaries():
+            return HealthReceived(message, now)
+        case Heartbeat():
+            return HeartbeatReceived(message, now)
+        case Ack():
+            return AckReceived(message, now)
+        case Close(reason):
+            return Disconnected(now, f"peer closed the stream: {reason}")
 
 
 Event = (

@@ -16,6 +16,7 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -367,6 +368,30 @@ class ServiceHealth:
     request_rate: float
     headroom_rps: float | None
     healthy_endpoints: int
+
+    def __post_init__(self) -> None:
+        # These feed the failover controller: a NaN or a negative latency must stop here.
+        for what, value in (
+            ("latency p50", self.latency_p50_seconds),
+            ("latency p95", self.latency_p95_seconds),
+            ("latency p99", self.latency_p99_seconds),
+            ("request rate", self.request_rate),
+            ("headroom", 0.0 if self.headroom_rps is None else self.headroom_rps),
+        ):
+            if not _non_negative(value):
+                raise PeeringValueError(f"{what} of {self.key} must be finite and >= 0")
+        if not (_non_negative(self.success_rate) and self.success_rate <= 1.0):
+            raise PeeringValueError(f"success rate of {self.key} must be between 0 and 1")
+        _check_count(self.healthy_endpoints, "healthy endpoint count")
+
+
+def _non_negative(value: float) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
 
 
 @dataclass(frozen=True, slots=True)

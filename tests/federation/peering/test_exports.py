@@ -6,8 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from federation.export.model import ExportPolicy, ExportPolicySpec, ServiceExport
 from federation.peering.core import ExportBook, PeerExports
 from federation.peering.model import ExportedService, ServiceKey, ServicesDelta, ServicesSnapshot
+from proxy.config.model import API_VERSION, Metadata
 
 
 def svc(name: str, healthy: int = 1, namespace: str = "shop") -> ExportedService:
@@ -231,3 +233,44 @@ def test_a_peer_is_added_once() -> None:
     book.add_peer("eu-central")
     with pytest.raises(ValueError, match="already"):
         book.add_peer("eu-central")
+
+
+def _policy(*exports: tuple[str, tuple[str, ...]]) -> ExportPolicy:
+    return ExportPolicy(
+        apiVersion=API_VERSION,
+        kind="ExportPolicy",
+        metadata=Metadata(name="us-west-exports"),
+        spec=ExportPolicySpec(
+            exports=tuple(ServiceExport(service=s, peers=peers) for s, peers in exports)
+        ),
+    )
+
+
+def test_the_export_policy_decides_and_nothing_is_exported_by_default() -> None:
+    policy = _policy(("pay", ("ap-southeast",)))
+    book = ExportBook(cluster="us-west", mesh="acme")
+    ap = book.add_peer("ap-southeast")
+    for name in ("pay", "cart"):
+        key = ServiceKey("shop", name)
+        book.set_service(key, healthy_endpoints=1, exported_to=policy.peers_of(key.name))
+    assert [s.key.name for s in ap.snapshot().services] == ["pay"]
+
+
+def test_a_policy_reload_changes_only_the_peers_it_affects() -> None:
+    book = ExportBook(cluster="us-west", mesh="acme")
+    ap, eu = book.add_peer("ap-southeast"), book.add_peer("eu-central")
+    before = _policy(("pay", ("ap-southeast",)), ("cart", ("ap-southeast",)))
+    for name in ("pay", "cart"):
+        key = ServiceKey("shop", name)
+        book.set_service(key, healthy_endpoints=1, exported_to=before.peers_of(key.name))
+    book.set_service(
+        ServiceKey("shop", "mirror"),
+        healthy_endpoints=1,
+        exported_to=(),
+        mirrored_from="sa-east",
+    )
+    after = _policy(("pay", ("ap-southeast", "eu-central")), ("mirror", ("eu-central",)))
+    changed = book.apply_decision(lambda key: after.peers_of(key.name))
+    assert changed == {"ap-southeast", "eu-central"}
+    assert [s.key.name for s in ap.snapshot().services] == ["pay"]
+    assert [s.key.name for s in eu.snapshot().services] == ["pay"]

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import pytest
 
 from federation.peering.core import (
-    AckReceived,
     ApplyHealth,
     ApplyImports,
     ApplyTrustBundle,
@@ -37,6 +36,7 @@ from federation.peering.core import (
     SessionSettings,
     Tick,
     Withdraw,
+    received,
 )
 from federation.peering.model import (
     Ack,
@@ -68,26 +68,6 @@ def bundle(domain: PeerIdentity, sequence: int) -> TrustBundleUpdate:
 
 def ap_service(key: ServiceKey, healthy: int = 1) -> ExportedService:
     return ExportedService(key, f"{key.name}.{key.namespace}.ap-southeast.acme", healthy)
-
-
-def as_event(message: PeeringMessage, now: float) -> Event:
-    match message:
-        case Open():
-            return Opened(message, now)
-        case ServicesSnapshot():
-            return ServicesSnapshotReceived(message, now)
-        case ServicesDelta():
-            return ServicesDeltaReceived(message, now)
-        case TrustBundleUpdate():
-            return BundleReceived(message, now)
-        case HealthSummaries():
-            return HealthReceived(message, now)
-        case Heartbeat():
-            return HeartbeatReceived(message, now)
-        case Ack():
-            return AckReceived(message, now)
-        case Close(reason):
-            return Disconnected(now, f"peer closed: {reason}")
 
 
 @dataclass
@@ -167,7 +147,7 @@ class Link:
         """Deliver queued messages in order (a stream is FIFO in each direction)."""
         while self.wire and self.up:
             side, message = self.wire.popleft()
-            self.handle(side, as_event(message, now), now)
+            self.handle(side, received(message, now), now)
         self.wire.clear()
 
     def drop(self, now: float) -> None:
