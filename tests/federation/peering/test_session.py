@@ -7,6 +7,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from federation.peering.core import (
     ApplyHealth,
@@ -494,3 +496,42 @@ def test_status_reports_what_peering_list_shows() -> None:
         1,
     )
     assert status.last_heard_at == T0
+
+
+_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("export"), st.integers(0, 9), st.integers(0, 3)),
+        st.tuples(st.just("unexport"), st.integers(0, 9), st.just(0)),
+        st.tuples(st.sampled_from(["sync", "drop", "connect"]), st.just(0), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200)
+@given(steps=_STEPS, tombstones=st.integers(0, 4))
+def test_after_any_changes_drops_and_reconnects_the_importer_holds_exactly_the_exports(
+    steps: list[tuple[str, int, int]], tombstones: int
+) -> None:
+    link = Link(tombstones=tombstones)
+    link.connect(T0)
+    now = T0
+    for op, index, healthy in steps:
+        now += 0.1
+        key = ServiceKey("shop", f"s{index}")
+        if op == "export":
+            export(link.ap, key, healthy)
+        elif op == "unexport":
+            link.ap.book.remove_service(key)
+        elif op == "sync" and link.up:
+            link.feed(link.ap, ExportsChanged(now), now)
+        elif op == "drop" and link.up:
+            link.drop(now)
+        elif op == "connect" and not link.up:
+            link.connect(now)
+    if not link.up:
+        link.connect(now + 1)
+    link.feed(link.ap, ExportsChanged(now + 1), now + 1)
+    exported = link.ap.book.exports_to("us-west").snapshot().services
+    assert link.us.session.state is PeerState.ACTIVE
+    assert link.us.session.imports == {service.key: service for service in exported}
