@@ -20,14 +20,16 @@ text, since documents are validated as JSON values.
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from yaml.composer import ComposerError
 from yaml.error import Mark, MarkedYAMLError
@@ -381,7 +383,7 @@ class _Load:
         try:
             return model.model_validate_json(json.dumps(data))
         except ValidationError as exc:
-            self._report_validation(exc, walked)
+            self._report_validation(exc, walked, model)
             return None
 
     def _model_for(self, data: dict[str, Any], walked: _Document) -> type[Document] | None:
@@ -404,7 +406,9 @@ class _Load:
             self.report(Code.UNKNOWN_KIND, _mark(walked, ("kind",)), ("kind",), message)
         return model
 
-    def _report_validation(self, exc: ValidationError, walked: _Document) -> None:
+    def _report_validation(
+        self, exc: ValidationError, walked: _Document, model: type[Document]
+    ) -> None:
         reported: set[tuple[Loc, str]] = set()
         errors = exc.errors(include_url=False)
         failed = [tuple(error["loc"]) for error in errors]
@@ -421,6 +425,7 @@ class _Load:
                 path, mark = loc, position.value
             elif code is Code.UNKNOWN_FIELD:
                 path, mark = known, position.key or position.value
+                message += _suggestion(model, loc)
             else:
                 path, mark = known, position.value
             if (path, message) in reported:
@@ -449,6 +454,52 @@ def _explain(error: ErrorDetails) -> tuple[Code, Loc, str]:
     if message.startswith("Input should be "):
         message = "must be " + message.removeprefix("Input should be ")
     return Code.INVALID_VALUE, loc, message[:1].lower() + message[1:]
+
+
+def _suggestion(model: type[BaseModel], loc: Loc) -> str:
+    """`` (did you mean 'x'?)`` for an unknown field close to a known one, else nothing."""
+    names = _field_names(model, loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    if not close:
+        lowered = {name.lower(): name for name in names}
+        close = [lowered[key] for key in (str(loc[-1]).lower().replace("_", ""),) if key in lowered]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _field_names(model: type[BaseModel], loc: Loc) -> list[str]:
+    """The keys the model accepts at ``loc`` (empty when ``loc`` is not a model)."""
+    current: Any = model
+    for part in loc:
+        current = next(
+            (step for a in _alternatives(current) if (step := _step(a, part)) is not None), None
+        )
+        if current is None:
+            return []
+    for candidate in _alternatives(current):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return [field.alias or name for name, field in candidate.model_fields.items()]
+    return []
+
+
+def _alternatives(annotation: Any) -> list[Any]:
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _alternatives(get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        return [alt for arg in get_args(annotation) for alt in _alternatives(arg)]
+    return [annotation]
+
+
+def _step(annotation: Any, part: str | int) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        fields = annotation.model_fields.items()
+        return next((f.annotation for n, f in fields if (f.alias or n) == part), None)
+    args = get_args(annotation)
+    if get_origin(annotation) is tuple and isinstance(part, int) and args:
+        return args[0] if len(args) == 2 and args[1] is Ellipsis else args[min(part, len(args) - 1)]
+    if get_origin(annotation) is dict and isinstance(part, str) and len(args) == 2:
+        return args[1]
+    return None
 
 
 def _describe(error: ErrorDetails) -> str:

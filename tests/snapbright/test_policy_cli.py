@@ -67,7 +67,8 @@ def test_validate_prints_each_error_at_its_line_and_column_and_exits_1(tmp_path:
         "Error [SB0002] pay.yaml:9:5: spec.timeouts.connect: duplicate key 'connect' "
         "(first at line 8)",
         "Error [SB0204] pay.yaml:11:15: spec.retries.attempts: must be an integer, got 'three'",
-        "Error [SB0203] pay.yaml:12:3: spec.circuitBreakers: unknown field",
+        "Error [SB0203] pay.yaml:12:3: spec.circuitBreakers: unknown field "
+        "(did you mean 'circuitBreaker'?)",
         "Error [SB0001] broken.yaml:9:1: expected ',' or ']', but got '<stream end>' "
         "(while parsing a flow sequence)",
     ]

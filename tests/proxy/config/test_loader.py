@@ -256,3 +256,16 @@ def test_codes_are_unique_and_stable_in_shape() -> None:
     values = [code.value for code in Code]
     assert len(values) == len(set(values))
     assert all(len(value) == 6 and value.startswith("SB") for value in values)
+
+
+SUGGESTIONS = [
+    ("spec:\n  service: pay\n  atempts: 3\n", "unknown field (did you mean 'attempts'?)"),
+    ("spec:\n  service: pay\n  upstreams: [{name: db, wieght: 1}]\n", "(did you mean 'weight'?)"),
+    ("metadata2: {}\nspec: {service: pay}\n", "(did you mean 'metadata'?)"),
+    ("spec:\n  service: pay\n  colour: blue\n", "unknown field"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), SUGGESTIONS)
+def test_unknown_field_suggests_the_closest_known_one(body: str, message: str) -> None:
+    assert _only(HEAD + body).message.endswith(message)
