@@ -558,12 +558,25 @@ class PeerStatus:
     stale_since: float | None
 
 
+_CONNECTED = (PeerState.ESTABLISHING, PeerState.ACTIVE)
+_MESSAGE_EVENTS = (
+    Opened,
+    ServicesSnapshotReceived,
+    ServicesDeltaReceived,
+    BundleReceived,
+    HealthReceived,
+    HeartbeatReceived,
+    AckReceived,
+)
+
+
 class PeeringSession:
     """The state machine of one peering, from either side.
 
     The dialing side (``dialer=True``) reconnects after a jittered backoff; the accepting
     side waits to be dialed again. ``establish_secret`` (dialer only) is the token's secret,
-    sent in Open until the first time the peering becomes ACTIVE.
+    sent in Open until the first time the peering becomes ACTIVE; the accepting shell
+    redeems it (``model.redeem``) before it creates a session for a new peer.
     """
 
     def __init__(
@@ -632,6 +645,9 @@ class PeeringSession:
         if self._state is PeerState.DELETED:
             # A stream that shows up after delete is closed; everything else is moot.
             return [CloseStream("peering deleted")] if isinstance(event, Connected) else []
+        if isinstance(event, _MESSAGE_EVENTS) and self._state not in _CONNECTED:
+            # Left over from a stream that is already gone: not the peer's fault, not news.
+            return []
         match event:
             case Connected(now):
                 return self._connected(now)
@@ -789,7 +805,7 @@ class PeeringSession:
 
     def _tick(self, now: float) -> list[Effect]:
         settings = self._settings
-        if self._state in (PeerState.ESTABLISHING, PeerState.ACTIVE):
+        if self._state in _CONNECTED:
             silent_for = now - (self._last_heard if self._last_heard is not None else now)
             if silent_for > settings.heartbeat_interval * settings.missed_heartbeats:
                 return self._lost(now, f"nothing heard for {silent_for:.1f} s", close=True)
@@ -799,7 +815,7 @@ class PeeringSession:
 
     def _lost(self, now: float, reason: str, *, close: bool) -> list[Effect]:
         effects: list[Effect] = []
-        was_connected = self._state in (PeerState.ESTABLISHING, PeerState.ACTIVE)
+        was_connected = self._state in _CONNECTED
         if close and was_connected:
             effects.append(CloseStream(reason))
         if self._state is PeerState.ACTIVE:
@@ -823,7 +839,7 @@ class PeeringSession:
 
     def _deleted(self, now: float) -> list[Effect]:
         effects: list[Effect] = []
-        if self._state in (PeerState.ESTABLISHING, PeerState.ACTIVE):
+        if self._state in _CONNECTED:
             effects += [Send(Close("peering deleted")), CloseStream("peering deleted")]
         self._state = PeerState.DELETED
         self._imports.clear()

@@ -535,3 +535,14 @@ def test_after_any_changes_drops_and_reconnects_the_importer_holds_exactly_the_e
     exported = link.ap.book.exports_to("us-west").snapshot().services
     assert link.us.session.state is PeerState.ACTIVE
     assert link.us.session.imports == {service.key: service for service in exported}
+
+
+def test_a_message_left_over_from_a_dropped_stream_is_ignored() -> None:
+    link = Link()
+    link.connect(T0)
+    link.drop(T0 + 1)
+    link.clear()
+    late = ServicesSnapshot(9999, (ap_service(PAY),))
+    assert link.us.session.handle(ServicesSnapshotReceived(late, T0 + 1.1)) == []
+    assert link.us.session.imports == {}
+    assert link.us.session.state is PeerState.DISCONNECTED
