@@ -16,6 +16,7 @@ classes with ``__slots__``, no allocation per call.
 from __future__ import annotations
 
 import math
+import sys
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from itertools import accumulate
@@ -51,6 +52,8 @@ class WeightedTargets:
         self._targets = tuple(targets)
         self._cumulative = tuple(accumulate(values))
         self._total = self._cumulative[-1] if values else 0.0
+        if 0.0 < self._total < sys.float_info.min:
+            raise ValueError(f"weights add up to {self._total}: too small to pick from")
         # One target (the common case: all local) needs no random draw at all.
         self._only = targets[0] if len(targets) == 1 else None
 
@@ -65,11 +68,8 @@ class WeightedTargets:
             return self._only
         if not self._targets:
             return None
-        index = bisect_right(self._cumulative, rng.random() * self._total)
-        # rng.random() * total can round up to total itself; that draw belongs to the last.
-        if index == len(self._targets):
-            index -= 1
-        return self._targets[index]
+        # random() < 1 and x × (1 - 2^-53) never rounds up to x, so the index stays in range.
+        return self._targets[bisect_right(self._cumulative, rng.random() * self._total)]
 
     def __repr__(self) -> str:
         return f"WeightedTargets({dict(zip(self._targets, self._weights(), strict=True))!r})"
@@ -193,9 +193,13 @@ def p2c_pick(endpoints: Sequence[Endpoint], rng: Random, now: float) -> Endpoint
         return only if only.ejected_until <= now else None
     if count == 0:
         return None
-    first = int(rng.random() * count)
-    second = int(rng.random() * (count - 1))
-    # Draw the second from the other count - 1 endpoints, so the two are always distinct.
+    # One draw over the count × (count - 1) ordered pairs of distinct endpoints: the second
+    # index is taken among the other count - 1, then shifted past the first.
+    others = count - 1
+    pairs = count * others
+    draw = int(rng.random() * pairs)
+    first = draw // others
+    second = draw - first * others
     if second >= first:
         second += 1
     a = endpoints[first]

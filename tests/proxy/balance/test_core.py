@@ -82,6 +82,11 @@ def test_top_draw_rounding_picks_last_target() -> None:
     assert targets.pick(_TopRandom()) == "c"
 
 
+def test_subnormal_weights_are_rejected() -> None:
+    with pytest.raises(ValueError, match="too small to pick from"):
+        WeightedTargets({"payments": 5e-324})
+
+
 def test_pick_cluster_matches_weighted_targets() -> None:
     weights = {"a": 1.0, "b": 2.0}
     one_shot = [pick_cluster(weights, Random(seed)) for seed in range(20)]
@@ -241,6 +246,19 @@ def test_p2c_with_one_endpoint_picks_it() -> None:
 
 def test_p2c_with_no_endpoints_picks_nothing() -> None:
     assert p2c_pick([], Random(2), 0.0) is None
+
+
+def test_p2c_draws_every_endpoint_equally_often() -> None:
+    endpoints = _endpoints(4)
+    rng = Random(8)
+    # Equal costs: the first of the pair wins, so picks show how often each is drawn first.
+    picks = Counter(p2c_pick(endpoints, rng, 0.0) for _ in range(8000))
+    assert all(picks[endpoint] == pytest.approx(2000, rel=0.1) for endpoint in endpoints)
+
+
+def test_p2c_top_draw_rounding_stays_in_range() -> None:
+    endpoints = _endpoints(3)
+    assert p2c_pick(endpoints, _TopRandom(), 0.0) is endpoints[2]
 
 
 @given(count=st.integers(2, 20), seed=st.integers(0, 2**32))
