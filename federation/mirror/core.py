@@ -32,6 +32,7 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from federation.catalog.model import Catalog, Health
 from federation.peering.model import (
     ExportedService,
     GatewayAddress,
@@ -110,6 +111,21 @@ class MirrorState(enum.Enum):
     FRESH = "fresh"
     STALE = "stale"
     WITHDRAWN = "withdrawn"
+
+
+def local_services(catalog: Catalog) -> tuple[LocalService, ...]:
+    """The local services of a catalog view with their endpoints; only ``passing`` endpoints
+    count as healthy (``warning`` and ``critical`` do not take traffic by default)."""
+    return tuple(
+        LocalService(
+            ServiceKey(service.namespace, service.name),
+            tuple(
+                TargetEndpoint(e.address, e.port, e.zone, e.health is Health.PASSING)
+                for e in catalog.endpoints_of(service.name, service.namespace)
+            ),
+        )
+        for service in catalog.services
+    )
 
 
 def mirror_state(peer: PeerView, now: float, grace_seconds: float) -> MirrorState:

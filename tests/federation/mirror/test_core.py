@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from federation.catalog.model import Catalog, Endpoint, Health, Service
 from federation.mirror.core import (
     TOTAL_WEIGHT,
     FederatedUpstream,
@@ -18,6 +19,7 @@ from federation.mirror.core import (
     TargetEndpoint,
     federate,
     federate_service,
+    local_services,
     mirror_state,
     next_change_at,
 )
@@ -441,3 +443,23 @@ def test_a_peer_with_our_own_cluster_name_never_adds_a_target() -> None:
 def test_a_service_that_exists_nowhere_has_no_upstream() -> None:
     assert federate_service(PAY, None, [peer("ap-southeast", {})], SETTINGS, T0) is None
     assert federate([], [peer("ap-southeast", {})], SETTINGS, T0) == {}
+
+
+def test_local_services_come_from_the_catalog_with_only_passing_endpoints_healthy() -> None:
+    catalog = Catalog.of(
+        3,
+        services=[Service("pay", "shop"), Service("cart", "shop")],
+        endpoints=[
+            Endpoint("pay", "10.0.0.1", 8080, "shop", zone="a"),
+            Endpoint("pay", "10.0.0.2", 8080, "shop", health=Health.WARNING),
+            Endpoint("pay", "10.0.0.3", 8080, "shop", health=Health.CRITICAL),
+        ],
+    )
+    services = {service.key: service for service in local_services(catalog)}
+    assert services[PAY].endpoints == (
+        TargetEndpoint("10.0.0.1", 8080, "a", healthy=True),
+        TargetEndpoint("10.0.0.2", 8080, "", healthy=False),
+        TargetEndpoint("10.0.0.3", 8080, "", healthy=False),
+    )
+    assert services[PAY].healthy_endpoints == 1
+    assert services[ServiceKey("shop", "cart")].endpoints == ()
