@@ -17,6 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 from pydantic import BeforeValidator, Field, WithJsonSchema, model_validator
 
 from proxy.config.model import Document, Duration, FieldError, Name, Share, Spec
+from proxy.identity.model import TrustDomain
 
 _BANDWIDTH = re.compile(r"^(?P<value>\d+(?:\.\d+)?)(?P<unit>kbps|Mbps|Gbps)$")
 _BANDWIDTH_UNITS = {"kbps": 1e3, "Mbps": 1e6, "Gbps": 1e9}
@@ -172,6 +173,12 @@ class LocalMesh(Document):
 
     kind: Literal["LocalMesh"]
     spec: LocalMeshSpec
+
+    def trust_domain(self, cluster: str) -> TrustDomain:
+        """The trust domain of one of the mesh's clusters: ``<cluster>.<mesh>``."""
+        if cluster not in {c.name for c in self.spec.clusters}:
+            raise KeyError(f"{cluster!r} is not a cluster of mesh {self.spec.mesh!r}")
+        return TrustDomain.for_cluster(cluster, self.spec.mesh)
 
     def peers_of(self, cluster: str) -> tuple[str, ...]:
         """The clusters ``cluster`` peers with, in the order the file lists the peerings."""

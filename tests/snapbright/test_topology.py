@@ -40,6 +40,9 @@ def test_default_topology_is_two_regions_80ms_apart_with_a_caller_in_one() -> No
     assert set(payments.clusters) == {"us-west", "ap-southeast"}
     assert (checkout.clusters, checkout.upstreams) == (("us-west",), ("payments",))
     assert [s.name for s in mesh.services_in("ap-southeast")] == ["payments"]
+    assert str(mesh.trust_domain("us-west")) == "us-west.demo"
+    with pytest.raises(KeyError):
+        mesh.trust_domain("eu-central")
 
 
 def test_a_topology_file_loads(tmp_path: Path) -> None:

@@ -193,6 +193,17 @@ def test_modest_aliases_and_merge_keys_load_with_explicit_keys_winning() -> None
     assert (document.spec.service, document.spec.attempts) == ("pay", 5)
 
 
+def test_dates_keep_their_text_and_yes_is_a_boolean() -> None:
+    # A date keeps its text (documents are JSON values); `yes` is a boolean, not a string.
+    (document,) = _load(
+        VALID.replace("{service: pay}", "{service: pay, labels: {day: 2024-01-31}}")
+    ).documents
+    assert isinstance(document, _Sample)
+    assert document.spec.labels == {"day": "2024-01-31"}
+    diagnostic = _only(VALID.replace("{service: pay}", "{service: pay, labels: {on: yes}}"))
+    assert (diagnostic.path, diagnostic.message) == ("spec.labels.on", "must be a string, got true")
+
+
 def test_file_over_the_size_cap_is_refused_unparsed(tmp_path: Path) -> None:
     path = tmp_path / "big.yaml"
     path.write_bytes(b"#" * (MAX_FILE_BYTES + 1))
