@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.identity.bundle import TrustBundle
@@ -91,12 +92,35 @@ class ClusterCA:
         self, spiffe_id: SpiffeId, now: datetime, ttl: timedelta = DEFAULT_SVID_TTL
     ) -> X509Svid:
         """Issue an X.509-SVID for ``spiffe_id`` valid from ``now`` for ``ttl`` (capped)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        return X509Svid(spiffe_id, self.sign_svid(spiffe_id, key.public_key(), now, ttl), key)
+
+    def sign_svid(
+        self,
+        spiffe_id: SpiffeId,
+        public_key: CertificatePublicKeyTypes,
+        now: datetime,
+        ttl: timedelta = DEFAULT_SVID_TTL,
+        *,
+        dns_names: tuple[str, ...] = (),
+    ) -> tuple[x509.Certificate, ...]:
+        """The chain (leaf first) of an SVID for ``spiffe_id`` over a key the workload keeps.
+
+        This is how a CSR is answered: the caller has checked the CSR's signature and decided
+        which identity the requester proved; nothing else in the CSR is trusted. ``dns_names``
+        are extra DNS SANs (the SPIFFE spec allows them beside the one URI SAN), for servers
+        whose clients check a host name, such as gRPC's.
+        """
         if spiffe_id.trust_domain != self.trust_domain:
             raise CaError(f"{spiffe_id} is not in this CA's trust domain {self.trust_domain}")
         if not spiffe_id.path:
             raise CaError(f"{spiffe_id} has no path: an SVID names a workload")
         if ttl <= timedelta(0):
             raise CaError("the SVID lifetime must be positive")
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+            public_key.curve, ec.SECP256R1 | ec.SECP384R1
+        ):
+            raise CaError("an SVID key must be ECDSA P-256 or P-384")
         authority = self.active
         issuer, issuer_key = (
             (authority.intermediate, authority.intermediate_key)
@@ -112,20 +136,18 @@ class ClusterCA:
                 f"(valid {issuer.not_valid_before_utc.isoformat()} to "
                 f"{issuer.not_valid_after_utc.isoformat()}): rotate it"
             )
-        key = ec.generate_private_key(ec.SECP256R1())
+        san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
+        san.extend(x509.DNSName(name) for name in dns_names)
         leaf = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, _o(self))]))
             .issuer_name(issuer.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             # Backdated a little so a peer whose clock runs slightly behind accepts it at once.
             .not_valid_before(max(now - CLOCK_SKEW_ALLOWANCE, issuer.not_valid_before_utc))
             .not_valid_after(not_after)
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
-                critical=False,
-            )
+            .add_extension(x509.SubjectAlternativeName(san), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(digital_signature=True), critical=True)
             .add_extension(
@@ -134,12 +156,11 @@ class ClusterCA:
                 ),
                 critical=False,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
             .add_extension(_aki(issuer), critical=False)
             .sign(issuer_key, hashes.SHA256())
         )
-        chain = (leaf, authority.intermediate) if authority.intermediate else (leaf,)
-        return X509Svid(spiffe_id, chain, key)
+        return (leaf, authority.intermediate) if authority.intermediate else (leaf,)
 
     def rotate(
         self,

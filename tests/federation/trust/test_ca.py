@@ -9,7 +9,8 @@ from typing import TypeVar
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from federation.trust.ca import CLOCK_SKEW_ALLOWANCE, CaError, ClusterCA, create_ca
@@ -121,6 +122,45 @@ def test_issue_refuses_bad_requests(
 ) -> None:
     with pytest.raises(CaError, match=message):
         ca.issue(spiffe_id, NOW, ttl)
+
+
+@pytest.mark.parametrize("use_intermediate", [False, True])
+def test_sign_svid_certifies_the_callers_own_key_for_the_given_identity(
+    ca: ClusterCA, ca_with_intermediate: ClusterCA, use_intermediate: bool
+) -> None:
+    authority = ca_with_intermediate if use_intermediate else ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    chain = authority.sign_svid(API, key.public_key(), NOW, timedelta(hours=1))
+    leaf = chain[0]
+    assert leaf.public_key() == key.public_key()
+    assert len(chain) == (2 if use_intermediate else 1)
+    assert leaf.not_valid_after_utc == NOW + timedelta(hours=1)
+    bundles = TrustBundleSet([authority.bundle()])
+    assert validate_svid(leaf, chain[1:], bundles, NOW, Purpose.CLIENT) == API
+
+
+def test_sign_svid_adds_dns_names_beside_the_one_uri_san(ca: ClusterCA) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    (leaf,) = ca.sign_svid(API, key.public_key(), NOW, dns_names=("cp.us-west.acme",))
+    san = _ext(leaf, x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [str(API)]
+    assert san.get_values_for_type(x509.DNSName) == ["cp.us-west.acme"]
+    assert validate_svid(leaf, [], TrustBundleSet([ca.bundle()]), NOW, Purpose.SERVER) == API
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        ec.generate_private_key(ec.SECP256K1()).public_key(),
+        ed25519.Ed25519PrivateKey.generate().public_key(),
+    ],
+    ids=["secp256k1", "ed25519"],
+)
+def test_sign_svid_refuses_keys_outside_p256_and_p384(
+    ca: ClusterCA, key: CertificatePublicKeyTypes
+) -> None:
+    with pytest.raises(CaError, match="P-256 or P-384"):
+        ca.sign_svid(API, key, NOW)
 
 
 @pytest.mark.parametrize("use_intermediate", [False, True])
