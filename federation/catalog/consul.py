@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import random
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ import consul
 import consul.base
 
 from federation.catalog.core import Backoff
-from federation.catalog.model import Endpoint
+from federation.catalog.model import AdmissionPolicy, Endpoint, Reason
 from federation.catalog.watch import MIRROR_META
 
 MIRROR_TAG = "snapbright-mirror"
@@ -401,12 +402,19 @@ class MirrorEntry:
 class MirrorWriter:
     """Makes the mirrors registered in Consul equal a desired set; writes only as leader."""
 
-    def __init__(self, client: ConsulClient, is_leader: Callable[[], bool]) -> None:
+    def __init__(
+        self, client: ConsulClient, is_leader: Callable[[], bool], policy: AdmissionPolicy
+    ) -> None:
         self._client = client
         self._is_leader = is_leader
+        self._policy = policy
+        self.rejections: Counter[Reason] = Counter()
 
     async def sync(self, desired: Collection[MirrorEntry]) -> bool:
         """Register what is missing, deregister what is no longer desired.
+
+        An entry the admission policy refuses is counted in :attr:`rejections` and not
+        written (and removed if an earlier leader wrote it).
 
         Returns False, having written nothing more, as soon as this replica is not the
         leader. Raises :class:`ConsulUnavailable` when Consul fails mid-way (call again).
@@ -414,7 +422,14 @@ class MirrorWriter:
         if not self._is_leader():
             return False
         present = await self._present()
-        wanted = {entry.consul_id: entry for entry in desired}
+        wanted: dict[str, MirrorEntry] = {}
+        for entry in desired:
+            # Consul-aware clients will dial what we write: never one of our admin ports.
+            refused = self._policy.check_target(entry.address, entry.port)
+            if refused is not None:
+                self.rejections[refused.reason] += 1
+                continue
+            wanted[entry.consul_id] = entry
         for service_id, entry in wanted.items():
             if present.get(service_id) == entry:
                 continue

@@ -36,14 +36,16 @@ def step_index(previous: int, reported: int) -> IndexStep:
       cluster, a server that lags): reset to 0 and re-fetch, without trusting this body.
     - An index of 0 or less is a Consul bug that would make every later query return at
       once: use the body, and carry on from 1.
-    - The same index is a wake-up with no change: nothing to use.
+    - The same index is a wake-up with no change. The body is still used: after a reset a
+      write can land on the index we already hold, and the catalog feed drops a view whose
+      entries did not change, so nothing is emitted for a true no-op.
     """
     if previous > 0 and reported < previous:
         return IndexStep(0, use_body=False, event=IndexEvent.BACKWARDS)
     if reported <= 0:
         return IndexStep(1, use_body=True, event=IndexEvent.NOT_POSITIVE)
     if reported == previous:
-        return IndexStep(previous, use_body=False, event=IndexEvent.UNCHANGED)
+        return IndexStep(previous, use_body=True, event=IndexEvent.UNCHANGED)
     return IndexStep(reported, use_body=True, event=IndexEvent.ADVANCED)
 
 

@@ -30,7 +30,8 @@ or TTL) releases (``behavior=release``) or deletes (``behavior=delete``) its key
 
 What it does not do: ACLs, tokens, datacenters other than dc1, namespaces/partitions,
 consistency modes (every read is consistent), Consul's own wait jitter (``wait/16``), the 2x
-grace Consul allows before a TTL session is invalidated (this fake invalidates at the TTL),
+grace Consul allows before a TTL session is invalidated (this fake invalidates at the TTL; its
+minimum TTL is the agent's ``session_ttl_min``, 10 s unless the test lowers it),
 health-check execution (check statuses change only through :meth:`ConsulFake.set_status`),
 ``near``/``filter``/``tag`` query parameters, prepared queries, Connect, peering, txn.
 
@@ -140,8 +141,9 @@ class _Counters:
 class ConsulFake:
     """The fake agent. ``await start()``, use ``url``, ``await stop()``."""
 
-    def __init__(self, *, node_address: str = "10.0.0.10") -> None:
+    def __init__(self, *, node_address: str = "10.0.0.10", session_ttl_min: float = 10.0) -> None:
         self.node_address = node_address
+        self.session_ttl_min = session_ttl_min
         self.index = 1
         self.catalog_index = 1
         self.kv_table_index = 1
@@ -596,8 +598,8 @@ class ConsulFake:
             lock_delay = _duration(str(body.get("lockdelay", "15s")))
         except ValueError as error:
             raise web.HTTPBadRequest(text=f"Request decode failed: {error}") from None
-        if ttl is not None and not 10 <= ttl <= 86400:
-            raise web.HTTPBadRequest(text="Invalid Session TTL: must be between 10s and 24h")
+        if ttl is not None and not self.session_ttl_min <= ttl <= 86400:
+            raise web.HTTPBadRequest(text="Invalid Session TTL: out of range")
         behavior = str(body.get("behavior") or "release")
         if behavior not in ("release", "delete"):
             raise web.HTTPBadRequest(text=f"Invalid Behavior setting '{behavior}'")

@@ -20,7 +20,7 @@ from federation.catalog.consul import (
     MirrorWriter,
 )
 from federation.catalog.core import Backoff
-from federation.catalog.model import CatalogEntryError
+from federation.catalog.model import AdmissionPolicy, CatalogEntryError, DeniedTarget, Reason
 from tests.federation.catalog.consul_fake import ConsulFake
 
 KEY = "snapbright/us-west/leader"
@@ -157,7 +157,7 @@ async def test_only_the_leader_writes_mirrors_and_a_new_leader_reconciles(
         (old,) = _leaders(elections)
         (new,) = set(elections) - {old}
         writers = {
-            name: MirrorWriter(ConsulClient(http, fake.url), _is_leader(e))
+            name: MirrorWriter(ConsulClient(http, fake.url), _is_leader(e), AdmissionPolicy())
             for name, e in elections.items()
         }
         assert await writers[old].sync(_mirrors("10.8.0.1", "10.8.0.2"))
@@ -215,3 +215,18 @@ async def test_client_maps_consul_failures_to_ours(
     await fake.stop()
     with pytest.raises(ConsulUnavailable):
         await client.services()
+
+
+async def test_mirror_writer_refuses_entries_aimed_at_our_admin_ports(
+    fake: ConsulFake, http: aiohttp.ClientSession
+) -> None:
+    policy = AdmissionPolicy(denied=frozenset({DeniedTarget("0.0.0.0", 8502)}))
+    writer = MirrorWriter(ConsulClient(http, fake.url), lambda: True, policy)
+    entries = [
+        MirrorEntry("pay", "ap-southeast", "10.8.0.1", 8443),
+        MirrorEntry("pay", "ap-southeast", "10.8.0.2", 8502),
+        MirrorEntry("pay", "ap-southeast", "169.254.169.254", 80),
+    ]
+    assert await writer.sync(entries)
+    assert _mirrored(fake) == {"10.8.0.1": "pay@ap-southeast"}
+    assert writer.rejections == {Reason.ADDRESS_DENIED: 1, Reason.ADDRESS_METADATA: 1}

@@ -19,7 +19,7 @@ from federation.catalog.core import (
 STEPS = [
     ("first read", 0, 42, IndexStep(42, True, IndexEvent.ADVANCED)),
     ("steady update", 42, 43, IndexStep(43, True, IndexEvent.ADVANCED)),
-    ("wake-up with no change", 43, 43, IndexStep(43, False, IndexEvent.UNCHANGED)),
+    ("wake-up with no change", 43, 43, IndexStep(43, True, IndexEvent.UNCHANGED)),
     ("index went backwards", 43, 7, IndexStep(0, False, IndexEvent.BACKWARDS)),
     ("index reset to 0", 43, 0, IndexStep(0, False, IndexEvent.BACKWARDS)),
     ("zero after a reset", 0, 0, IndexStep(1, True, IndexEvent.NOT_POSITIVE)),

@@ -203,6 +203,18 @@ async def test_spurious_wake_ups_emit_nothing(fake: ConsulFake, running: Running
     assert len(running.seen) == emitted
 
 
+async def test_a_change_under_an_unchanged_index_is_still_applied(
+    fake: ConsulFake, running: Running
+) -> None:
+    # A write lands on the index the watcher already holds (as after an index reset):
+    # the query returns at its wait with the same index, and the new body still counts.
+    held = fake.service_index["pay"]
+    fake.put_service("pay", "10.1.0.3", 8081, service_id="pay-3")
+    fake.reset_index(held)
+    await _until(lambda: 8081 in running.ports())
+    assert running.watcher.index_events[IndexEvent.UNCHANGED] >= 1
+
+
 async def test_429_and_500_back_off_with_growing_jittered_delays_then_recover(
     fake: ConsulFake, running: Running
 ) -> None:
