@@ -16,6 +16,7 @@ how the application will read it (``%2F``, ``%5C``, a backslash) is denied.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from string import ascii_letters, digits
@@ -25,7 +26,9 @@ from proxy.policy.model import AuthorizationPolicy, AuthorizationRule, Principal
 
 _UNRESERVED = frozenset(ascii_letters + digits + "-._~")
 # RFC 3986 pchar plus '/': everything else (space, '\', '"', non-ASCII, controls) is refused.
-_PATH_CHARS = _UNRESERVED | frozenset("!$&'()*+,;=:@/%")
+_PATH_CHARS = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
+# Nothing to normalise: no escape, no parameter, no empty or dot segment (the common case).
+_ALREADY_NORMAL = re.compile(r"(?!.*(?://|/\.\.?(?:/|$)))/[A-Za-z0-9\-_~!$&'()*+,=:@/.]*")
 _HEX = frozenset("0123456789abcdefABCDEF")
 # Encoded separators: whether the application splits on them is its own choice, so refuse.
 _AMBIGUOUS = frozenset({"2F", "5C"})
@@ -54,7 +57,9 @@ def normalise_path(raw: str) -> str | None:
       backslash, non-ASCII) or a fragment is ambiguous.
     """
     path, has_query, query = raw.partition("?")
-    if not path.startswith("/") or not all(char in _PATH_CHARS for char in path):
+    if _ALREADY_NORMAL.fullmatch(path):
+        return raw
+    if _PATH_CHARS.fullmatch(path) is None:
         return None
     raw_segments = path[1:].split("/")
     segments: list[str] = []
