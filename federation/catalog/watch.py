@@ -43,13 +43,16 @@ from federation.catalog.model import (
     Reason,
     Rejection,
     Service,
+    Workload,
     admit_endpoint,
     admit_service,
+    admit_workload,
 )
 
 MIRROR_META = "snapbright-mirror-of"
 WORKLOAD_META = "snapbright-workload"
 PROTOCOL_META = "snapbright-protocol"
+SERVICE_ACCOUNT_META = "snapbright-service-account"
 
 _SEVERITY = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 2}
 _HEALTH_NAMES = ("passing", "warning", "critical")
@@ -106,6 +109,7 @@ class ConsulWatcher:
         self._feed = CatalogFeed()
         self._listed: dict[str, Service] | None = None
         self._instances: dict[str, tuple[Endpoint, ...]] = {}
+        self._workloads: dict[str, tuple[Workload, ...]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._mirror_only: set[str] = set()
         self.rejections: Counter[Reason] = Counter()
@@ -208,6 +212,7 @@ class ConsulWatcher:
         for name in set(self._tasks) - set(listed):
             self._tasks.pop(name).cancel()
             self._instances.pop(name, None)
+            self._workloads.pop(name, None)
             self._mirror_only.discard(name)
         for name in set(listed) - set(self._tasks):
             self._tasks[name] = asyncio.create_task(
@@ -224,6 +229,7 @@ class ConsulWatcher:
         if not isinstance(body, list):
             raise _Retry("bad-shape")
         endpoints: list[Endpoint] = []
+        workloads: list[Workload] = []
         mirrors = 0
         for entry in body:
             raw = _endpoint_fields(name, entry)
@@ -231,11 +237,17 @@ class ConsulWatcher:
                 mirrors += 1
                 continue
             admitted = admit_endpoint(raw, self._policy)
+            workload = _workload_of(admitted) if isinstance(admitted, Endpoint) else None
+            if isinstance(workload, Rejection):
+                admitted = workload  # an identity we cannot trust: drop the endpoint too
             if isinstance(admitted, Rejection):
                 self.rejections[admitted.reason] += 1
                 continue
             endpoints.append(admitted)
+            if isinstance(workload, Workload):
+                workloads.append(workload)
         self._instances[name] = tuple(endpoints)
+        self._workloads[name] = tuple(workloads)
         if mirrors and not endpoints:
             # Only our own write-back lives under this name: not a local service.
             self._mirror_only.add(name)
@@ -251,6 +263,7 @@ class ConsulWatcher:
             return  # still syncing: a partial first catalog would read as missing services
         services: list[Service] = []
         endpoints: list[Endpoint] = []
+        workloads: list[Workload] = []
         for name, service in listed.items():
             instances = self._instances.get(name)
             if instances is None or name in self._mirror_only:
@@ -261,7 +274,19 @@ class ConsulWatcher:
                 service = chosen if isinstance(chosen, Service) else service
             services.append(service)
             endpoints.extend(instances)
-        self._feed.publish(Catalog.of(self._feed.index + 1, services, endpoints))
+            workloads.extend(self._workloads.get(name, ()))
+        self._feed.publish(Catalog.of(self._feed.index + 1, services, endpoints, workloads))
+
+
+def _workload_of(endpoint: Endpoint) -> Workload | Rejection | None:
+    """The workload an instance declares (meta ``snapbright-workload`` and
+    ``snapbright-service-account``), which its SPIFFE ID will be issued for."""
+    account = dict(endpoint.meta).get(SERVICE_ACCOUNT_META)
+    if not endpoint.workload or account is None:
+        return None
+    return admit_workload(
+        {"name": endpoint.workload, "namespace": endpoint.namespace, "service_account": account}
+    )
 
 
 def _endpoint_fields(name: str, entry: Any) -> dict[str, object] | None:

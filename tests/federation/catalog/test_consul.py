@@ -50,8 +50,14 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @asynccontextmanager
 async def _replicas(
-    fake: ConsulFake, http: aiohttp.ClientSession, names: list[str]
+    fake: ConsulFake,
+    http: aiohttp.ClientSession,
+    names: list[str],
+    changes: list[tuple[str, bool]] | None = None,
 ) -> AsyncIterator[dict[str, LeaderElection]]:
+    def recorder(name: str) -> Callable[[bool], None]:
+        return lambda leading: None if changes is None else changes.append((name, leading))
+
     elections = {
         name: LeaderElection(
             ConsulClient(http, fake.url),
@@ -62,6 +68,7 @@ async def _replicas(
             renew_every=0.1,
             backoff=Backoff(base=0.01, cap=0.05),
             rng=random.Random(name),
+            on_change=recorder(name),
         )
         for name in names
     }
@@ -93,7 +100,8 @@ async def test_two_replicas_elect_exactly_one_leader(
 async def test_destroyed_session_steps_the_leader_down_at_once_and_the_other_takes_over(
     fake: ConsulFake, http: aiohttp.ClientSession
 ) -> None:
-    async with _replicas(fake, http, ["a", "b"]) as elections:
+    changes: list[tuple[str, bool]] = []
+    async with _replicas(fake, http, ["a", "b"], changes) as elections:
         await _until(lambda: len(_leaders(elections)) == 1)
         (old,) = _leaders(elections)
         (new,) = set(elections) - {old}
@@ -110,6 +118,7 @@ async def test_destroyed_session_steps_the_leader_down_at_once_and_the_other_tak
         await _until(taken_over, within=1.0)
         assert not any(both)
         assert fake.keys[KEY].session == elections[new].session_id
+    assert changes[:3] == [(old, True), (old, False), (new, True)]
 
 
 async def test_leader_steps_down_when_consul_is_unreachable_and_leads_again_after(

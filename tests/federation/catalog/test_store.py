@@ -199,3 +199,16 @@ def test_acknowledged_registrations_survive_kill_9(tmp_path: Path) -> None:
     assert current.index == int(acks[-1][2])
     assert {e.port for e in current.endpoints_of("pay")} == {20000 + i for i in range(20)}
     registry.close()
+
+
+async def test_expiry_loop_uses_the_injected_clock(registry: Registry) -> None:
+    registry.register(_registration("pay-1"), ttl=10, now=T0)
+    registry.register(_registration("pay-2", port=18081), ttl=30, now=T0)
+    loop_task = asyncio.create_task(registry.run_expiry(interval=0.001, clock=lambda: T0 + 20))
+    try:
+        async with asyncio.timeout(2):
+            while registry.registration("pay-1") is not None:  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+    finally:
+        loop_task.cancel()
+    assert registry.registration("pay-2") is not None

@@ -295,3 +295,16 @@ async def test_a_new_watcher_is_not_ready_until_its_first_full_read(
         # The first catalog is whole: cart's failed reads did not let a partial one out.
         assert all(c.service("cart") is not None for c in running.seen)
         assert running.ports() == [8080, 8080]
+
+
+async def test_declared_workload_identity_is_admitted_or_drops_its_endpoint(
+    fake: ConsulFake, running: Running
+) -> None:
+    identity = {"snapbright-workload": "pay-7", "snapbright-service-account": "pay"}
+    fake.put_service("pay", "10.1.0.7", 8080, service_id="pay-7", meta=identity)
+    hostile = {"snapbright-workload": "pay-8", "snapbright-service-account": "Admin"}
+    fake.put_service("pay", "10.1.0.8", 8080, service_id="pay-8", meta=hostile)
+    await _until(lambda: len(running.ports()) == 3)
+    assert [w.spiffe_path for w in running.last().workloads] == ["/ns/default/sa/pay"]
+    assert "10.1.0.8" not in {e.address for e in running.last().endpoints}
+    assert running.watcher.rejections[Reason.NAME_NOT_DNS_LABEL] == 1
