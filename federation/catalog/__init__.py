@@ -5,6 +5,10 @@
 - ``core``: pure decisions (blocking-query index steps, backoff, registration expiry).
 - ``feed``: the latest-value broadcast every source publishes through (``watch()``, ``ready``).
 - ``store``: the embedded registry, persisted in SQLite in the state directory.
-- ``consul``: Consul as the production source (blocking-query watcher), mirror write-back and
-  leader election among control-plane replicas.
+- ``watch``: Consul as the production source, our own aiohttp watcher of blocking queries.
+- ``consul``: Consul writes through py-consul: mirror write-back and leader election among
+  control-plane replicas (the only module that imports the Consul client).
+
+Both sources satisfy ``feed.CatalogSource``: ``ready``, ``current()`` and
+``async for catalog in source.watch()``.
 """

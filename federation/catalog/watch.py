@@ -27,7 +27,7 @@ import functools
 import json
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -68,14 +68,18 @@ class _Retry(Exception):
 
 @dataclass(frozen=True, slots=True)
 class WatchSettings:
-    """How the watcher polls: the blocking ``wait``, the hang margin and the backoff."""
+    """How the watcher polls: the blocking ``wait``, the hang margin, the backoff, and the
+    largest response body it reads (a bigger one is a failure, not an allocation)."""
 
     wait: float = 30.0
     margin: float = 2.0
     backoff: Backoff = field(default_factory=Backoff)
+    max_body: int = 32 * 1024 * 1024
 
     def __post_init__(self) -> None:
         blocking_timeout(self.wait, self.margin)  # validates both
+        if self.max_body < 1:
+            raise ValueError("max_body must be positive")
 
 
 def _format_wait(seconds: float) -> str:
@@ -136,7 +140,7 @@ class ConsulWatcher:
     async def run(self) -> None:
         """Follow Consul until cancelled; never raises for Consul's failures."""
         try:
-            await self._follow("/v1/catalog/services", {}, self._apply_services)
+            await self._follow("/v1/catalog/services", self._apply_services)
         finally:
             tasks = list(self._tasks.values())
             self._tasks.clear()
@@ -145,15 +149,13 @@ class ConsulWatcher:
             await asyncio.gather(*tasks, return_exceptions=True)
             self._feed.close()
 
-    async def _follow(
-        self, path: str, params: Mapping[str, str], apply: Callable[[Any], None]
-    ) -> None:
+    async def _follow(self, path: str, apply: Callable[[Any], None]) -> None:
         """One blocking-query loop: read, step the index, apply, back off on failure."""
         index = 0
         failures = 0
         while True:
             try:
-                reported, body = await self._read(path, params, index)
+                reported, body = await self._read(path, index)
                 step = step_index(index, reported)
                 if step.use_body:
                     apply(body)
@@ -166,10 +168,10 @@ class ConsulWatcher:
             self.index_events[step.event] += 1
             index = step.next_index
 
-    async def _read(self, path: str, params: Mapping[str, str], index: int) -> tuple[int, Any]:
-        query = dict(params)
+    async def _read(self, path: str, index: int) -> tuple[int, Any]:
+        query = {}
         if index > 0:
-            query |= {"index": str(index), "wait": _format_wait(self._settings.wait)}
+            query = {"index": str(index), "wait": _format_wait(self._settings.wait)}
         timeout = aiohttp.ClientTimeout(
             total=blocking_timeout(self._settings.wait, self._settings.margin)
         )
@@ -185,14 +187,19 @@ class ConsulWatcher:
                     reported = int(response.headers["X-Consul-Index"])
                 except (KeyError, ValueError):
                     raise _Retry("bad-index") from None
-                payload = await response.read()
+                payload = bytearray()
+                async for chunk in response.content.iter_any():
+                    payload += chunk
+                    if len(payload) > self._settings.max_body:
+                        raise _Retry("too-large")
         except TimeoutError:
             raise _Retry("timeout") from None
         except aiohttp.ClientError:
             raise _Retry("unreachable") from None
         try:
             return reported, json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            # RecursionError: a hostile body of deeply nested brackets.
             raise _Retry("invalid-json") from None
 
     # -- applying reads ----------------------------------------------------------------------
@@ -218,7 +225,6 @@ class ConsulWatcher:
             self._tasks[name] = asyncio.create_task(
                 self._follow(
                     f"/v1/health/service/{quote(name, safe='')}",
-                    {},
                     functools.partial(self._apply_instances, name),
                 ),
                 name=f"consul-watch-{name}",

@@ -37,10 +37,10 @@ health-check execution (check statuses change only through :meth:`ConsulFake.set
 
 Scriptable misbehaviour, each for the next ``times`` requests whose path starts with a
 prefix: an HTTP error status (429, 500...), a hang before answering, a truncated JSON body, a
-forced ``X-Consul-Index``; and at any time: spurious wake-ups of blocked queries, an index
-that goes back (a restore or a new cluster: every index is clamped to the given value), and
-a full outage (:meth:`stop` closes the listener and drops connections, :meth:`start` serves
-the same state again on the same port).
+body of the test's choosing, a forced ``X-Consul-Index``; and at any time: spurious wake-ups
+of blocked queries, an index that goes back (a restore or a new cluster: every index is
+clamped to the given value), and a full outage (:meth:`stop` closes the listener and drops
+connections, :meth:`start` serves the same state again on the same port).
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ class _Fault:
     hang: float | None = None
     truncate: bool = False
     index: int | None = None
+    body: bytes | None = None
 
 
 @dataclass
@@ -216,6 +217,10 @@ class ConsulFake:
     def report_index_next(self, prefix: str, index: int, times: int = 1) -> None:
         """Send ``X-Consul-Index: index`` on the next matching responses (e.g. 0)."""
         self._faults.append(_Fault(prefix, times, index=index))
+
+    def body_next(self, prefix: str, body: bytes, times: int = 1) -> None:
+        """Serve the next matching responses (status 200, real headers) with ``body``."""
+        self._faults.append(_Fault(prefix, times, body=body))
 
     def wake_spuriously(self) -> None:
         """Return every blocked query now, with nothing changed (same index, same data)."""
@@ -350,6 +355,8 @@ class ConsulFake:
         if fault is not None and isinstance(response, web.Response):
             if fault.index is not None:
                 response.headers["X-Consul-Index"] = str(fault.index)
+            if fault.body is not None:
+                response.body = fault.body
             if fault.truncate and response.body is not None:
                 body = bytes(response.body)  # type: ignore[arg-type]
                 response.body = body[: len(body) // 2]

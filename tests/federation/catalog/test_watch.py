@@ -67,7 +67,11 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @asynccontextmanager
 async def _start(
-    fake: ConsulFake, http: aiohttp.ClientSession, *, wait_ready: bool = True
+    fake: ConsulFake,
+    http: aiohttp.ClientSession,
+    *,
+    wait_ready: bool = True,
+    settings: WatchSettings = SETTINGS,
 ) -> AsyncIterator[Running]:
     delays: list[float] = []
 
@@ -76,7 +80,7 @@ async def _start(
         await asyncio.sleep(0.001)
 
     watcher = ConsulWatcher(
-        fake.url, http, AdmissionPolicy(), settings=SETTINGS, rng=random.Random(4), sleep=sleep
+        fake.url, http, AdmissionPolicy(), settings=settings, rng=random.Random(4), sleep=sleep
     )
     running = Running(watcher, delays=delays)
 
@@ -240,6 +244,30 @@ async def test_truncated_json_is_retried_not_applied(fake: ConsulFake, running: 
     await _until(lambda: 8081 in running.ports())
     assert running.watcher.failures["invalid-json"] == 1
     _never_empty(running)
+
+
+HOSTILE_BODIES = [
+    ("deeply nested brackets", b"[" * 50_000, "invalid-json"),
+    ("not UTF-8", b"\xff\xfe[]", "invalid-json"),
+    ("an object where a list belongs", b'{"Service": {}}', "bad-shape"),
+    ("larger than the body cap", b"[" + b" " * 70_000 + b"]", "too-large"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"), [b[1:] for b in HOSTILE_BODIES], ids=[b[0] for b in HOSTILE_BODIES]
+)
+async def test_hostile_response_bodies_are_retried_not_applied(
+    fake: ConsulFake, http: aiohttp.ClientSession, body: bytes, kind: str
+) -> None:
+    settings = WatchSettings(wait=0.2, margin=0.2, backoff=SETTINGS.backoff, max_body=65_536)
+    async with _start(fake, http, settings=settings) as running:
+        fake.body_next(PAY, body)
+        fake.wake_spuriously()
+        await _until(lambda: running.watcher.failures[kind] == 1)
+        fake.put_service("pay", "10.1.0.3", 8081, service_id="pay-3")
+        await _until(lambda: 8081 in running.ports())
+        _never_empty(running)
 
 
 async def test_hang_shorter_than_the_client_timeout_is_not_a_failure(
