@@ -1,17 +1,25 @@
-"""`snapbright policy …`: validate policy files, print their JSON Schemas."""
+"""`snapbright policy …`: validate policy files, print their JSON Schemas, simulate failover."""
 
 from __future__ import annotations
 
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
+from health.failover.core import simulate as simulate_trace
+from health.failover.model import Decision, FailoverPolicy, Trace
+from proxy.config.model import Document
 from snapbright.policy.kinds import KINDS, load_files, schema_text
 
-app = typer.Typer(help="Validate policy files and print their JSON Schemas.", no_args_is_help=True)
+_D = TypeVar("_D", bound=Document)
+
+app = typer.Typer(
+    help="Validate policy files, print their JSON Schemas, simulate failover policies.",
+    no_args_is_help=True,
+)
 
 
 class Output(StrEnum):
@@ -58,3 +66,77 @@ def schema(
         typer.echo(f"unknown kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}", err=True)
         raise typer.Exit(code=2)
     typer.echo(schema_text(matches[0]), nl=False)
+
+
+@app.command()
+def simulate(
+    policy: Annotated[Path, typer.Argument(help="A file holding one FailoverPolicy.")],
+    trace: Annotated[
+        Path, typer.Option("--trace", "-t", help="A FailoverTrace file: observations over time.")
+    ],
+    every_tick: Annotated[
+        bool, typer.Option("--every-tick", help="Print every tick, not only the changes.")
+    ] = False,
+    output: Annotated[
+        Output, typer.Option("--output", "-o", help="text, or json: every decision.")
+    ] = Output.text,
+) -> None:
+    """Replay a trace through the failover controller and print the timeline of weights.
+
+    The same decision core that runs in the control plane, fed the trace one tick at a time:
+    each line shows the time, the rule that fired, the weights per cluster and why.
+    """
+    policy_doc = _one(policy, FailoverPolicy)
+    trace_doc = _one(trace, Trace)
+    decisions = simulate_trace(policy_doc, trace_doc)
+    if output is Output.json:
+        typer.echo(json.dumps([_decision_json(d) for d in decisions], indent=2))
+        return
+    clusters = sorted({c for d in decisions for c in d.weights} | set(trace_doc.spec.clusters))
+    header = f"{'TIME':>8}  {'RULE':<20}" + "".join(f"{c:>14}" for c in clusters) + "  WHY"
+    typer.echo(header)
+    for decision in decisions:
+        if not (every_tick or decision.changed or decision.transition is not None):
+            continue
+        weights = "".join(f"{decision.weights.get(c, 0) / 100:>13.2f}%" for c in clusters)
+        typer.echo(
+            f"{decision.at:>7.1f}s  {decision.rule.value:<20}{weights}  {decision.explanation}"
+        )
+    typer.echo(_summary(decisions, trace_doc.spec.caller))
+
+
+def _one(path: Path, kind: type[_D]) -> _D:
+    """The single document of ``kind`` in ``path``, or exit 1 with the loader's diagnostics."""
+    (result,) = load_files([path])
+    if not result.ok:
+        for diagnostic in result.diagnostics:
+            typer.echo(f"Error [{diagnostic.code.value}] {diagnostic}", err=True)
+        raise typer.Exit(code=1)
+    found = [d for d in result.documents if isinstance(d, kind)]
+    if len(found) != 1:
+        typer.echo(f"{path}: expected exactly one {kind.KIND}, found {len(found)}", err=True)
+        raise typer.Exit(code=1)
+    return found[0]
+
+
+def _decision_json(decision: Decision) -> dict[str, object]:
+    return {
+        "at": decision.at,
+        "rule": decision.rule.value,
+        "weights": dict(decision.weights),
+        "previous_weights": dict(decision.previous_weights),
+        "transition": decision.transition.value if decision.transition else None,
+        "expected_latency_s": dict(decision.expected_latency),
+        "explanation": decision.explanation,
+    }
+
+
+def _summary(decisions: tuple[Decision, ...], caller: str) -> str:
+    changes = sum(1 for d in decisions if d.changed)
+    transitions = [d for d in decisions if d.transition is not None]
+    lowest = min((d.weights.get(caller, 0) for d in decisions), default=10000)
+    moves = ", ".join(f"{d.transition.value} at {d.at:g}s" for d in transitions if d.transition)
+    return (
+        f"{len(decisions)} ticks, {changes} weight changes, {len(transitions)} transitions"
+        f"{f' ({moves})' if moves else ''}; lowest share kept on {caller}: {lowest / 100:.2f}%"
+    )
