@@ -90,6 +90,9 @@ class ConsulWatcher:
     """Follows a Consul agent's catalog and publishes it as :class:`Catalog` values.
 
     Call :meth:`run` in a task; read with :meth:`watch`, :attr:`ready` and :meth:`current`.
+    Each listed service holds one long poll open, so give it a session whose connector allows
+    that many connections (``aiohttp.TCPConnector(limit=0)``, or a limit above the service
+    count): aiohttp's default of 100 would queue the polls of the 101st service onwards.
     """
 
     def __init__(
