@@ -211,16 +211,19 @@ def p2c_pick(endpoints: Sequence[Endpoint], rng: Random, now: float) -> Endpoint
             return b
         return _pick_in_rotation(endpoints, rng, now)
     # a.cost(now) <= b.cost(now), inlined: this is the hottest comparison of the request path.
-    # With one time constant, comparing a decayed from its stamp to b decayed from its own
-    # needs one exp() of the stamps' difference, and none when the stamps are equal.
+    # With one time constant, both decay alike from their own stamps, so it is enough to
+    # decay the older one to the newer one's stamp: one exp(), of a negative number (an idle
+    # endpoint may be hours older, and exp of a large positive number overflows).
     cost_a = a._ewma * (a.outstanding + 1)
     cost_b = b._ewma * (b.outstanding + 1)
     stamp_a = a._stamp if a._stamp < now else now
     stamp_b = b._stamp if b._stamp < now else now
     decay = a._neg_inv_decay
     if decay == b._neg_inv_decay:
-        if stamp_a != stamp_b:
+        if stamp_a < stamp_b:
             cost_a *= _exp((stamp_b - stamp_a) * decay)
+        elif stamp_b < stamp_a:
+            cost_b *= _exp((stamp_a - stamp_b) * decay)
     else:
         cost_a *= _exp((now - stamp_a) * decay)
         cost_b *= _exp((now - stamp_b) * b._neg_inv_decay)

@@ -144,13 +144,13 @@ def test_p2c_never_picks_the_costliest_of_three() -> None:
 
 _endpoint_state = st.tuples(
     st.floats(1e-4, 10.0),  # observed response time
-    st.floats(0.0, 100.0),  # when it was observed
+    st.floats(0.0, 100_000.0),  # when it was observed
     st.integers(0, 50),  # outstanding requests
     st.sampled_from([1.0, 10.0]),  # decay time constant
 )
 
 
-@given(a=_endpoint_state, b=_endpoint_state, now=st.floats(0.0, 200.0), seed=st.integers(0, 99))
+@given(a=_endpoint_state, b=_endpoint_state, now=st.floats(0.0, 200_000.0), seed=st.integers(0, 99))
 def test_p2c_of_two_picks_the_lower_cost(
     a: tuple[float, float, int, float],
     b: tuple[float, float, int, float],
@@ -210,6 +210,16 @@ def test_rested_slow_endpoint_is_picked_again() -> None:
     assert p2c_pick([rested, steady], rng, 1.0) is steady
     # After 40 s (four time constants) without answers, 1 s decays to about 18 ms.
     assert p2c_pick([rested, steady], rng, 40.0) is rested
+
+
+def test_p2c_compares_with_an_endpoint_idle_for_hours() -> None:
+    idle, busy = _endpoints(2)
+    idle.observe(0.05, 0.0)
+    busy.observe(0.05, 7200.0)
+    busy.start()
+    # Two hours at a 10 s time constant: the idle estimate has decayed to nothing.
+    assert p2c_pick([busy, idle], Random(1), 7200.0) is idle
+    assert p2c_pick([idle, busy], Random(1), 7200.0) is idle
 
 
 def test_p2c_never_picks_an_ejected_endpoint() -> None:
