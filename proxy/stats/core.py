@@ -59,11 +59,17 @@ _INV_MIN = 1.0 / MIN_LATENCY_S
 _INV_LOG_GAMMA = 1.0 / math.log(_GAMMA)
 
 
+_TOP = _UPPER[-1]
+_OVERFLOW = _LAST_BOUNDED + 1
+
+
 def _bucket(latency_s: float) -> int:
     if latency_s <= MIN_LATENCY_S:
         return 0
-    index = _ceil(_log(latency_s * _INV_MIN) * _INV_LOG_GAMMA)
-    return index if index <= _LAST_BOUNDED else _LAST_BOUNDED + 1
+    if latency_s <= _TOP:
+        return _ceil(_log(latency_s * _INV_MIN) * _INV_LOG_GAMMA)
+    # Beyond the last bound, and also +inf and NaN (no comparison holds for it).
+    return _OVERFLOW
 
 
 class Outcome(IntEnum):
@@ -250,11 +256,13 @@ class Series:
             self._close(math.floor(now))
         # A timestamp from an earlier second (late completion) counts in the running one.
         self._counts[outcome] += 1
+        # _bucket(latency_s), inlined for the request path.
         if latency_s <= MIN_LATENCY_S:
             self._buckets[0] += 1
+        elif latency_s <= _TOP:
+            self._buckets[_ceil(_log(latency_s * _INV_MIN) * _INV_LOG_GAMMA)] += 1
         else:
-            index = _ceil(_log(latency_s * _INV_MIN) * _INV_LOG_GAMMA)
-            self._buckets[index if index <= _LAST_BOUNDED else _LAST_BOUNDED + 1] += 1
+            self._buckets[_OVERFLOW] += 1
 
     def _close(self, next_second: int) -> None:
         if any(self._counts):

@@ -99,7 +99,14 @@ def test_quantile_rank_is_not_pushed_up_by_float_rounding() -> None:
 
 @pytest.mark.parametrize(
     ("latency", "estimate"),
-    [(0.0, MIN_LATENCY_S), (-1.0, MIN_LATENCY_S), (5e-5, MIN_LATENCY_S), (3600.0, 60.288)],
+    [
+        (0.0, MIN_LATENCY_S),
+        (-1.0, MIN_LATENCY_S),
+        (5e-5, MIN_LATENCY_S),
+        (3600.0, 60.288),
+        (math.inf, 60.288),
+        (math.nan, 60.288),
+    ],
 )
 def test_latencies_outside_the_range_are_clamped(latency: float, estimate: float) -> None:
     assert Histogram.of([latency]).quantile(0.5) == pytest.approx(estimate, rel=1e-4)
@@ -250,6 +257,14 @@ def test_a_late_timestamp_counts_in_the_running_second() -> None:
     recorder.record("payments", "us-west", Outcome.HTTP_2XX, 0.010, 4.9)
     (window,) = recorder.drain(6.0)
     assert (window.start, window.requests) == (5, 2)
+
+
+@given(latency=st.floats(allow_nan=True, allow_infinity=True))
+def test_series_and_histogram_bucket_any_latency_alike(latency: float) -> None:
+    recorder = StatsRecorder()
+    recorder.record("payments", "us-west", Outcome.HTTP_2XX, latency, 0.5)
+    (window,) = recorder.drain(1.0)
+    assert window.histogram == Histogram.of([latency])
 
 
 def test_series_handle_records_into_the_same_windows() -> None:
