@@ -25,6 +25,7 @@ from random import Random
 __all__ = ["Endpoint", "WeightedTargets", "p2c_pick", "pick_cluster"]
 
 _exp = math.exp
+_INF = math.inf
 
 
 class WeightedTargets:
@@ -157,6 +158,9 @@ class Endpoint:
 
     def observe(self, rtt: float, now: float) -> None:
         """Take one response time (seconds) measured at ``now``."""
+        # One NaN or infinity would poison the estimate for good: refuse it loudly.
+        if not 0.0 <= rtt < _INF:
+            raise ValueError(f"{self!r}: response time must be finite and >= 0: {rtt!r}")
         if rtt > self._ewma:
             self._ewma = rtt
         else:

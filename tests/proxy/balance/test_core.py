@@ -281,6 +281,14 @@ def test_p2c_spreads_over_equal_endpoints(count: int, seed: int) -> None:
     assert len(set(picks)) > 1
 
 
+@pytest.mark.parametrize("rtt", [math.nan, math.inf, -0.001])
+def test_impossible_response_time_is_refused(rtt: float) -> None:
+    (endpoint,) = _endpoints(1)
+    with pytest.raises(ValueError, match="response time must be finite and >= 0"):
+        endpoint.observe(rtt, 1.0)
+    assert endpoint.ewma(0.0) == 0.001
+
+
 def test_end_without_start_is_an_error() -> None:
     (endpoint,) = _endpoints(1)
     with pytest.raises(RuntimeError, match="without a matching start"):
