@@ -1,0 +1,1 @@
+"""Active health probes: local endpoints over HTTP and peer gateways over mTLS."""
