@@ -1,0 +1,256 @@
+"""The prober: probes local endpoints over HTTP and peer gateways over mTLS, on a loop clock.
+
+Two kinds of target:
+
+- :class:`HttpTarget`, a local endpoint's health URL: a GET that answers 2xx in time is a
+  success. Every probe opens a new connection, so a listener that stopped accepting fails
+  and the round trip includes the connect.
+- :class:`GatewayTarget`, a peer's east-west gateway: *address + SNI + expected trust domain*.
+  The probe dials the address, sends SNI ``probe.snapbright.<cluster>.<mesh>``, completes a
+  TLS 1.3 handshake with :func:`proxy.tls.context.client_context` (our SVID, trusting only the
+  peer domain's roots) and checks the gateway's SVID with :func:`verify_peer` against that
+  trust domain. With ``exchange="http"`` it also sends a tiny ``GET /`` on the probe name and
+  needs a 2xx back; with ``exchange="handshake"`` the server's Finished is the response.
+
+The round trip is measured from the start of the connect to the response. A timeout, a
+refused connection, a failed handshake or a rejected identity are failures, each with a short
+reason. Each result goes through :class:`~health.probe.core.ProbeStatus`; the schedule comes
+from :meth:`~health.probe.core.ProbeSettings.next_probe_at` on the injected clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import aiohttp
+
+from health.probe.core import ProbeSettings, ProbeStatus
+from proxy.identity.bundle import TrustBundleSet
+from proxy.identity.model import TrustDomain
+from proxy.identity.svid import Purpose, SvidError, X509Svid
+from proxy.tls.context import ContextCache, verify_peer
+
+_RESPONSE_LIMIT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class HttpTarget:
+    """A local endpoint probed by an HTTP GET of its health URL; ``name`` keys its status."""
+
+    name: str
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayTarget:
+    """A peer's gateway: where to dial, the SNI to send, the trust domain it must prove."""
+
+    name: str
+    host: str
+    port: int
+    sni: str
+    trust_domain: TrustDomain
+    exchange: Literal["handshake", "http"] = "handshake"
+
+    @classmethod
+    def for_peer(
+        cls,
+        cluster: str,
+        mesh: str,
+        host: str,
+        port: int,
+        *,
+        exchange: Literal["handshake", "http"] = "handshake",
+    ) -> GatewayTarget:
+        """The probe of ``cluster``'s gateway at ``host:port``, named after the cluster."""
+        return cls(
+            name=cluster,
+            host=host,
+            port=port,
+            sni=f"probe.snapbright.{cluster}.{mesh}",
+            trust_domain=TrustDomain.for_cluster(cluster, mesh),
+            exchange=exchange,
+        )
+
+
+ProbeTarget = HttpTarget | GatewayTarget
+
+Identity = Callable[[], tuple[X509Svid, TrustBundleSet]]
+"""Our current SVID and the trust bundles we hold (read at every probe: SVIDs rotate)."""
+
+
+class ProbeFailed(Exception):
+    """One probe failed; the message is the short reason kept in the status."""
+
+
+class Prober:
+    """Probes a set of targets on a jittered schedule and keeps each one's status."""
+
+    def __init__(
+        self,
+        settings: ProbeSettings | None = None,
+        *,
+        identity: Identity | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._settings = settings if settings is not None else ProbeSettings()
+        self._identity = identity
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self._contexts = ContextCache()
+        self._targets: dict[str, ProbeTarget] = {}
+        self._statuses: dict[str, ProbeStatus] = {}
+        self._due: dict[str, float] = {}
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._changed = asyncio.Event()
+
+    def set_targets(self, targets: Iterable[ProbeTarget]) -> None:
+        """Probe exactly these from now on; a known target keeps its status, a new one starts
+        unknown and is probed at once, a removed one is forgotten."""
+        wanted: dict[str, ProbeTarget] = {}
+        for target in targets:
+            if target.name in wanted:
+                raise ValueError(f"two probe targets are named {target.name!r}")
+            wanted[target.name] = target
+        for name in set(self._targets) - set(wanted):
+            self._statuses.pop(name, None)
+            self._due.pop(name, None)
+            task = self._in_flight.pop(name, None)
+            if task is not None:
+                task.cancel()
+        for name, target in wanted.items():
+            if self._targets.get(name) != target:
+                # A changed address is a new target: what we knew was about the old one.
+                self._statuses[name] = ProbeStatus()
+                self._due[name] = self._clock()
+        self._targets = wanted
+        self._changed.set()
+
+    def statuses(self) -> Mapping[str, ProbeStatus]:
+        """Every target's status, by name."""
+        return dict(self._statuses)
+
+    def status(self, name: str) -> ProbeStatus | None:
+        """One target's status, or ``None`` if it is not probed."""
+        return self._statuses.get(name)
+
+    async def run(self) -> None:
+        """Probe every target when due, until cancelled."""
+        try:
+            while True:
+                now = self._clock()
+                for name, due in list(self._due.items()):
+                    if due <= now and name not in self._in_flight:
+                        self._due[name] = self._settings.next_probe_at(now, self._rng)
+                        task = asyncio.create_task(self._probe_and_record(self._targets[name]))
+                        self._in_flight[name] = task
+                wake = min(self._due.values(), default=now + self._settings.interval)
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), max(0.0, wake - self._clock()))
+        finally:
+            for task in self._in_flight.values():
+                task.cancel()
+            await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+            self._in_flight.clear()
+
+    async def _probe_and_record(self, target: ProbeTarget) -> None:
+        try:
+            try:
+                rtt: float | None = await self.probe(target)
+                reason = ""
+            except ProbeFailed as failure:
+                rtt, reason = None, str(failure)
+            if self._targets.get(target.name) != target:
+                return  # removed or replaced while in flight
+            status = self._statuses.get(target.name, ProbeStatus())
+            now = self._clock()
+            self._statuses[target.name] = (
+                status.succeeded(rtt, now, self._settings)
+                if rtt is not None
+                else status.failed(reason, now, self._settings)
+            )
+        finally:
+            if self._in_flight.get(target.name) is asyncio.current_task():
+                del self._in_flight[target.name]
+
+    async def probe(self, target: ProbeTarget) -> float:
+        """Probe once: the round trip in seconds, or :class:`ProbeFailed` with the reason."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._settings.timeout):
+                if isinstance(target, HttpTarget):
+                    await self._probe_http(target)
+                else:
+                    await self._probe_gateway(target)
+        except TimeoutError:
+            raise ProbeFailed(f"timeout after {self._settings.timeout:g}s") from None
+        except ssl.SSLError as error:
+            raise ProbeFailed(f"tls: {error.reason or error}") from None
+        except SvidError as error:
+            raise ProbeFailed(f"identity: {error}") from None
+        except aiohttp.ClientError as error:
+            raise ProbeFailed(f"http: {error}") from None
+        except OSError as error:
+            raise ProbeFailed(f"connect: {error.strerror or error}") from None
+        return time.perf_counter() - started
+
+    async def _probe_http(self, target: HttpTarget) -> None:
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get(target.url, allow_redirects=False) as response,
+        ):
+            if not 200 <= response.status < 300:
+                raise ProbeFailed(f"status {response.status}")
+
+    async def _probe_gateway(self, target: GatewayTarget) -> None:
+        if self._identity is None:
+            raise ProbeFailed("no identity: a gateway probe needs our SVID")
+        svid, bundles = self._identity()
+        bundle = bundles.get(target.trust_domain)
+        if bundle is None:
+            raise ProbeFailed(f"no trust bundle for {target.trust_domain}")
+        context = self._contexts.client(svid, bundle)
+        reader, writer = await asyncio.open_connection(
+            target.host, target.port, ssl=context, server_hostname=target.sni
+        )
+        try:
+            verify_peer(
+                writer.get_extra_info("ssl_object"),
+                bundles,
+                datetime.now(UTC),
+                Purpose.SERVER,
+                target.trust_domain,
+            )
+            if target.exchange == "http":
+                writer.write(
+                    f"GET / HTTP/1.1\r\nHost: {target.sni}\r\nConnection: close\r\n\r\n".encode()
+                )
+                await writer.drain()
+                line = await reader.readline()
+                _check_status_line(line)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+
+def _check_status_line(line: bytes) -> None:
+    if len(line) > _RESPONSE_LIMIT:
+        raise ProbeFailed("response line too long")
+    parts = line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise ProbeFailed("no HTTP response" if not line else f"not an HTTP response: {line!r:.60}")
+    status = int(parts[1])
+    if not 200 <= status < 300:
+        raise ProbeFailed(f"status {status}")
