@@ -1,0 +1,1 @@
+"""SNI: the ClientHello parser the gateway routes by."""
