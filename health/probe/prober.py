@@ -12,10 +12,14 @@ Two kinds of target:
   trust domain. With ``exchange="http"`` it also sends a tiny ``GET /`` on the probe name and
   needs a 2xx back; with ``exchange="handshake"`` the server's Finished is the response.
 
-The round trip is measured from the start of the connect to the response. A timeout, a
-refused connection, a failed handshake or a rejected identity are failures, each with a short
-reason. Each result goes through :class:`~health.probe.core.ProbeStatus`; the schedule comes
-from :meth:`~health.probe.core.ProbeSettings.next_probe_at` on the injected clock.
+The round trip of an HTTP probe runs from the connect to the response (a local endpoint: the
+connect is part of what is checked). A gateway probe measures one network round trip, which is
+what a request over a pooled connection pays and what the failover controller adds to a remote
+service's latency: the TLS 1.3 handshake after the TCP connect (ClientHello to server
+Finished), or with ``exchange="http"`` the request to its status line. A timeout, a refused
+connection, a failed handshake or a rejected identity are failures, each with a short reason.
+Each result goes through :class:`~health.probe.core.ProbeStatus`; the schedule comes from
+:meth:`~health.probe.core.ProbeSettings.next_probe_at` on the injected clock.
 """
 
 from __future__ import annotations
@@ -185,13 +189,11 @@ class Prober:
 
     async def probe(self, target: ProbeTarget) -> float:
         """Probe once: the round trip in seconds, or :class:`ProbeFailed` with the reason."""
-        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._settings.timeout):
                 if isinstance(target, HttpTarget):
-                    await self._probe_http(target)
-                else:
-                    await self._probe_gateway(target)
+                    return await self._probe_http(target)
+                return await self._probe_gateway(target)
         except TimeoutError:
             raise ProbeFailed(f"timeout after {self._settings.timeout:g}s") from None
         except ssl.SSLError as error:
@@ -202,9 +204,9 @@ class Prober:
             raise ProbeFailed(f"http: {error}") from None
         except OSError as error:
             raise ProbeFailed(f"connect: {error.strerror or error}") from None
-        return time.perf_counter() - started
 
-    async def _probe_http(self, target: HttpTarget) -> None:
+    async def _probe_http(self, target: HttpTarget) -> float:
+        started = time.perf_counter()
         connector = aiohttp.TCPConnector(force_close=True)
         async with (
             aiohttp.ClientSession(connector=connector) as session,
@@ -212,8 +214,9 @@ class Prober:
         ):
             if not 200 <= response.status < 300:
                 raise ProbeFailed(f"status {response.status}")
+        return time.perf_counter() - started
 
-    async def _probe_gateway(self, target: GatewayTarget) -> None:
+    async def _probe_gateway(self, target: GatewayTarget) -> float:
         if self._identity is None:
             raise ProbeFailed("no identity: a gateway probe needs our SVID")
         svid, bundles = self._identity()
@@ -221,10 +224,14 @@ class Prober:
         if bundle is None:
             raise ProbeFailed(f"no trust bundle for {target.trust_domain}")
         context = self._contexts.client(svid, bundle)
-        reader, writer = await asyncio.open_connection(
-            target.host, target.port, ssl=context, server_hostname=target.sni
-        )
+        reader, writer = await asyncio.open_connection(target.host, target.port)
         try:
+            # One round trip, not connect-to-response: a request over a pooled mTLS
+            # connection costs one, and an L4 proxy on the path (a WAN emulator, a load
+            # balancer) answers the TCP handshake itself. TLS 1.3's handshake is one round trip.
+            started = time.perf_counter()
+            await writer.start_tls(context, server_hostname=target.sni)
+            rtt = time.perf_counter() - started
             verify_peer(
                 writer.get_extra_info("ssl_object"),
                 bundles,
@@ -233,12 +240,14 @@ class Prober:
                 target.trust_domain,
             )
             if target.exchange == "http":
+                started = time.perf_counter()
                 writer.write(
                     f"GET / HTTP/1.1\r\nHost: {target.sni}\r\nConnection: close\r\n\r\n".encode()
                 )
                 await writer.drain()
-                line = await reader.readline()
-                _check_status_line(line)
+                _check_status_line(await reader.readline())
+                rtt = time.perf_counter() - started
+            return rtt
         finally:
             writer.close()
             with contextlib.suppress(OSError, ssl.SSLError):

@@ -136,6 +136,42 @@ async def silent_listener() -> AsyncIterator[int]:
 
 
 @asynccontextmanager
+async def delaying_relay(upstream_port: int, one_way: float) -> AsyncIterator[int]:
+    """A TCP relay that holds every chunk ``one_way`` seconds in each direction (a WAN)."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await asyncio.sleep(one_way)
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+        for task in (
+            asyncio.create_task(pump(reader, up_writer)),
+            asyncio.create_task(pump(up_reader, writer)),
+        ):
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+@asynccontextmanager
 async def running(prober: Prober) -> AsyncIterator[Prober]:
     task = asyncio.create_task(prober.run())
     try:
@@ -262,6 +298,18 @@ async def test_gateway_probe_completes_mtls_with_the_probe_sni() -> None:
         rtt = await Prober(FAST, identity=_identity).probe(_gateway(gateway.port))
     assert 0 < rtt < FAST.timeout
     assert gateway.server_names == ["probe.snapbright.eu-west.demo"]
+
+
+@pytest.mark.parametrize("exchange", ["handshake", "http"])
+async def test_gateway_rtt_is_one_round_trip_of_the_network(exchange: str) -> None:
+    # 60 ms each way: connect + handshake + request would be 360 ms; one round trip is 120.
+    answer = b"HTTP/1.1 200 OK\r\n\r\n" if exchange == "http" else None
+    async with (
+        mtls_gateway(EU_GATEWAY, answer=answer) as gateway,
+        delaying_relay(gateway.port, 0.060) as port,
+    ):
+        rtt = await Prober(FAST, identity=_identity).probe(_gateway(port, exchange=exchange))
+    assert 0.115 <= rtt < 0.230
 
 
 async def test_gateway_probe_with_an_http_exchange_needs_a_2xx() -> None:
