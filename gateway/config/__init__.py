@@ -1,0 +1,1 @@
+"""The gateway configuration document and how it is loaded."""

@@ -1,0 +1,1 @@
+"""Routing: which upstream an SNI name reaches, and which names are refused."""
