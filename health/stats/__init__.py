@@ -1,0 +1,1 @@
+"""Regional statistics: sliding windows over the sidecars' stats, observations, summaries."""

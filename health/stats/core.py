@@ -1,0 +1,393 @@
+"""Regional statistics: what callers see of each service, per caller and target cluster.
+
+The sidecars stream one :class:`~proxy.stats.core.StatsWindow` per second, per upstream
+service and target cluster; the control plane adds the caller cluster (the sidecar's own) and
+keeps them in :class:`RegionalStats`. For each (service, caller cluster, target cluster) it
+holds a ring of per-second merged windows, ``horizon_s`` seconds long: memory is bounded by
+the horizon times the number of keys, and keys idle for a whole horizon are dropped. A query
+over a sliding span (e.g. the last 10 s, the last 60 s) merges the histograms of those seconds
+and reads the percentiles from the merged histogram: percentiles are never averaged.
+
+From those statistics, the gateway probes and the summaries peers publish,
+:func:`observations` builds what the failover core sees for one (service, caller cluster),
+and :func:`health_summary` builds what this cluster publishes about its own copy of a service.
+
+**Expected latency of a remote target.** The core adds a target's ``rtt`` to its service
+latency. For a remote target the service latency is the remote cluster's *own* published
+percentile for the service (from its health summary), and the RTT is our gateway probe's
+EWMA to that peer. We do not use what our callers measured to the remote target minus the
+RTT: in steady state our callers send it nothing (all traffic is local), so exactly when the
+controller must decide whether to move there would be no evidence; the summary rests on all
+of the remote cluster's own traffic. Consequences, each tested:
+
+- no summary from the peer (or no RTT yet) is no evidence: the target is not chosen for
+  latency, though a hard local failure may still send it traffic while its gateway is up;
+- the summary's evidence is its request rate times its span; its freshness is when we
+  received it, on our clock;
+- a gateway probe that is down makes the target unusable (0 healthy endpoints);
+- errors on the path (the gateway, the WAN) are invisible to the peer: when our callers have
+  sent the target enough requests themselves, the higher of the two error rates counts.
+
+Everything here is pure: ``now`` is passed in, on the same clock as the windows' seconds (the
+stream server re-stamps windows on receipt when a sidecar's clock is not ours).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from federation.peering.model import ServiceHealth, ServiceKey
+from health.failover.model import Observations, TargetObservation
+from health.probe.core import ProbeState, ProbeStatus
+from proxy.stats.core import Histogram, Outcome, StatsWindow
+
+SHORT_SPAN_S = 10
+"""The span the controller decides on and summaries are published over."""
+LONG_SPAN_S = 60
+"""The longer view, for people and the dashboard."""
+
+_OUTCOMES = len(Outcome)
+_SUCCEEDED = tuple(outcome for outcome in Outcome if outcome.succeeded)
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficKey:
+    """Requests from callers in ``caller_cluster`` to ``service`` served in ``target_cluster``."""
+
+    service: str
+    caller_cluster: str
+    target_cluster: str
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficStats:
+    """Requests over the last ``span_s`` closed seconds, from merged per-second histograms."""
+
+    span_s: int
+    requests: int
+    failures: int
+    """Requests answered with a 5xx, a connect failure or a timeout."""
+    rate_per_s: float
+    success_rate: float | None
+    p50: float | None
+    p90: float | None
+    p95: float | None
+    p99: float | None
+    last_at: float | None
+    """The end of the newest second with requests in the horizon (freshness), if any."""
+
+    @property
+    def error_rate(self) -> float | None:
+        """The share of failed requests, or ``None`` without requests."""
+        return None if self.success_rate is None else 1.0 - self.success_rate
+
+
+class _Ring:
+    """``horizon`` slots of per-second merged windows, slot = second mod horizon."""
+
+    __slots__ = ("counts", "histograms", "newest", "seconds")
+
+    def __init__(self, horizon: int) -> None:
+        self.seconds: list[int | None] = [None] * horizon
+        self.counts: list[list[int]] = [[0] * _OUTCOMES for _ in range(horizon)]
+        self.histograms: list[Histogram] = [Histogram() for _ in range(horizon)]
+        self.newest: int | None = None
+
+    def add(self, window: StatsWindow) -> None:
+        slot = window.start % len(self.seconds)
+        held = self.seconds[slot]
+        if held is not None and held > window.start:
+            return  # older than the horizon this slot already moved past
+        if held != window.start:
+            # Reuse the slot's lists: the ring allocates nothing after its first horizon.
+            self.seconds[slot] = window.start
+            self.counts[slot][:] = [0] * _OUTCOMES
+            self.histograms[slot].counts[:] = [0] * len(self.histograms[slot].counts)
+        counts = self.counts[slot]
+        for index, value in enumerate(window.counts):
+            counts[index] += value
+        self.histograms[slot].absorb(window.histogram)
+        if self.newest is None or window.start > self.newest:
+            self.newest = window.start
+
+    def merge_into(self, begin: int, end: int, counts: list[int], histogram: Histogram) -> None:
+        for slot, second in enumerate(self.seconds):
+            if second is not None and begin <= second < end:
+                for index, value in enumerate(self.counts[slot]):
+                    counts[index] += value
+                histogram.absorb(self.histograms[slot])
+
+    @property
+    def held(self) -> int:
+        return sum(second is not None for second in self.seconds)
+
+
+class RegionalStats:
+    """Per (service, caller cluster, target cluster): a bounded ring of per-second windows."""
+
+    def __init__(self, horizon_s: int = LONG_SPAN_S, *, max_keys: int = 10_000) -> None:
+        if isinstance(horizon_s, bool) or not isinstance(horizon_s, int) or horizon_s < 1:
+            raise ValueError(f"horizon_s must be a whole number of seconds >= 1: {horizon_s!r}")
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be at least 1: {max_keys!r}")
+        self._horizon = horizon_s
+        self._max_keys = max_keys
+        self._rings: dict[TrafficKey, _Ring] = {}
+
+    @property
+    def horizon_s(self) -> int:
+        """How many seconds are kept per key."""
+        return self._horizon
+
+    def add(self, caller_cluster: str, window: StatsWindow, now: float) -> bool:
+        """Take one closed second from a sidecar in ``caller_cluster``.
+
+        Returns ``False`` (and keeps nothing) for a window outside the horizon, one not yet
+        closed at ``now``, or a new key beyond ``max_keys``.
+        """
+        second = math.floor(now)
+        if not second - self._horizon <= window.start < second:
+            return False
+        key = TrafficKey(window.upstream, caller_cluster, window.target_cluster)
+        ring = self._rings.get(key)
+        if ring is None:
+            if len(self._rings) >= self._max_keys:
+                self.prune(now)
+                if len(self._rings) >= self._max_keys:
+                    return False
+            ring = self._rings[key] = _Ring(self._horizon)
+        ring.add(window)
+        return True
+
+    def prune(self, now: float) -> None:
+        """Forget keys without requests for a whole horizon."""
+        oldest = math.floor(now) - self._horizon
+        idle = [k for k, r in self._rings.items() if r.newest is None or r.newest < oldest]
+        for key in idle:
+            del self._rings[key]
+
+    def traffic_keys(self) -> frozenset[TrafficKey]:
+        """Every key with windows held."""
+        return frozenset(self._rings)
+
+    @property
+    def windows_held(self) -> int:
+        """How many per-second windows are held in all (bounded by horizon × keys)."""
+        return sum(ring.held for ring in self._rings.values())
+
+    def stats(
+        self, service: str, caller_cluster: str, target_cluster: str, now: float, span_s: int
+    ) -> TrafficStats:
+        """Requests from ``caller_cluster`` to ``service`` in ``target_cluster`` over the last
+        ``span_s`` closed seconds at ``now``."""
+        return self._merged([TrafficKey(service, caller_cluster, target_cluster)], now, span_s)
+
+    def service_stats(
+        self, service: str, target_cluster: str, now: float, span_s: int
+    ) -> TrafficStats:
+        """Requests from every caller cluster to ``service`` in ``target_cluster``."""
+        keys = [
+            k for k in self._rings if k.service == service and k.target_cluster == target_cluster
+        ]
+        return self._merged(keys, now, span_s)
+
+    def caller_stats(
+        self, service: str, caller_cluster: str, now: float, span_s: int
+    ) -> TrafficStats:
+        """Requests from ``caller_cluster`` to ``service``, whichever cluster served them."""
+        keys = [
+            k for k in self._rings if k.service == service and k.caller_cluster == caller_cluster
+        ]
+        return self._merged(keys, now, span_s)
+
+    def _merged(self, keys: Iterable[TrafficKey], now: float, span_s: int) -> TrafficStats:
+        if (
+            isinstance(span_s, bool)
+            or not isinstance(span_s, int)
+            or not 1 <= span_s <= self._horizon
+        ):
+            raise ValueError(f"span_s must be a whole number of seconds in [1, {self._horizon}]")
+        end = math.floor(now)
+        begin = end - span_s
+        counts = [0] * _OUTCOMES
+        histogram = Histogram()
+        newest: int | None = None
+        for key in keys:
+            ring = self._rings.get(key)
+            if ring is None:
+                continue
+            ring.merge_into(begin, end, counts, histogram)
+            if ring.newest is not None and ring.newest >= end - self._horizon:
+                newest = ring.newest if newest is None else max(newest, ring.newest)
+        requests = sum(counts)
+        succeeded = sum(counts[outcome] for outcome in _SUCCEEDED)
+        return TrafficStats(
+            span_s=span_s,
+            requests=requests,
+            failures=requests - succeeded,
+            rate_per_s=requests / span_s,
+            success_rate=succeeded / requests if requests else None,
+            p50=histogram.quantile(0.50),
+            p90=histogram.quantile(0.90),
+            p95=histogram.quantile(0.95),
+            p99=histogram.quantile(0.99),
+            last_at=None if newest is None else float(newest + 1),
+        )
+
+
+# --- What the failover core sees ---
+
+
+@dataclass(frozen=True, slots=True)
+class LocalService:
+    """The caller cluster's own copy of a service: endpoint health and declared capacity."""
+
+    healthy_endpoints: int
+    observed_at: float
+    """When the endpoint health was last known, on our clock."""
+    capacity_rps: float | None = None
+    """Requests/s the local copy is declared to take, or ``None`` (headroom unknown)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteService:
+    """A peer cluster's copy of a service: what its import and its health summary say."""
+
+    cluster: str
+    healthy_endpoints: int
+    """From the import (the peer's export), used until a summary says otherwise."""
+    summary: ServiceHealth | None = None
+    received_at: float | None = None
+    """When ``summary`` arrived, on our clock."""
+    summary_span_s: float = SHORT_SPAN_S
+    """The span the summary's rates cover: evidence = request rate × span."""
+
+
+def observations(
+    stats: RegionalStats,
+    service: str,
+    caller_cluster: str,
+    now: float,
+    *,
+    local: LocalService,
+    remotes: Iterable[RemoteService] = (),
+    gateways: Mapping[str, ProbeStatus] | None = None,
+    span_s: int = SHORT_SPAN_S,
+    min_samples: int = 10,
+) -> Observations:
+    """What the failover core sees for ``service`` called from ``caller_cluster`` at ``now``.
+
+    ``gateways`` holds the probe status of each peer's gateway, by cluster. ``min_samples``
+    is how many of our own requests to a remote target make our error rate count too.
+    """
+    gateways = gateways or {}
+    mine = stats.stats(service, caller_cluster, caller_cluster, now, span_s)
+    everyone = stats.service_stats(service, caller_cluster, now, span_s)
+    headroom = (
+        None if local.capacity_rps is None else max(0.0, local.capacity_rps - everyone.rate_per_s)
+    )
+    freshest = max(local.observed_at, mine.last_at if mine.last_at is not None else -math.inf)
+    targets = [
+        TargetObservation(
+            cluster=caller_cluster,
+            observed_at=freshest,
+            samples=mine.requests,
+            healthy_endpoints=local.healthy_endpoints,
+            p50=mine.p50,
+            p90=mine.p90,
+            p95=mine.p95,
+            p99=mine.p99,
+            error_rate=mine.error_rate or 0.0,
+            rtt=0.0,
+            headroom=headroom,
+        )
+    ]
+    seen = {caller_cluster}
+    for remote in remotes:
+        if remote.cluster in seen:
+            raise ValueError(f"cluster {remote.cluster!r} is listed twice for {service}")
+        seen.add(remote.cluster)
+        measured = stats.stats(service, caller_cluster, remote.cluster, now, span_s)
+        targets.append(_remote(remote, gateways.get(remote.cluster), measured, now, min_samples))
+    return Observations(
+        local=caller_cluster,
+        request_rate=stats.caller_stats(service, caller_cluster, now, span_s).rate_per_s,
+        targets=tuple(targets),
+    )
+
+
+def _remote(
+    remote: RemoteService,
+    gateway: ProbeStatus | None,
+    measured: TrafficStats,
+    now: float,
+    min_samples: int,
+) -> TargetObservation:
+    healthy = remote.healthy_endpoints
+    summary = remote.summary
+    if summary is not None:
+        healthy = summary.healthy_endpoints
+    if gateway is not None and gateway.state is ProbeState.DOWN:
+        healthy = 0  # unreachable, whatever the peer says about itself
+    rtt = gateway.rtt if gateway is not None and gateway.alive else None
+    if summary is None or rtt is None:
+        # No summary or no RTT: the expected latency cannot be known, so no evidence.
+        return TargetObservation(
+            cluster=remote.cluster,
+            observed_at=now,
+            samples=0,
+            healthy_endpoints=healthy,
+            rtt=rtt or 0.0,
+        )
+    error_rate = 1.0 - summary.success_rate
+    if measured.requests >= min_samples and measured.error_rate is not None:
+        error_rate = max(error_rate, measured.error_rate)
+    return TargetObservation(
+        cluster=remote.cluster,
+        observed_at=remote.received_at if remote.received_at is not None else -math.inf,
+        samples=round(summary.request_rate * remote.summary_span_s),
+        healthy_endpoints=healthy,
+        p50=summary.latency_p50_seconds,
+        p90=None,  # summaries carry p50/p95/p99 only
+        p95=summary.latency_p95_seconds,
+        p99=summary.latency_p99_seconds,
+        error_rate=error_rate,
+        rtt=rtt,
+        headroom=summary.headroom_rps,
+    )
+
+
+# --- What this cluster publishes ---
+
+
+def health_summary(
+    stats: RegionalStats,
+    key: ServiceKey,
+    cluster: str,
+    now: float,
+    *,
+    healthy_endpoints: int,
+    capacity_rps: float | None = None,
+    span_s: int = SHORT_SPAN_S,
+) -> ServiceHealth:
+    """The health of our copy of ``key`` (served in ``cluster``) that we publish to peers.
+
+    Latencies, success rate and request rate cover every caller cluster's requests to our
+    copy over the last ``span_s`` seconds. Headroom is the declared capacity minus the current
+    rate (at least 0), or unknown without a declared capacity. Without requests the latencies
+    read 0 and the success rate 1 with a request rate of 0: receivers see no evidence.
+    """
+    served = stats.service_stats(key.name, cluster, now, span_s)
+    headroom = None if capacity_rps is None else max(0.0, capacity_rps - served.rate_per_s)
+    return ServiceHealth(
+        key=key,
+        latency_p50_seconds=served.p50 or 0.0,
+        latency_p95_seconds=served.p95 or 0.0,
+        latency_p99_seconds=served.p99 or 0.0,
+        success_rate=served.success_rate if served.success_rate is not None else 1.0,
+        request_rate=served.rate_per_s,
+        headroom_rps=headroom,
+        healthy_endpoints=healthy_endpoints,
+    )
