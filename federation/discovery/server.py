@@ -430,7 +430,10 @@ class Discovery(pb_grpc.DiscoveryServicer):
         timeout = None
         if subscriber.csr_key is not None:
             due = renew_at(subscriber.cert_not_before, subscriber.cert_not_after)
-            timeout = max(0.0, (due - self._clock()).total_seconds())
+            left = (due - self._clock()).total_seconds()
+            # Already due but nothing was sent: the class is not ready, and becoming ready
+            # wakes us; a timer would only spin.
+            timeout = left if left > 0 else None
         try:
             async with asyncio.timeout(timeout):
                 await subscriber.wake.wait()

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
@@ -212,7 +212,7 @@ class DiscoveryClient(Generic[T]):
             raise NoConfigYet(f"no configuration from {self._target} yet")
         return self._value  # type: ignore[return-value]
 
-    async def updates(self) -> AsyncIterator[T]:
+    async def updates(self) -> AsyncGenerator[T, None]:
         """Each later good configuration, in order (one consumer), until :meth:`close`."""
         seen = self._generation
         while not self._closed:

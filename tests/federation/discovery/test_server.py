@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from federation.discovery.server import Discovery, serve
 from federation.trust.ca import ClusterCA, create_ca
 from proxy.api.v1 import discovery_pb2 as pb
 from proxy.api.v1 import discovery_pb2_grpc as pb_grpc
@@ -24,7 +25,7 @@ from proxy.discovery.client import hello_request
 from proxy.identity.bundle import TrustBundleSet
 from proxy.identity.model import SpiffeId, TrustDomain
 from proxy.identity.svid import Purpose, validate_svid
-from tests.federation.discovery.conftest import TD, WEB, ControlPlane, channel, identity
+from tests.federation.discovery.conftest import TD, WEB, ControlPlane, Sources, channel, identity
 
 QUIET_S = 0.3
 """How long a stream must stay silent to count as "sent nothing"."""
@@ -317,3 +318,31 @@ def _server_chain(port: int) -> bytes:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return ssl.DER_cert_to_PEM_cert(der).encode()
+
+
+async def test_a_due_svid_waits_for_ready_sources_without_spinning(
+    ca: ClusterCA, sources: Sources
+) -> None:
+    ticks = 0
+
+    def clock() -> datetime:
+        nonlocal ticks
+        ticks += 1
+        return _now()
+
+    sources.ready = False
+    discovery = Discovery(ca, sources.build, clock=clock, coalesce_s=0.01)
+    server, port = await serve(discovery, "127.0.0.1:0")
+    old = ca.issue(WEB, _now() - timedelta(minutes=50), ttl=timedelta(hours=1))
+    try:
+        async with channel(f"127.0.0.1:{port}", old, ca.bundle()) as ch:
+            call, _ = await _subscribe(ch)
+            ticks_before = ticks
+            assert await call.silent()
+            assert ticks - ticks_before < 20  # a loop re-checking a due SVID would tick on
+            sources.ready = True
+            discovery.refresh()
+            snapshot = await call.read()
+    finally:
+        await server.stop(grace=None)
+    assert snapshot.HasField("svid")

@@ -1,0 +1,143 @@
+"""The discovery client's wire mapping, its stats outbox, and its reconnect pacing.
+
+Against a real control plane: tests/federation/discovery/test_client_end_to_end.py.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from datetime import UTC, datetime
+
+import pytest
+
+from federation.trust.ca import create_ca
+from proxy.api.v1 import discovery_pb2 as pb
+from proxy.discovery.client import (
+    DiscoveryClient,
+    StatsReporter,
+    stats_window_from_wire,
+    stats_window_to_wire,
+)
+from proxy.discovery.core import Backoff
+from proxy.identity.model import SpiffeId, TrustDomain
+from proxy.stats.core import Histogram, StatsWindow
+
+NOW = datetime.now(UTC)
+TD = TrustDomain.for_cluster("us-west", "acme")
+WEB = SpiffeId.workload(TD, "shop", "web")
+
+
+@pytest.mark.parametrize(
+    "window",
+    [
+        StatsWindow(1_700_000_000, "pay", "us-west", (5, 1, 2, 3, 4, 6), Histogram.of([0.004])),
+        StatsWindow(7, "pay", "pay@ap-southeast", (0, 0, 0, 0, 1, 0), Histogram()),
+        StatsWindow(8, "a", "b", (2, 0, 0, 0, 0, 0), Histogram.of([0.00001, 120.0])),
+    ],
+    ids=["all-outcomes", "empty-histogram", "both-ends-of-the-layout"],
+)
+def test_stats_windows_round_trip_through_the_wire_form(window: StatsWindow) -> None:
+    wire = pb.StatsWindow.FromString(stats_window_to_wire(window).SerializeToString())
+    assert wire.start_unix_ms == window.start * 1000
+    assert stats_window_from_wire(wire) == window
+
+
+def _wire(**changes: object) -> pb.StatsWindow:
+    message = stats_window_to_wire(
+        StatsWindow(10, "pay", "us-west", (1, 0, 0, 0, 0, 0), Histogram.of([0.01]))
+    )
+    for name, value in changes.items():
+        if name == "latency":
+            message.latency.CopyFrom(value)  # type: ignore[arg-type]
+        else:
+            setattr(message, name, value)
+    return message
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (_wire(duration_ms=500), "one whole second"),
+        (_wire(start_unix_ms=10_500), "one whole second"),
+        (_wire(upstream=""), "names its upstream"),
+        (_wire(latency=pb.Histogram(layout=2, counts=[1])), "layout 2"),
+        (_wire(latency=pb.Histogram(layout=1, first_bucket=10_000, counts=[1])), "does not fit"),
+    ],
+    ids=["short", "unaligned", "nameless", "unknown-layout", "histogram-overflow"],
+)
+def test_malformed_wire_windows_are_refused(wire: pb.StatsWindow, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        stats_window_from_wire(wire)
+
+
+def _identity() -> pb.ProxyIdentity:
+    return pb.ProxyIdentity(
+        role=pb.ProxyIdentity.ROLE_SIDECAR,
+        cluster="us-west",
+        namespace="shop",
+        service_account="web",
+        workload="web-1",
+    )
+
+
+def _unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def test_the_reporter_keeps_at_most_its_capacity_and_counts_the_rest() -> None:
+    starts = iter(range(100))
+
+    def drain(now: float) -> list[StatsWindow]:
+        return [
+            StatsWindow(next(starts), "pay", "us-west", (1, 0, 0, 0, 0, 0), Histogram())
+            for _ in range(2)
+        ]
+
+    reporter = StatsReporter(lambda: pytest.fail("no channel"), _identity(), drain, capacity=3)
+    for second in range(5):
+        reporter.collect(float(second))
+    assert reporter.waiting == 3
+    assert reporter.dropped == 7
+
+
+async def test_reconnects_back_off_exponentially_with_jitter_in_virtual_time() -> None:
+    ca = create_ca(TD, NOW)
+    backoff = Backoff(base_s=1.0, cap_s=8.0, jitter=0.5)
+    slept: list[float] = []
+    clients: list[DiscoveryClient[pb.Snapshot]] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 6:
+            clients[0].close()
+
+    client = DiscoveryClient(
+        f"127.0.0.1:{_unused_port()}",
+        _identity(),
+        ca.issue(WEB, NOW),
+        ca.bundle(),
+        lambda snapshot: snapshot,
+        backoff=backoff,
+        rng=random.Random(11),
+        monotonic=lambda: 0.0,  # every stream "lived" no time at all
+        sleep=sleep,
+        connect_timeout_s=0.05,
+    )
+    clients.append(client)
+    await client.run()
+    expected_rng = random.Random(11)
+    assert slept == [backoff.delay(n, expected_rng) for n in range(6)]
+    assert 4.0 <= slept[-1] <= 8.0
+    assert client.reconnects == 6
+    assert client.last_error.startswith("cannot reach")
+
+
+def test_a_client_needs_the_bundle_of_its_own_trust_domain() -> None:
+    ca = create_ca(TD, NOW)
+    other = create_ca(TrustDomain.for_cluster("ap-southeast", "acme"), NOW)
+    with pytest.raises(ValueError, match="not the SVID's domain"):
+        DiscoveryClient("127.0.0.1:1", _identity(), ca.issue(WEB, NOW), other.bundle(), str)
