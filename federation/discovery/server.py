@@ -37,7 +37,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import grpc
 import grpc.aio
@@ -289,14 +289,12 @@ class Discovery(pb_grpc.DiscoveryServicer):
             await self._refuse(
                 context, grpc.StatusCode.UNAUTHENTICATED, "no-certificate", "no client SVID"
             )
-            raise AssertionError("unreachable: abort raises")
         try:
             spiffe_id, leaf = authenticate_peer(pem, self._ca.bundle(), self._clock())
         except SvidError as error:
             await self._refuse(
                 context, grpc.StatusCode.UNAUTHENTICATED, "svid", f"client SVID refused: {error}"
             )
-            raise AssertionError("unreachable: abort raises") from None
         return spiffe_id, leaf
 
     async def _check_identity(
@@ -317,7 +315,6 @@ class Discovery(pb_grpc.DiscoveryServicer):
             return check_identity(claimed, spiffe_id, self._ca.trust_domain, self._cluster)
         except IdentityRefused as error:
             await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "identity", error.reason)
-            raise AssertionError("unreachable: abort raises") from None
 
     async def _csr_key(
         self, context: grpc.aio.ServicerContext[Any, Any], csr_der: bytes
@@ -332,7 +329,6 @@ class Discovery(pb_grpc.DiscoveryServicer):
             await self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "csr", f"bad CSR: {error}"
             )
-            raise AssertionError("unreachable: abort raises") from None
         # Only the key is taken from the CSR; the identity is the one the caller proved.
         if not valid or not isinstance(key, ec.EllipticCurvePublicKey):
             await self._refuse(
@@ -341,7 +337,6 @@ class Discovery(pb_grpc.DiscoveryServicer):
                 "csr",
                 "the CSR must be signed by its own ECDSA key",
             )
-        assert isinstance(key, ec.EllipticCurvePublicKey)
         return key
 
     async def _refuse(
@@ -350,10 +345,11 @@ class Discovery(pb_grpc.DiscoveryServicer):
         code: grpc.StatusCode,
         reason: str,
         details: str,
-    ) -> None:
+    ) -> NoReturn:
         self._m_refused.labels(reason).inc()
         _log.warning("discovery: refused %s (%s): %s", context.peer(), code.name, details)
         await context.abort(code, details)
+        raise AssertionError("unreachable: abort raises")
 
     def _join(self, subscriber: _Subscriber) -> None:
         members = self._subscribers.setdefault(subscriber.proxy_class, set())

@@ -346,3 +346,43 @@ async def test_a_due_svid_waits_for_ready_sources_without_spinning(
     finally:
         await server.stop(grace=None)
     assert snapshot.HasField("svid")
+
+
+async def test_an_svid_reaching_renewal_mid_stream_is_pushed_with_the_held_version(
+    control_plane: ControlPlane, ca: ClusterCA
+) -> None:
+    # Backdated 60 s and valid for an hour: two thirds of 3660 s is reached 2380 s after
+    # issue. Certificates keep whole seconds, so issue on one: renewal comes in 1-2 s.
+    issued = _now().replace(microsecond=0) - timedelta(seconds=2378)
+    svid = ca.issue(WEB, issued, ttl=timedelta(hours=1))
+    async with channel(control_plane.target, svid, ca.bundle()) as ch:
+        call, key = await _subscribe(ch)
+        first = await call.read()
+        assert not first.HasField("svid")
+        await call.ack(first.version)
+        renewed = await call.read()
+    assert renewed.version == first.version
+    assert renewed.upstreams == first.upstreams
+    leaf = x509.load_pem_x509_certificates(renewed.svid.cert_chain_pem)[0]
+    assert leaf.public_key() == key.public_key()
+
+
+@pytest.mark.parametrize(
+    ("first", "details"),
+    [
+        (pb.SubscribeRequest(ack=pb.Ack(version="1.x")), "must be a Hello"),
+        (pb.SubscribeRequest(hello=pb.Hello(identity=identity(), csr_der=b"\x30\x03")), "CSR"),
+    ],
+    ids=["ack-before-hello", "garbage-csr"],
+)
+async def test_a_malformed_subscription_is_refused_as_invalid(
+    control_plane: ControlPlane, ca: ClusterCA, first: pb.SubscribeRequest, details: str
+) -> None:
+    async with channel(control_plane.target, ca.issue(WEB, _now()), ca.bundle()) as ch:
+        call: Call = pb_grpc.DiscoveryStub(ch).Subscribe()
+        await call.write(first)
+        stream = _Stream(call)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stream.read()
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert details in (refused.value.details() or "")
