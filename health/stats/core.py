@@ -391,3 +391,78 @@ def health_summary(
         headroom_rps=headroom,
         healthy_endpoints=healthy_endpoints,
     )
+
+
+# --- Everything the controller reads, in one place ---
+
+
+class HealthView:
+    """What this cluster knows about its services' health, for the failover loop.
+
+    The I/O around it feeds it: stats windows from the sidecars (into ``stats``), the local
+    endpoint health per service, the imports and health summaries from peers, the gateway
+    probes. :meth:`pairs` and :meth:`observe` are what
+    :class:`~health.failover.loop.FailoverLoop` calls every tick.
+    """
+
+    def __init__(
+        self,
+        cluster: str,
+        stats: RegionalStats,
+        *,
+        span_s: int = SHORT_SPAN_S,
+        min_samples: int = 10,
+    ) -> None:
+        self.cluster = cluster
+        self.stats = stats
+        self._span = span_s
+        self._min_samples = min_samples
+        self._local: dict[str, LocalService] = {}
+        self._remote: dict[str, dict[str, RemoteService]] = {}
+        self._gateways: dict[str, ProbeStatus] = {}
+
+    def set_local(self, service: str, local: LocalService | None) -> None:
+        """Our own copy of ``service`` (``None``: we have none)."""
+        if local is None:
+            self._local.pop(service, None)
+        else:
+            self._local[service] = local
+
+    def set_remote(self, service: str, remote: RemoteService) -> None:
+        """A peer's copy of ``service`` (replacing what we knew of that cluster's copy)."""
+        self._remote.setdefault(service, {})[remote.cluster] = remote
+
+    def remove_remote(self, service: str, cluster: str) -> None:
+        """``cluster`` no longer offers ``service`` (its export was withdrawn)."""
+        by_cluster = self._remote.get(service, {})
+        by_cluster.pop(cluster, None)
+        if not by_cluster:
+            self._remote.pop(service, None)
+
+    def set_gateways(self, statuses: Mapping[str, ProbeStatus]) -> None:
+        """The latest probe status of each peer's gateway, by cluster."""
+        self._gateways = dict(statuses)
+
+    def pairs(self, now: float) -> list[tuple[str, str]]:
+        """Every (service, caller cluster) to decide for: services we serve, import, or call."""
+        services = set(self._local) | set(self._remote)
+        services |= {
+            k.service for k in self.stats.traffic_keys() if k.caller_cluster == self.cluster
+        }
+        return [(service, self.cluster) for service in sorted(services)]
+
+    def observe(self, service: str, caller_cluster: str, now: float) -> Observations:
+        """The observations of ``service`` from ``caller_cluster`` at ``now``."""
+        # A service we do not serve has no healthy local endpoint, as of now.
+        local = self._local.get(service, LocalService(0, now))
+        return observations(
+            self.stats,
+            service,
+            caller_cluster,
+            now,
+            local=local,
+            remotes=self._remote.get(service, {}).values(),
+            gateways=self._gateways,
+            span_s=self._span,
+            min_samples=self._min_samples,
+        )

@@ -1,0 +1,256 @@
+"""The failover loop: the thin shell around ``decide`` that ticks, applies and records.
+
+Every tick (default 1 s, on an injectable clock and sleep), for each (service, caller
+cluster) that the health view names, and for each service with a policy: build the
+observations, call :func:`~health.failover.core.decide` with the policy in force (or none:
+default behaviour), keep the new controller state, and
+
+- when the weights differ from those last applied, call ``apply(service, caller, weights)``
+  (the control plane pushes them to the caller's sidecars through the discovery stream); if
+  ``apply`` raises, the weights are offered again on the next tick;
+- record the decision in the :class:`~health.failover.record.Journal` when it changed the
+  weights or the mode, or fired a rule other than ``hold`` that the previous tick did not
+  fire (a rule that repeats with nothing changed, such as ``exit-pending`` counting down or
+  ``no-local-data`` for an idle service, is the same story going on, and would otherwise
+  push the interesting records out of the bounded journal);
+- update the metrics: ``snapbright_route_weight`` (share 0..1 per target),
+  ``snapbright_failover_transitions_total`` (each time traffic starts moving the other way)
+  and ``snapbright_failover_decisions_total`` (every decision, by rule).
+
+Policies are swapped in whole by :meth:`FailoverLoop.set_policies`; a tick reads the set once,
+so it never sees half of an update. A removed policy means default behaviour from the next
+tick, with the controller state kept (traffic that was moved away comes home gradually).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from health.failover.core import decide
+from health.failover.model import (
+    TOTAL_WEIGHT,
+    ControllerState,
+    Decision,
+    Direction,
+    FailoverPolicy,
+    Observations,
+    Rule,
+)
+from health.failover.record import DecisionRecord, Journal
+
+_log = logging.getLogger(__name__)
+
+Pair = tuple[str, str]
+"""(service, caller cluster)."""
+
+Apply = Callable[[str, str, Mapping[str, int]], None]
+"""Push ``weights`` (basis points by target cluster) for a service to a caller's sidecars."""
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.route_weight = Gauge(
+            "snapbright_route_weight",
+            "Share (0..1) of a caller cluster's traffic to a service sent to a target cluster.",
+            ["service", "source_cluster", "target_cluster"],
+            registry=registry,
+        )
+        self.transitions = Counter(
+            "snapbright_failover_transitions_total",
+            "Times traffic for a service started moving between clusters, by direction.",
+            ["service", "from_cluster", "to_cluster", "reason"],
+            registry=registry,
+        )
+        self.decisions = Counter(
+            "snapbright_failover_decisions_total",
+            "Failover controller decisions, by the rule that fired.",
+            ["service", "rule"],
+            registry=registry,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    state: ControllerState
+    decision: Decision | None
+
+
+class FailoverLoop:
+    """Runs the failover controller for every (service, caller cluster) of one cluster."""
+
+    def __init__(
+        self,
+        cluster: str,
+        *,
+        pairs: Callable[[float], Iterable[Pair]],
+        observe: Callable[[str, str, float], Observations],
+        apply: Apply,
+        journal: Journal,
+        registry: CollectorRegistry,
+        policies: Iterable[FailoverPolicy] = (),
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        interval: float = 1.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if not interval > 0:
+            raise ValueError(f"interval must be above 0s: {interval!r}")
+        self.cluster = cluster
+        self._pairs = pairs
+        self._observe = observe
+        self._apply = apply
+        self._journal = journal
+        self._metrics = _Metrics(registry)
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._interval = interval
+        self._sleep = sleep
+        self._policies: Mapping[str, FailoverPolicy] = MappingProxyType({})
+        self._kept: dict[Pair, _Kept] = {}
+        self._applied: dict[Pair, dict[str, int]] = {}
+        self._gauged: dict[Pair, set[str]] = {}
+        self.set_policies(policies)
+
+    # --- Policies ---
+
+    def set_policies(self, policies: Iterable[FailoverPolicy]) -> None:
+        """Swap in a whole new policy set (one policy per service) at once."""
+        by_service: dict[str, FailoverPolicy] = {}
+        for policy in policies:
+            service = policy.spec.service
+            if service in by_service:
+                raise ValueError(
+                    f"two FailoverPolicies for service {service!r}: "
+                    f"{by_service[service].metadata.name} and {policy.metadata.name}"
+                )
+            by_service[service] = policy
+        self._policies = MappingProxyType(by_service)
+
+    @property
+    def policies(self) -> Mapping[str, FailoverPolicy]:
+        """The policy in force per service."""
+        return self._policies
+
+    # --- What the controller holds ---
+
+    def state(self, service: str, caller_cluster: str) -> ControllerState | None:
+        """The controller state of a pair, if it has been decided for."""
+        kept = self._kept.get((service, caller_cluster))
+        return None if kept is None else kept.state
+
+    def last_decision(self, service: str, caller_cluster: str) -> Decision | None:
+        """The latest decision of a pair (hold included): the live end of its chain."""
+        kept = self._kept.get((service, caller_cluster))
+        return None if kept is None else kept.decision
+
+    @property
+    def journal(self) -> Journal:
+        """The decision journal."""
+        return self._journal
+
+    # --- Running ---
+
+    async def run(self) -> None:
+        """Tick every ``interval`` on the clock until cancelled; a late tick does not burst."""
+        next_at = self._clock()
+        while True:
+            self.tick(self._clock())
+            next_at += self._interval
+            now = self._clock()
+            if next_at <= now:
+                # Late (a slow tick or a stalled loop): skip the missed ticks, no burst.
+                next_at = now + self._interval
+            await self._sleep(next_at - now)
+
+    def tick(self, now: float | None = None) -> dict[Pair, Decision]:
+        """One tick at ``now`` (default: the clock): every pair decided, applied, recorded."""
+        now = self._clock() if now is None else now
+        policies = self._policies  # one consistent set for the whole tick
+        pairs = dict.fromkeys(self._pairs(now))
+        pairs.update(dict.fromkeys((service, self.cluster) for service in policies))
+        for gone in set(self._kept) - set(pairs):
+            self._forget(gone)
+        decisions: dict[Pair, Decision] = {}
+        for pair in pairs:
+            try:
+                decisions[pair] = self._tick_one(pair, policies.get(pair[0]), now)
+            except Exception:
+                # One broken pair must not stop failover for every other service.
+                _log.exception("failover tick for %s from %s failed", *pair)
+        return decisions
+
+    def _tick_one(self, pair: Pair, policy: FailoverPolicy | None, now: float) -> Decision:
+        service, caller = pair
+        kept = self._kept.get(pair)
+        state = kept.state if kept is not None else ControllerState.initial(caller)
+        inputs = self._observe(service, caller, now)
+        decision = decide(policy, state, inputs, now)
+        self._kept[pair] = _Kept(decision.state, decision)
+        self._metrics.decisions.labels(service, decision.rule.value).inc()
+        self._gauge(pair, decision)
+        if decision.transition is not None:
+            origin, destination = _transition_ends(decision, caller)
+            self._metrics.transitions.labels(
+                service, origin, destination, decision.rule.value
+            ).inc()
+        previous_rule = kept.decision.rule if kept is not None and kept.decision else None
+        if (
+            decision.changed
+            or decision.state.mode is not state.mode
+            or (decision.rule is not Rule.HOLD and decision.rule is not previous_rule)
+        ):
+            name = policy.metadata.name if policy is not None else None
+            self._journal.record(
+                DecisionRecord.of(service, caller, name, decision, inputs, self._wall_clock())
+            )
+        self._push(pair, decision)
+        return decision
+
+    def _push(self, pair: Pair, decision: Decision) -> None:
+        weights = {c: w for c, w in decision.weights.items() if w > 0}
+        applied = self._applied.get(pair, {pair[1]: TOTAL_WEIGHT})
+        if weights == applied:
+            return
+        try:
+            self._apply(pair[0], pair[1], dict(weights))
+        except Exception:
+            _log.exception("applying weights %s for %s from %s failed; retrying", weights, *pair)
+            return
+        self._applied[pair] = weights
+
+    def _gauge(self, pair: Pair, decision: Decision) -> None:
+        service, caller = pair
+        clusters = self._gauged.setdefault(pair, set())
+        for cluster in clusters - set(decision.weights):
+            self._metrics.route_weight.remove(service, caller, cluster)
+        for cluster, weight in decision.weights.items():
+            self._metrics.route_weight.labels(service, caller, cluster).set(weight / TOTAL_WEIGHT)
+        self._gauged[pair] = set(decision.weights)
+
+    def _forget(self, pair: Pair) -> None:
+        service, caller = pair
+        for cluster in self._gauged.pop(pair, set()):
+            self._metrics.route_weight.remove(service, caller, cluster)
+        self._kept.pop(pair, None)
+        self._applied.pop(pair, None)
+
+
+def _transition_ends(decision: Decision, local: str) -> tuple[str, str]:
+    """Where traffic started moving from and to: local and the target that moved most."""
+    deltas = {
+        c: decision.weights.get(c, 0) - decision.previous_weights.get(c, 0)
+        for c in set(decision.weights) | set(decision.previous_weights)
+        if c != local
+    }
+    if decision.transition is Direction.AWAY:
+        gained = max(deltas, key=lambda c: (deltas[c], c), default=local)
+        return local, gained
+    lost = min(deltas, key=lambda c: (deltas[c], c), default=local)
+    return lost, local
