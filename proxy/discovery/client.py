@@ -41,7 +41,7 @@ from proxy.api.v1 import discovery_pb2 as pb
 from proxy.api.v1 import discovery_pb2_grpc as pb_grpc
 from proxy.config.source import ConfigRejected
 from proxy.discovery.core import Backoff, StatsOutbox, control_plane_host
-from proxy.identity.bundle import BundleError, TrustBundle, TrustBundleSet, parse_bundle
+from proxy.identity.bundle import TrustBundle, TrustBundleSet, parse_bundle
 from proxy.identity.svid import Purpose, SvidError, X509Svid, validate_svid
 from proxy.stats.core import Histogram, Outcome, StatsWindow
 
@@ -296,32 +296,42 @@ class DiscoveryClient(Generic[T]):
             await self._sleep(delay)
 
     async def _subscribe(self) -> None:
-        key = self._csr_key
-        if key is None or key is self._svid.key:
-            # A fresh key for every certificate: the one just certified is not offered again.
-            key = self._csr_key = ec.generate_private_key(ec.SECP256R1())
         async with self.open_channel() as channel:
             await asyncio.wait_for(channel.channel_ready(), self._connect_timeout_s)
             call = pb_grpc.DiscoveryStub(channel).Subscribe()
-            await call.write(hello_request(self._identity, self._version, key))
+            await call.write(self.hello())
             while not self._closed:
                 snapshot = await call.read()
                 if snapshot is grpc.aio.EOF:
                     return  # read() raised instead if the stream ended with an error
                 assert isinstance(snapshot, pb.Snapshot)
-                await call.write(self._apply(snapshot, key))
+                await call.write(self.apply(snapshot))
             call.cancel()
 
-    def _apply(self, snapshot: pb.Snapshot, key: ec.EllipticCurvePrivateKey) -> pb.SubscribeRequest:
+    def hello(self) -> pb.SubscribeRequest:
+        """The Hello of a new stream, with a CSR for the key the next SVID will certify.
+
+        The key is fresh once the previous one was certified, so a key is never offered
+        again after its certificate was installed; until then a reconnect offers it again.
+        """
+        key = self._csr_key
+        if key is None or key is self._svid.key:
+            key = self._csr_key = ec.generate_private_key(ec.SECP256R1())
+        return hello_request(self._identity, self._version, key)
+
+    def apply(self, snapshot: pb.Snapshot) -> pb.SubscribeRequest:
+        """Take one snapshot of the stream and return the Ack or Nack to send for it.
+
+        A new version is parsed and, if good, becomes the current configuration. An SVID in
+        it must certify the key of the last :meth:`hello`'s CSR, name this proxy and chain to
+        our domain's roots; a bad one rejects the whole snapshot. A version seen before only
+        carries an SVID and gets the answer it got the first time.
+        """
         version = snapshot.version
         try:
             bundle = self._own_bundle(snapshot)
-            svid = (
-                self._checked_svid(snapshot.svid, key, bundle)
-                if snapshot.HasField("svid")
-                else None
-            )
-        except (BundleError, SvidError, ValueError) as error:
+            svid = self._checked_svid(snapshot.svid, bundle) if snapshot.HasField("svid") else None
+        except ValueError as error:  # a BundleError, or an SVID we cannot use
             return self._reject(version, str(error))
         if svid is not None:
             self._svid = svid
@@ -359,9 +369,10 @@ class DiscoveryClient(Generic[T]):
                 return parse_bundle(domain, message.spiffe_bundle_json, previous=self._bundle)
         raise ValueError(f"the snapshot has no bundle for our trust domain {domain}")
 
-    def _checked_svid(
-        self, message: pb.Svid, key: ec.EllipticCurvePrivateKey, bundle: TrustBundle
-    ) -> X509Svid:
+    def _checked_svid(self, message: pb.Svid, bundle: TrustBundle) -> X509Svid:
+        key = self._csr_key
+        if key is None:
+            raise ValueError("svid: we sent no CSR")
         try:
             chain = x509.load_pem_x509_certificates(message.cert_chain_pem)
         except ValueError as error:
@@ -372,7 +383,10 @@ class DiscoveryClient(Generic[T]):
         bundles = TrustBundleSet([bundle])
         now = self._clock()
         for purpose in Purpose:
-            spiffe_id = validate_svid(leaf, chain[1:], bundles, now, purpose)
+            try:
+                spiffe_id = validate_svid(leaf, chain[1:], bundles, now, purpose)
+            except SvidError as error:
+                raise ValueError(f"svid: {error}") from None
             if spiffe_id != self._svid.spiffe_id:
                 raise ValueError(f"svid: names {spiffe_id}, we are {self._svid.spiffe_id}")
         return X509Svid(self._svid.spiffe_id, tuple(chain), key)
