@@ -79,7 +79,8 @@ class Listener(Spec):
     """Where the gateway accepts cross-cluster connections."""
 
     address: IpAddress = "0.0.0.0"  # noqa: S104 - the gateway's job is to be reachable
-    port: Port = 15443
+    # 0 takes any free port (tests, `snapbright up`); the process logs the one it got.
+    port: int = Field(default=15443, ge=0, le=65535)
 
 
 class AdminListener(Spec):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from snapbright.cli import ca, policy
+from snapbright.cli.gateway import gateway
 
 app = typer.Typer(
     name="snapbright",
@@ -15,6 +16,7 @@ app = typer.Typer(
 )
 app.add_typer(ca.app, name="ca")
 app.add_typer(policy.app, name="policy")
+app.command()(gateway)
 
 
 @app.command()
