@@ -4,7 +4,7 @@ The loop records each decision that changed the weights or fired a rule other th
 its explanation, the rule, the old and new weights, the expected latencies and the
 observations it was decided on. The journal keeps the newest ``per_service`` records of each
 service in memory (for ``snapbright policy explain SERVICE`` and the dashboard's timeline) and
-can append every record to a JSONL file, flushed and fsynced per record so that a crash loses
+can append every record to a JSONL file (O_APPEND, fsynced per record) so that a crash loses
 at most the record being written. :func:`read_journal` reads such a file back.
 """
 
@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from health.failover.model import (
     Decision,
@@ -162,10 +162,11 @@ class Journal:
         self._per_service = per_service
         self._records: dict[str, deque[DecisionRecord]] = {}
         self._path = path
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
         if path is not None:
-            # Opened once: append mode, so concurrent writers never overwrite each other.
-            self._file = path.open("a", encoding="utf-8")
+            # O_APPEND: every line lands at the end, whoever else appends. Unbuffered: a failed
+            # write leaves nothing behind to fail again later.
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
     def record(self, record: DecisionRecord) -> None:
         """Keep ``record``; with a file, append it as one line, flushed and fsynced."""
@@ -173,11 +174,13 @@ class Journal:
         if kept is None:
             kept = self._records[record.service] = deque(maxlen=self._per_service)
         kept.append(record)
-        if self._file is not None:
+        if self._fd is not None:
+            line = (json.dumps(record.to_json(), separators=(",", ":")) + "\n").encode()
             try:
-                self._file.write(json.dumps(record.to_json(), separators=(",", ":")) + "\n")
-                self._file.flush()
-                os.fsync(self._file.fileno())
+                written = 0
+                while written < len(line):
+                    written += os.write(self._fd, line[written:])
+                os.fsync(self._fd)
             except OSError as error:
                 # The in-memory journal and the controller go on; the file is best effort.
                 _log.warning("decision journal %s: cannot write: %s", self._path, error)
@@ -207,9 +210,9 @@ class Journal:
 
     def close(self) -> None:
         """Close the file, if any."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def read_journal(path: Path) -> Iterator[DecisionRecord]:
