@@ -111,6 +111,7 @@ class _Subscriber:
     cert_not_before: datetime
     cert_not_after: datetime
     csr_key: ec.EllipticCurvePublicKey | None
+    connection_expires: datetime
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
     sent_version: str = ""
@@ -264,6 +265,7 @@ class Discovery(pb_grpc.DiscoveryServicer):
             cert_not_before=leaf.not_valid_before_utc,
             cert_not_after=leaf.not_valid_after_utc,
             csr_key=csr_key,
+            connection_expires=leaf.not_valid_after_utc,
         )
         if hello.known_version:
             subscriber.acked_version = hello.known_version
@@ -271,6 +273,15 @@ class Discovery(pb_grpc.DiscoveryServicer):
         reader = asyncio.create_task(self._read_replies(request_iterator, subscriber))
         try:
             while not subscriber.closed:
+                if self._clock() >= subscriber.connection_expires:
+                    # TLS checked the client's SVID once, at the handshake: a stream must not
+                    # outlive it. The proxy reconnects with its renewed SVID.
+                    await self._refuse(
+                        context,
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        "expired",
+                        "the SVID this stream was opened with has expired",
+                    )
                 message = self._next_message(subscriber)
                 if message is not None:
                     self._m_pushes.inc()
@@ -423,13 +434,16 @@ class Discovery(pb_grpc.DiscoveryServicer):
         return True
 
     async def _wait(self, subscriber: _Subscriber) -> None:
-        timeout = None
+        now = self._clock()
+        # The stream ends when the SVID it was opened with expires (see Subscribe).
+        timeout = (subscriber.connection_expires - now).total_seconds()
         if subscriber.csr_key is not None:
             due = renew_at(subscriber.cert_not_before, subscriber.cert_not_after)
-            left = (due - self._clock()).total_seconds()
+            left = (due - now).total_seconds()
             # Already due but nothing was sent: the class is not ready, and becoming ready
             # wakes us; a timer would only spin.
-            timeout = left if left > 0 else None
+            if left > 0:
+                timeout = min(timeout, left)
         try:
             async with asyncio.timeout(timeout):
                 await subscriber.wake.wait()

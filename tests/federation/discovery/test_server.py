@@ -386,3 +386,19 @@ async def test_a_malformed_subscription_is_refused_as_invalid(
             await stream.read()
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert details in (refused.value.details() or "")
+
+
+async def test_a_stream_ends_when_the_svid_it_was_opened_with_expires(
+    control_plane: ControlPlane, ca: ClusterCA
+) -> None:
+    short = ca.issue(WEB, _now(), ttl=timedelta(seconds=2))
+    async with channel(control_plane.target, short, ca.bundle()) as ch:
+        call, _ = await _subscribe(ch)
+        first = await call.read()
+        assert first.HasField("svid")  # long past two thirds of its 62 s: renewed at once
+        await call.ack(first.version)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call.read()
+    assert ended.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "expired" in (ended.value.details() or "")
+    assert control_plane.discovery.subscribers() == []
