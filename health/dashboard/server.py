@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -258,12 +258,18 @@ def _security_headers(allowed_hosts: frozenset[str] | None) -> Middleware:
             try:
                 response = await handler(request)
             except web.HTTPException as error:
-                response = error
-        for name, value in _SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
+                # 404s, 405s and our 400s are raised: they get the headers too.
+                _secure(error.headers)
+                raise
+        _secure(response.headers)
         return response
 
     return middleware
+
+
+def _secure(headers: MutableMapping[str, str]) -> None:
+    for name, value in _SECURITY_HEADERS.items():
+        headers.setdefault(name, value)
 
 
 async def _index(request: web.Request) -> web.FileResponse:
