@@ -182,7 +182,7 @@ async def running(prober: Prober) -> AsyncIterator[Prober]:
             await task
 
 
-async def _until(
+async def wait_for_status(
     prober: Prober, name: str, check: Callable[[ProbeStatus], bool], what: str
 ) -> ProbeStatus:
     """Poll the status (bounded) until ``check`` holds."""
@@ -239,14 +239,16 @@ async def test_endpoint_goes_down_when_failing_and_up_again_when_healthy() -> No
         prober = Prober(FAST)
         prober.set_targets([HttpTarget("payments-1", server.url)])
         async with running(prober):
-            up = await _until(prober, "payments-1", lambda s: s.alive, "up")
+            up = await wait_for_status(prober, "payments-1", lambda s: s.alive, "up")
             assert up.rtt is not None
             server.healthy = False
-            down = await _until(prober, "payments-1", lambda s: s.state is ProbeState.DOWN, "down")
+            down = await wait_for_status(
+                prober, "payments-1", lambda s: s.state is ProbeState.DOWN, "down"
+            )
             assert down.failures >= FAST.down_after
             assert down.last_error == "status 503"
             server.healthy = True
-            back = await _until(prober, "payments-1", lambda s: s.alive, "up again")
+            back = await wait_for_status(prober, "payments-1", lambda s: s.alive, "up again")
             # Recovery needed up_after successes in a row, not one.
             assert back.successes >= FAST.up_after
             assert back.since is not None
@@ -260,7 +262,9 @@ async def test_a_silent_endpoint_goes_down_on_timeouts() -> None:
         prober = Prober(settings)
         prober.set_targets([HttpTarget("stuck", f"http://127.0.0.1:{port}/healthz")])
         async with running(prober):
-            status = await _until(prober, "stuck", lambda s: s.state is ProbeState.DOWN, "down")
+            status = await wait_for_status(
+                prober, "stuck", lambda s: s.state is ProbeState.DOWN, "down"
+            )
     assert status.last_error is not None
     assert status.last_error.startswith("timeout")
 
@@ -270,11 +274,11 @@ async def test_removed_targets_are_forgotten_and_new_ones_start_unknown() -> Non
         prober = Prober(FAST)
         prober.set_targets([HttpTarget("a", server.url)])
         async with running(prober):
-            await _until(prober, "a", lambda s: s.alive, "up")
+            await wait_for_status(prober, "a", lambda s: s.alive, "up")
             prober.set_targets([HttpTarget("b", server.url)])
             assert prober.status("a") is None
             assert prober.status("b") == ProbeStatus()
-            await _until(prober, "b", lambda s: s.alive, "up")
+            await wait_for_status(prober, "b", lambda s: s.alive, "up")
     assert set(prober.statuses()) == {"b"}
 
 
@@ -339,9 +343,11 @@ async def test_gateway_goes_down_when_its_listener_stops_and_up_when_it_returns(
         async with mtls_gateway(EU_GATEWAY) as gateway:
             port = gateway.port
             prober.set_targets([_gateway(port)])
-            up = await _until(prober, "eu-west", lambda s: s.alive, "up")
+            up = await wait_for_status(prober, "eu-west", lambda s: s.alive, "up")
             assert up.rtt is not None
             assert up.rtt > 0
-        down = await _until(prober, "eu-west", lambda s: s.state is ProbeState.DOWN, "down")
+        down = await wait_for_status(
+            prober, "eu-west", lambda s: s.state is ProbeState.DOWN, "down"
+        )
         assert down.last_error is not None
         assert down.last_error.startswith("connect: ")
