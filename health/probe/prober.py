@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 import aiohttp
+from prometheus_client import CollectorRegistry, Gauge
 
 from health.probe.core import ProbeSettings, ProbeStatus
 from proxy.identity.bundle import TrustBundleSet
@@ -105,6 +106,7 @@ class Prober:
         identity: Identity | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self._settings = settings if settings is not None else ProbeSettings()
         self._identity = identity
@@ -116,6 +118,7 @@ class Prober:
         self._due: dict[str, float] = {}
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._changed = asyncio.Event()
+        self._metrics = _GatewayMetrics(registry) if registry is not None else None
 
     def set_targets(self, targets: Iterable[ProbeTarget]) -> None:
         """Probe exactly these from now on; a known target keeps its status, a new one starts
@@ -126,6 +129,8 @@ class Prober:
                 raise ValueError(f"two probe targets are named {target.name!r}")
             wanted[target.name] = target
         for name in set(self._targets) - set(wanted):
+            if self._metrics is not None and isinstance(self._targets[name], GatewayTarget):
+                self._metrics.forget(name)
             self._statuses.pop(name, None)
             self._due.pop(name, None)
             task = self._in_flight.pop(name, None)
@@ -178,11 +183,14 @@ class Prober:
                 return  # removed or replaced while in flight
             status = self._statuses.get(target.name, ProbeStatus())
             now = self._clock()
-            self._statuses[target.name] = (
+            status = (
                 status.succeeded(rtt, now, self._settings)
                 if rtt is not None
                 else status.failed(reason, now, self._settings)
             )
+            self._statuses[target.name] = status
+            if self._metrics is not None and isinstance(target, GatewayTarget):
+                self._metrics.show(target.name, status)
         finally:
             if self._in_flight.get(target.name) is asyncio.current_task():
                 del self._in_flight[target.name]
@@ -252,6 +260,34 @@ class Prober:
             writer.close()
             with contextlib.suppress(OSError, ssl.SSLError):
                 await writer.wait_closed()
+
+
+class _GatewayMetrics:
+    """``snapbright_gateway_up{peer}`` and ``snapbright_gateway_rtt_seconds{peer}``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.up = Gauge(
+            "snapbright_gateway_up",
+            "Whether a peer's gateway answers our mTLS probes (1) or is down (0).",
+            ["peer"],
+            registry=registry,
+        )
+        self.rtt = Gauge(
+            "snapbright_gateway_rtt_seconds",
+            "Round trip to a peer's gateway: the EWMA of successful probes.",
+            ["peer"],
+            registry=registry,
+        )
+
+    def show(self, peer: str, status: ProbeStatus) -> None:
+        self.up.labels(peer).set(1.0 if status.alive else 0.0)
+        if status.rtt is not None:
+            self.rtt.labels(peer).set(status.rtt)
+
+    def forget(self, peer: str) -> None:
+        for gauge in (self.up, self.rtt):
+            with contextlib.suppress(KeyError):
+                gauge.remove(peer)
 
 
 def _check_status_line(line: bytes) -> None:

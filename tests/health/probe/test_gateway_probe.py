@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Literal
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from gateway.config.model import GatewayConfig
 from gateway.metrics import GatewayMetrics
@@ -99,13 +100,21 @@ async def test_a_caller_the_gateway_does_not_trust_gets_no_200() -> None:
 
 
 async def test_the_gateway_is_down_after_it_stops_and_up_while_it_runs() -> None:
-    prober = Prober(SETTINGS, identity=lambda: (CONTROL_PLANE, BUNDLES))
+    registry = CollectorRegistry()
+    prober = Prober(SETTINGS, identity=lambda: (CONTROL_PLANE, BUNDLES), registry=registry)
     async with running(prober):
         async with eu_gateway() as gateway:
             prober.set_targets([_target(gateway, "http")])
             up = await wait_for_status(prober, "eu-west", lambda s: s.alive, "up")
+            assert registry.get_sample_value("snapbright_gateway_up", {"peer": "eu-west"}) == 1
+            rtt = registry.get_sample_value("snapbright_gateway_rtt_seconds", {"peer": "eu-west"})
+            assert rtt is not None
+            assert 0 < rtt < SETTINGS.timeout
         down = await wait_for_status(
             prober, "eu-west", lambda s: s.state is ProbeState.DOWN, "down"
         )
     assert up.rtt is not None
     assert down.last_error is not None
+    assert registry.get_sample_value("snapbright_gateway_up", {"peer": "eu-west"}) == 0
+    prober.set_targets([])
+    assert registry.get_sample_value("snapbright_gateway_up", {"peer": "eu-west"}) is None
