@@ -1,11 +1,12 @@
 """The decision journal: every failover decision worth explaining, with what it rested on.
 
-The loop records each decision that changed the weights or fired a rule other than ``hold``:
-its explanation, the rule, the old and new weights, the expected latencies and the
-observations it was decided on. The journal keeps the newest ``per_service`` records of each
-service in memory (for ``snapbright policy explain SERVICE`` and the dashboard's timeline) and
-can append every record to a JSONL file (O_APPEND, fsynced per record) so that a crash loses
-at most the record being written. :func:`read_journal` reads such a file back.
+The loop records each decision worth explaining (it changed the weights or the mode, or fired
+a rule other than ``hold``; see :mod:`health.failover.loop`): its explanation, the rule, the
+old and new weights, the expected latencies and the observations it was decided on. The
+journal keeps the newest ``per_service`` records of each service in memory (for
+``snapbright policy explain SERVICE`` and the dashboard's timeline) and can append every record
+to a JSONL file (O_APPEND, fsynced per record) so that a crash loses at most the record being
+written. :func:`read_journal` reads such a file back.
 """
 
 from __future__ import annotations

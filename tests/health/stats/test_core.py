@@ -15,6 +15,7 @@ from health.probe.core import ProbeSettings, ProbeStatus
 from health.stats.core import (
     LONG_SPAN_S,
     SHORT_SPAN_S,
+    HealthView,
     LocalService,
     RegionalStats,
     RemoteService,
@@ -475,3 +476,36 @@ def test_a_summary_published_by_a_peer_becomes_its_target_observation() -> None:
     ).targets[1]
     assert target.p95 == pytest.approx(0.060, rel=RELATIVE_ERROR)
     assert (target.samples, target.headroom, target.healthy_endpoints) == (400, 60.0, 5)
+
+
+# --- The view the loop reads ---
+
+
+def test_the_view_decides_for_services_we_serve_import_or_call() -> None:
+    stats = RegionalStats()
+    view = HealthView(US, stats)
+    view.set_local("orders", LocalService(2, NOW))
+    view.set_remote("payments", RemoteService(EU, 3))
+    stats.add(US, _window(99, [0.01], service="search", target=AP), NOW)
+    stats.add(EU, _window(99, [0.01], service="eu-only"), NOW)  # another caller's traffic
+    assert view.pairs(NOW) == [("orders", US), (PAYMENTS, US), ("search", US)]
+
+
+def test_the_view_observes_with_its_local_remote_and_gateway_knowledge() -> None:
+    view = HealthView(US, _local_traffic())
+    view.set_local(PAYMENTS, LocalService(3, NOW))
+    view.set_remote(PAYMENTS, RemoteService(EU, 4, _summary(), received_at=NOW))
+    view.set_gateways({EU: ALIVE_GATEWAY})
+    seen = view.observe(PAYMENTS, US, NOW)
+    assert [t.cluster for t in seen.targets] == [US, EU]
+    assert seen.targets[1].rtt == 0.080
+    view.remove_remote(PAYMENTS, EU)
+    assert [t.cluster for t in view.observe(PAYMENTS, US, NOW).targets] == [US]
+    assert view.pairs(NOW) == [(PAYMENTS, US)]  # still served here
+
+
+def test_a_service_we_do_not_serve_has_no_healthy_local_endpoint() -> None:
+    view = HealthView(US, RegionalStats())
+    view.set_remote(PAYMENTS, RemoteService(EU, 4))
+    local = view.observe(PAYMENTS, US, NOW).targets[0]
+    assert (local.cluster, local.healthy_endpoints, local.observed_at) == (US, 0, NOW)
