@@ -13,6 +13,7 @@ default behaviour), keep the new controller state, and
   fire (a rule that repeats with nothing changed, such as ``exit-pending`` counting down or
   ``no-local-data`` for an idle service, is the same story going on, and would otherwise
   push the interesting records out of the bounded journal);
+- hand every decision, holds included, to ``on_decision`` (the dashboard's live view);
 - update the metrics: ``snapbright_route_weight`` (share 0..1 per target),
   ``snapbright_failover_transitions_total`` (each time traffic starts moving the other way)
   and ``snapbright_failover_decisions_total`` (every decision, by rule).
@@ -99,6 +100,7 @@ class FailoverLoop:
         wall_clock: Callable[[], float] = time.time,
         interval: float = 1.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_decision: Callable[[str, str, Decision], None] | None = None,
     ) -> None:
         if not interval > 0:
             raise ValueError(f"interval must be above 0s: {interval!r}")
@@ -112,6 +114,7 @@ class FailoverLoop:
         self._wall_clock = wall_clock
         self._interval = interval
         self._sleep = sleep
+        self._on_decision = on_decision
         self._policies: Mapping[str, FailoverPolicy] = MappingProxyType({})
         self._kept: dict[Pair, _Kept] = {}
         self._applied: dict[Pair, dict[str, int]] = {}
@@ -211,6 +214,11 @@ class FailoverLoop:
                 DecisionRecord.of(service, caller, name, decision, inputs, self._wall_clock())
             )
         self._push(pair, decision)
+        if self._on_decision is not None:
+            try:
+                self._on_decision(service, caller, decision)
+            except Exception:
+                _log.exception("decision observer failed for %s from %s", *pair)
         return decision
 
     def _push(self, pair: Pair, decision: Decision) -> None:

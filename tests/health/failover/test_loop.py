@@ -19,6 +19,7 @@ from federation.peering.model import ServiceHealth, ServiceKey
 from health.failover.loop import FailoverLoop
 from health.failover.model import (
     TOTAL_WEIGHT,
+    Decision,
     Direction,
     FailoverPolicy,
     Mode,
@@ -79,6 +80,7 @@ class Mesh:
         journal: Journal | None = None,
         apply: Callable[[str, str, Mapping[str, int]], None] | None = None,
         observe: Callable[[HealthView], Observe] | None = None,
+        on_decision: Callable[[str, str, Decision], None] | None = None,
     ) -> None:
         self.latency = latency
         self.healthy_local = healthy_local
@@ -99,6 +101,7 @@ class Mesh:
             policies=policies,
             clock=lambda: self.now,
             wall_clock=lambda: 1_800_000_000.0 + self.now,
+            on_decision=on_decision,
         )
 
     def _apply(self, service: str, caller: str, weights: Mapping[str, int]) -> None:
@@ -365,6 +368,21 @@ def test_a_failing_pair_does_not_stop_the_others() -> None:
     mesh = Mesh(_brownout(start=10), observe=broken_for_orders)
     mesh.view.set_local("orders", LocalService(1, 0.0))
     mesh.run(until=20)
+    assert _share(mesh.weights, EU) == 0.98
+
+
+def test_every_decision_goes_to_the_observer_even_when_it_fails() -> None:
+    seen: list[tuple[str, str, float, Rule]] = []
+
+    def watch(service: str, caller: str, decision: Decision) -> None:
+        seen.append((service, caller, decision.at, decision.rule))
+        raise RuntimeError("a broken dashboard must not stop failover")
+
+    mesh = Mesh(_brownout(start=10), on_decision=watch)
+    mesh.run(until=20)
+    assert [at for _, _, at, _ in seen] == [float(t) for t in range(1, 21)]
+    assert {(service, caller) for service, caller, *_ in seen} == {(PAYMENTS, US)}
+    assert (PAYMENTS, US, 12.0, Rule.ENTER_DEGRADED) in seen
     assert _share(mesh.weights, EU) == 0.98
 
 
