@@ -158,8 +158,11 @@ class Prober:
             while True:
                 now = self._clock()
                 for name, due in list(self._due.items()):
-                    if due <= now and name not in self._in_flight:
-                        self._due[name] = self._settings.next_probe_at(now, self._rng)
+                    if due > now:
+                        continue
+                    self._due[name] = self._settings.next_probe_at(now, self._rng)
+                    # A probe still running (timeout longer than the interval) skips its turn.
+                    if name not in self._in_flight:
                         task = asyncio.create_task(self._probe_and_record(self._targets[name]))
                         self._in_flight[name] = task
                 wake = min(self._due.values(), default=now + self._settings.interval)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -267,6 +268,25 @@ async def test_a_silent_endpoint_goes_down_on_timeouts() -> None:
             )
     assert status.last_error is not None
     assert status.last_error.startswith("timeout")
+
+
+async def test_a_probe_slower_than_the_interval_skips_turns_without_spinning() -> None:
+    calls = 0
+
+    def clock() -> float:
+        nonlocal calls
+        calls += 1
+        return time.monotonic()
+
+    settings = ProbeSettings(interval=0.02, timeout=0.3, down_after=1)
+    async with silent_listener() as port:
+        prober = Prober(settings, clock=clock)
+        prober.set_targets([HttpTarget("stuck", f"http://127.0.0.1:{port}/healthz")])
+        async with running(prober):
+            await wait_for_status(prober, "stuck", lambda s: s.failures >= 1, "failed")
+    # About 15 wake-ups in 0.3 s; a loop spinning on the overdue probe would call the clock
+    # tens of thousands of times.
+    assert calls < 200
 
 
 async def test_removed_targets_are_forgotten_and_new_ones_start_unknown() -> None:
