@@ -22,7 +22,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
@@ -76,6 +76,9 @@ _REASONS = {
     505: b"HTTP Version Not Supported",
 }
 _WRITE_HIGH = 256 * 1024
+# After an error reply, how long the rest of the client's bytes are read and dropped, so
+# that its kernel does not answer our close with a reset that discards the reply.
+_LINGER = 2.0
 
 
 class _Stop(Exception):
@@ -232,7 +235,8 @@ class _Downstream(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         transport.set_write_buffer_limits(high=_WRITE_HIGH)
         sock = transport.get_extra_info("socket")
@@ -800,11 +804,20 @@ class _Downstream(asyncio.Protocol):
         return True
 
     def _reply_error(self, status: int, reason: str) -> None:
-        """Answer with an error of the sidecar's own, then close."""
+        """Answer with an error of the sidecar's own, then close (lingering)."""
         transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.write(_error_response(status, reason, close=True))
-        self._close()
+        self._state = _DEAD
+        self.deadline = math.inf
+        if transport is None or transport.is_closing():
+            return
+        transport.write(_error_response(status, reason, close=True))
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._paused = 0
+        transport.resume_reading()
+        self.deadline = self._time() + _LINGER
 
     def _bad_input(self, status: int, reason: str) -> bool:
         """The client sent something we refuse: answer ``status`` (if we still can), close.
@@ -855,6 +868,8 @@ class _Downstream(asyncio.Protocol):
         self.deadline = math.inf
         if state == _IDLE:
             self._close()
+        elif state == _DEAD:
+            self._abort()
         elif state == _HEAD:
             self._reply_error(408, "request head not received in time")
         elif state == _CONNECTING:
@@ -939,7 +954,8 @@ class OutboundServer:
             conn._abort()
         shared.pool.close()
         shared.sweep.close()
-        await self._server.wait_closed()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
 
 async def serve_outbound(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import pytest
+import uvloop
 
 from proxy.http import Limits, OutboundServer, Timeouts, serve_outbound
 from tests.proxy.http.backend import Backend
@@ -30,3 +32,10 @@ async def sidecar(backend: Backend) -> AsyncIterator[OutboundServer]:
     )
     yield server
     await server.aclose(grace=1.0)
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every test runs on asyncio's own loop and on uvloop (what the sidecar runs on)."""
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
