@@ -3,8 +3,9 @@
 The sidecars stream one :class:`~proxy.stats.core.StatsWindow` per second, per upstream
 service and target cluster; the control plane adds the caller cluster (the sidecar's own) and
 keeps them in :class:`RegionalStats`. For each (service, caller cluster, target cluster) it
-holds a ring of per-second merged windows, ``horizon_s`` seconds long: memory is bounded by
-the horizon times the number of keys, and keys idle for a whole horizon are dropped. A query
+holds a ring of per-second merged windows, ``horizon_s`` seconds long (plus the slack for
+clock skew below): memory is bounded by the horizon times the number of keys, and keys idle
+for a whole horizon are dropped. A query
 over a sliding span (e.g. the last 10 s, the last 60 s) merges the histograms of those seconds
 and reads the percentiles from the merged histogram: percentiles are never averaged.
 
@@ -29,7 +30,9 @@ of the remote cluster's own traffic. Consequences, each tested:
   sent the target enough requests themselves, the higher of the two error rates counts.
 
 Everything here is pure: ``now`` is passed in, on the same clock as the windows' seconds (the
-stream server re-stamps windows on receipt when a sidecar's clock is not ours).
+stream server re-stamps windows on receipt when a sidecar's clock is not ours). A window up
+to ``SKEW_S`` ahead of our clock is kept (a sidecar closes its second by its own clock, a hair
+before ours); queries count only seconds closed on our clock.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ SHORT_SPAN_S = 10
 """The span the controller decides on and summaries are published over."""
 LONG_SPAN_S = 60
 """The longer view, for people and the dashboard."""
+
+SKEW_S = 1
+"""How many seconds ahead of ``now`` a window may start and still be kept."""
 
 _OUTCOMES = len(Outcome)
 _SUCCEEDED = tuple(outcome for outcome in Outcome if outcome.succeeded)
@@ -85,14 +91,14 @@ class TrafficStats:
 
 
 class _Ring:
-    """``horizon`` slots of per-second merged windows, slot = second mod horizon."""
+    """``size`` slots of per-second merged windows, slot = second mod size."""
 
     __slots__ = ("counts", "histograms", "newest", "seconds")
 
-    def __init__(self, horizon: int) -> None:
-        self.seconds: list[int | None] = [None] * horizon
-        self.counts: list[list[int]] = [[0] * _OUTCOMES for _ in range(horizon)]
-        self.histograms: list[Histogram] = [Histogram() for _ in range(horizon)]
+    def __init__(self, size: int) -> None:
+        self.seconds: list[int | None] = [None] * size
+        self.counts: list[list[int]] = [[0] * _OUTCOMES for _ in range(size)]
+        self.histograms: list[Histogram] = [Histogram() for _ in range(size)]
         self.newest: int | None = None
 
     def add(self, window: StatsWindow) -> None:
@@ -144,11 +150,11 @@ class RegionalStats:
     def add(self, caller_cluster: str, window: StatsWindow, now: float) -> bool:
         """Take one closed second from a sidecar in ``caller_cluster``.
 
-        Returns ``False`` (and keeps nothing) for a window outside the horizon, one not yet
-        closed at ``now``, or a new key beyond ``max_keys``.
+        Returns ``False`` (and keeps nothing) for a window older than the horizon, one more
+        than ``SKEW_S`` ahead of ``now``, or a new key beyond ``max_keys``.
         """
         second = math.floor(now)
-        if not second - self._horizon <= window.start < second:
+        if not second - self._horizon <= window.start <= second + SKEW_S:
             return False
         key = TrafficKey(window.upstream, caller_cluster, window.target_cluster)
         ring = self._rings.get(key)
@@ -157,7 +163,8 @@ class RegionalStats:
                 self.prune(now)
                 if len(self._rings) >= self._max_keys:
                     return False
-            ring = self._rings[key] = _Ring(self._horizon)
+            # The slack keeps windows from ahead of our clock from evicting the oldest second.
+            ring = self._rings[key] = _Ring(self._horizon + SKEW_S + 1)
         ring.add(window)
         return True
 
@@ -174,7 +181,7 @@ class RegionalStats:
 
     @property
     def windows_held(self) -> int:
-        """How many per-second windows are held in all (bounded by horizon × keys)."""
+        """How many per-second windows are held in all (at most horizon + 2 per key)."""
         return sum(ring.held for ring in self._rings.values())
 
     def stats(
