@@ -9,6 +9,7 @@ declare -A wanted=(
   [haproxy]=haproxy
   [wrk]=wrk
   [promtool]=prometheus
+  [chromium]=chromium
 )
 
 missing=()

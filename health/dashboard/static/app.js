@@ -111,8 +111,12 @@ function renderHeader(state) {
 }
 
 function renderRegions(state) {
-  const cards = state.regions.map((region) => {
+  const fromHere = new Map(state.rtt.filter((l) => l.from === state.cluster).map((l) => [l.to, l]));
+  const regions = sortedClusters(state.regions.map((r) => r.name), state.cluster)
+    .map((name) => state.regions.find((r) => r.name === name));
+  const cards = regions.map((region) => {
     const status = STATUS[region.status] ?? { icon: "?", word: region.status };
+    const link = fromHere.get(region.name);
     return el(
       "article",
       { class: `region-card status-${region.status}`, data: { region: region.name, status: region.status } },
@@ -123,7 +127,9 @@ function renderRegions(state) {
         el("span", { class: "region-name", text: region.name }),
         region.local ? el("span", { class: "local-tag", text: "this cluster" }) : null,
       ),
-      el("div", { class: "status-word", text: status.word }),
+      el("div", { class: "status-line" },
+        el("span", { class: "status-word", text: status.word }),
+        link ? el("span", { class: "region-rtt" }, link.alive ? `${ms(link.rttMs)} away` : "gateway not answering") : null),
       el("div", { class: "region-detail", text: region.detail }),
     );
   });
@@ -255,7 +261,8 @@ function lineChart(title, byCluster, now, local, format, axisFormat, fixedMax) {
   const clusters = sortedClusters(Object.keys(byCluster), local);
   const all = clusters.flatMap((c) => byCluster[c]);
   const start = all.length ? Math.min(...all.map((p) => p[0])) : now - 60;
-  const end = Math.max(now, start + 1);
+  // The newest point may be a little ahead of the snapshot's clock (ticks run on the loop).
+  const end = Math.max(now, start + 1, ...all.map((p) => p[0]));
   const max = fixedMax ?? niceMax(Math.max(1, ...all.map((p) => p[1])));
   const x = (t) => left + ((t - start) / (end - start)) * (W - left - right);
   const y = (v) => top + (1 - v / max) * (H - top - bottom);

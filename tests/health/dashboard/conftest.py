@@ -40,13 +40,17 @@ async def serve() -> AsyncIterator[Serve]:
     running: list[DashboardServer] = []
 
     async def start(
-        settings: DashboardSettings = FAST, *, service: str = "payments", until: float = 0.0
+        settings: DashboardSettings = FAST,
+        *,
+        service: str = "payments",
+        until: float = 0.0,
+        port: int = 0,
     ) -> Served:
         played = until or BROWNOUT_START - 5
         board = Board("us-west")
         feed = example_feed(board, start=time.time() - played, service=service)
         feed.run_until(played)
-        server = await start_dashboard(board, settings=settings)
+        server = await start_dashboard(board, settings=settings, port=port)
         running.append(server)
         return Served(server, board, feed)
 
