@@ -119,8 +119,11 @@ class _Ring:
             self.newest = window.start
 
     def merge_into(self, begin: int, end: int, counts: list[int], histogram: Histogram) -> None:
-        for slot, second in enumerate(self.seconds):
-            if second is not None and begin <= second < end:
+        size = len(self.seconds)
+        # Visit only the span's slots: a 10 s query reads 10 slots, not the whole ring.
+        for second in range(max(begin, end - size), end):
+            slot = second % size
+            if self.seconds[slot] == second:
                 for index, value in enumerate(self.counts[slot]):
                     counts[index] += value
                 histogram.absorb(self.histograms[slot])
@@ -141,6 +144,8 @@ class RegionalStats:
         self._horizon = horizon_s
         self._max_keys = max_keys
         self._rings: dict[TrafficKey, _Ring] = {}
+        # Queries are per service: this keeps them from scanning every key in the mesh.
+        self._by_service: dict[str, set[TrafficKey]] = {}
 
     @property
     def horizon_s(self) -> int:
@@ -165,6 +170,7 @@ class RegionalStats:
                     return False
             # The slack keeps windows from ahead of our clock from evicting the oldest second.
             ring = self._rings[key] = _Ring(self._horizon + SKEW_S + 1)
+            self._by_service.setdefault(key.service, set()).add(key)
         ring.add(window)
         return True
 
@@ -174,6 +180,10 @@ class RegionalStats:
         idle = [k for k, r in self._rings.items() if r.newest is None or r.newest < oldest]
         for key in idle:
             del self._rings[key]
+            keys = self._by_service[key.service]
+            keys.discard(key)
+            if not keys:
+                del self._by_service[key.service]
 
     def traffic_keys(self) -> frozenset[TrafficKey]:
         """Every key with windows held."""
@@ -195,18 +205,14 @@ class RegionalStats:
         self, service: str, target_cluster: str, now: float, span_s: int
     ) -> TrafficStats:
         """Requests from every caller cluster to ``service`` in ``target_cluster``."""
-        keys = [
-            k for k in self._rings if k.service == service and k.target_cluster == target_cluster
-        ]
+        keys = [k for k in self._by_service.get(service, ()) if k.target_cluster == target_cluster]
         return self._merged(keys, now, span_s)
 
     def caller_stats(
         self, service: str, caller_cluster: str, now: float, span_s: int
     ) -> TrafficStats:
         """Requests from ``caller_cluster`` to ``service``, whichever cluster served them."""
-        keys = [
-            k for k in self._rings if k.service == service and k.caller_cluster == caller_cluster
-        ]
+        keys = [k for k in self._by_service.get(service, ()) if k.caller_cluster == caller_cluster]
         return self._merged(keys, now, span_s)
 
     def _merged(self, keys: Iterable[TrafficKey], now: float, span_s: int) -> TrafficStats:
