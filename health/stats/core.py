@@ -263,6 +263,19 @@ class LocalService:
     capacity_rps: float | None = None
     """Requests/s the local copy is declared to take, or ``None`` (headroom unknown)."""
 
+    @classmethod
+    def from_probes(
+        cls,
+        endpoints: Iterable[ProbeStatus],
+        observed_at: float,
+        capacity_rps: float | None = None,
+    ) -> LocalService:
+        """Our copy as its endpoints' probes see it: every endpoint not down counts as
+        healthy. A registered endpoint not probed yet counts: presuming it dead would move all
+        traffic away at every control-plane start; three failed probes take it out."""
+        healthy = sum(status.state is not ProbeState.DOWN for status in endpoints)
+        return cls(healthy, observed_at, capacity_rps)
+
 
 @dataclass(frozen=True, slots=True)
 class RemoteService:

@@ -312,6 +312,19 @@ def test_the_local_target_is_what_our_callers_measured() -> None:
     assert local.observed_at == NOW  # the newest window closed at 100
 
 
+def test_local_endpoints_from_probes_count_all_but_the_down_ones() -> None:
+    settings = ProbeSettings(down_after=1)
+    up = ProbeStatus().succeeded(0.001, 0.0, settings)
+    failing_once = (
+        ProbeStatus(failures=0)
+        .succeeded(0.001, 0.0, ProbeSettings())
+        .failed("status 503", 1.0, ProbeSettings())
+    )
+    down = up.failed("refused", 1.0, settings)
+    local = LocalService.from_probes([up, failing_once, down, ProbeStatus()], NOW, 80.0)
+    assert local == LocalService(3, NOW, 80.0)
+
+
 def test_local_headroom_is_unknown_without_a_declared_capacity() -> None:
     (local,) = observations(_local_traffic(), PAYMENTS, US, NOW, local=LocalService(3, NOW)).targets
     assert local.headroom is None
