@@ -21,6 +21,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Callable
+from typing import cast
 
 _CHUNK = 65536  # the default pipe capacity: one splice fills at most one pipe
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
@@ -230,10 +231,10 @@ class _Relay(asyncio.Protocol):
         self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCP transports are not asyncio.Transport subclasses: no isinstance check.
+        self.transport = writer = cast(asyncio.Transport, transport)
         for data in self._early:
-            transport.write(data)
+            writer.write(data)
         self._early.clear()
 
     def data_received(self, data: bytes) -> None:
