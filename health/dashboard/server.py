@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ __all__ = [
     "dashboard_app",
     "start_dashboard",
 ]
+
+_log = logging.getLogger(__name__)
 
 STATIC: Final = Path(__file__).parent / "static"
 
@@ -126,12 +129,19 @@ class EventHub:
             if wait > 0:
                 await asyncio.sleep(wait)
             version = self._state.version
-            fresh = self._state.decisions(after=last_id, limit=self._settings.replay)
-            for entry in reversed(fresh):
-                self._broadcast(_event("decision", decision_json(entry), entry.id))
+            try:
+                fresh = self._state.decisions(after=last_id, limit=self._settings.replay)
+                messages = [_event("decision", decision_json(e), e.id) for e in reversed(fresh)]
+                messages.append(_event("state", snapshot_json(self._state.snapshot())))
+            except Exception:
+                # A provider bug must not end the stream for good: the next change retries.
+                _log.exception("dashboard state could not be read; skipping version %d", version)
+                last_sent = loop.time()
+                continue
+            for message in messages:
+                self._broadcast(message)
             if fresh:
                 last_id = fresh[0].id
-            self._broadcast(_event("state", snapshot_json(self._state.snapshot())))
             last_sent = loop.time()
 
     def close(self) -> None:

@@ -15,8 +15,14 @@ import pytest
 from aiohttp import web
 
 from health.dashboard.board import Board
-from health.dashboard.model import ServiceStats
-from health.dashboard.server import HUB, STATIC, DashboardSettings, dashboard_app
+from health.dashboard.model import ServiceStats, Snapshot
+from health.dashboard.server import (
+    HUB,
+    STATIC,
+    DashboardSettings,
+    dashboard_app,
+    start_dashboard,
+)
 from tests.health.dashboard.conftest import Serve
 from tests.health.dashboard.feed import BROWNOUT_START, example_feed
 from tests.health.dashboard.sse import next_event, until
@@ -317,3 +323,36 @@ async def test_closing_the_server_ends_open_streams_promptly(
 def test_static_files_are_where_the_server_serves_them() -> None:
     names = {p.name for p in Path(STATIC).iterdir()}
     assert {"index.html", "app.js", "style.css"} <= names
+
+
+class _FlakyBoard(Board):
+    """A board whose snapshot fails while ``broken`` is set (a provider bug)."""
+
+    broken = False
+
+    def snapshot(self) -> Snapshot:
+        if self.broken:
+            raise RuntimeError("provider bug")
+        return super().snapshot()
+
+
+async def test_a_failing_provider_skips_a_version_and_the_stream_goes_on(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    board = _FlakyBoard("us-west")
+    feed = example_feed(board, start=time.time() - 10)
+    feed.run(10)
+    server = await start_dashboard(board, settings=DashboardSettings(min_interval=0.0))
+    try:
+        async with http.get(server.url + "api/v1/events") as response:
+            await until(response, "state")
+            board.broken = True
+            feed.run(1)
+            await asyncio.sleep(0.05)
+            board.broken = False
+            feed.run(1)
+            event = await until(response, "state")
+        assert event.data["version"] == board.version
+        assert "could not be read" in caplog.text
+    finally:
+        await server.close()
