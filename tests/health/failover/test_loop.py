@@ -8,6 +8,7 @@ gateway probe into a real :class:`HealthView`, and the loop is ticked once per v
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -260,6 +261,15 @@ def test_recovery_fails_back_gradually_and_counts_one_transition_back() -> None:
     state = mesh.loop.state(PAYMENTS, US)
     assert state is not None
     assert state.mode is Mode.STEADY
+
+
+def test_latency_noise_without_degradation_moves_nothing() -> None:
+    rng = random.Random(5)
+    jitter = {second: HEALTHY + rng.uniform(-0.030, 0.030) for second in range(200)}
+    mesh = Mesh(lambda second: jitter[second])
+    mesh.run(until=120)
+    assert mesh.applied == []
+    assert mesh.loop.journal.for_service(PAYMENTS) == []
 
 
 # --- Without a policy, and policies changing ---
