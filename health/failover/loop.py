@@ -29,7 +29,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -77,12 +76,6 @@ class _Metrics:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _Kept:
-    state: ControllerState
-    decision: Decision | None
-
-
 class FailoverLoop:
     """Runs the failover controller for every (service, caller cluster) of one cluster."""
 
@@ -116,7 +109,7 @@ class FailoverLoop:
         self._sleep = sleep
         self._on_decision = on_decision
         self._policies: Mapping[str, FailoverPolicy] = MappingProxyType({})
-        self._kept: dict[Pair, _Kept] = {}
+        self._last: dict[Pair, Decision] = {}  # its state is what the next tick starts from
         self._applied: dict[Pair, dict[str, int]] = {}
         self._gauged: dict[Pair, set[str]] = {}
         self.set_policies(policies)
@@ -145,13 +138,12 @@ class FailoverLoop:
 
     def state(self, service: str, caller_cluster: str) -> ControllerState | None:
         """The controller state of a pair, if it has been decided for."""
-        kept = self._kept.get((service, caller_cluster))
-        return None if kept is None else kept.state
+        last = self._last.get((service, caller_cluster))
+        return None if last is None else last.state
 
     def last_decision(self, service: str, caller_cluster: str) -> Decision | None:
         """The latest decision of a pair (hold included): the live end of its chain."""
-        kept = self._kept.get((service, caller_cluster))
-        return None if kept is None else kept.decision
+        return self._last.get((service, caller_cluster))
 
     @property
     def journal(self) -> Journal:
@@ -178,7 +170,7 @@ class FailoverLoop:
         policies = self._policies  # one consistent set for the whole tick
         pairs = dict.fromkeys(self._pairs(now))
         pairs.update(dict.fromkeys((service, self.cluster) for service in policies))
-        for gone in set(self._kept) - set(pairs):
+        for gone in set(self._last) - set(pairs):
             self._forget(gone)
         decisions: dict[Pair, Decision] = {}
         for pair in pairs:
@@ -191,11 +183,11 @@ class FailoverLoop:
 
     def _tick_one(self, pair: Pair, policy: FailoverPolicy | None, now: float) -> Decision:
         service, caller = pair
-        kept = self._kept.get(pair)
-        state = kept.state if kept is not None else ControllerState.initial(caller)
+        last = self._last.get(pair)
+        state = last.state if last is not None else ControllerState.initial(caller)
         inputs = self._observe(service, caller, now)
         decision = decide(policy, state, inputs, now)
-        self._kept[pair] = _Kept(decision.state, decision)
+        self._last[pair] = decision
         self._metrics.decisions.labels(service, decision.rule.value).inc()
         self._gauge(pair, decision)
         if decision.transition is not None:
@@ -203,7 +195,7 @@ class FailoverLoop:
             self._metrics.transitions.labels(
                 service, origin, destination, decision.rule.value
             ).inc()
-        previous_rule = kept.decision.rule if kept is not None and kept.decision else None
+        previous_rule = last.rule if last is not None else None
         if (
             decision.changed
             or decision.state.mode is not state.mode
@@ -246,7 +238,7 @@ class FailoverLoop:
         service, caller = pair
         for cluster in self._gauged.pop(pair, set()):
             self._metrics.route_weight.remove(service, caller, cluster)
-        self._kept.pop(pair, None)
+        self._last.pop(pair, None)
         self._applied.pop(pair, None)
 
 
