@@ -1,0 +1,747 @@
+"""All of a control plane's peerings: tokens, establish, the peering port, list and delete.
+
+:class:`PeeringManager` owns one :class:`~federation.peering.stream.PeerLink` per peer, the
+export book every peer's exports come from, the gRPC server of the peering port (the
+acceptor's side) and a dial loop per peer we established with a token (the dialer's side).
+How a connection is authenticated is in :mod:`federation.peering.credentials`; in short:
+
+- the acceptor's TLS trusts the roots of its established peers and the bootstrap roots of
+  its outstanding tokens, and after the handshake the shell re-checks the client's leaf:
+  a bootstrap leaf must come with its own token's one-time secret in the Open (redeemed
+  once); any other leaf must validate against ONLY the roots of the trust domain it claims,
+  and that domain must be a current peer's, opening as that peer;
+- the dialer trusts only the acceptor's own bundle and names the acceptor's control plane
+  (``controlplane.snapbright.<cluster>.<mesh>``) as SNI and expected host name.
+
+Peer records (name, trust domain, bundle, gateway addresses, last versions) and issued tokens
+are persisted in the state directory, so a restarted control plane reconnects without a new
+token. Imports are not persisted: after a restart the peer sends a full snapshot.
+
+Root rotation: :meth:`PeeringManager.set_local_bundle` pushes our new bundle to every peer at
+once; :meth:`PeeringManager.bundle_acked_by_all` says when every peer has applied a sequence,
+so the CA can wait before it issues leaves under a new root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import grpc.aio
+from cryptography import x509
+
+from federation.api.v1 import peering_pb2 as pb
+from federation.api.v1 import peering_pb2_grpc as pb_grpc
+from federation.peering.core import (
+    ApplyHealth,
+    ApplyImports,
+    ApplyTrustBundle,
+    Deleted,
+    Effect,
+    ExportBook,
+    ExportsChanged,
+    LocalBundleChanged,
+    MarkFresh,
+    MarkStale,
+    PeerIdentity,
+    PeeringSession,
+    PeerStatus,
+    SessionSettings,
+    Withdraw,
+)
+from federation.peering.credentials import (
+    bootstrap_channel_credentials,
+    bootstrap_root,
+    bootstrap_token_of,
+    control_plane_server_name,
+    peer_leaf,
+    server_configuration,
+    svid_channel_credentials,
+)
+from federation.peering.model import (
+    Ack,
+    Close,
+    ExportedService,
+    GatewayAddress,
+    HealthSummaries,
+    Open,
+    PeeringMessage,
+    PeeringToken,
+    PeerState,
+    ServiceHealth,
+    ServiceKey,
+    TokenError,
+    TrustBundleUpdate,
+    check_label,
+    check_mesh,
+    issue_token,
+    redeem,
+)
+from federation.peering.store import (
+    PeeringState,
+    PeerRecord,
+    TokenRecord,
+    load_state,
+    save_state,
+)
+from federation.peering.stream import ClientStream, PeerLink, ServerStream
+from federation.peering.token import decode_token, encode_token
+from federation.peering.wire import WireError, from_proto, to_proto
+from proxy.identity.bundle import (
+    BundleError,
+    TrustBundle,
+    TrustBundleSet,
+    format_bundle,
+    parse_bundle,
+)
+from proxy.identity.model import SpiffeIdError, TrustDomain
+from proxy.identity.svid import Purpose, SvidError, X509Svid, validate_svid
+
+DEFAULT_TOKEN_TTL = 24 * 3600.0
+OPEN_TIMEOUT = 10.0
+"""How long an accepted stream may take to send its Open."""
+
+_log = logging.getLogger(__name__)
+
+
+class PeeringError(Exception):
+    """A peering command failed; the message says why, in words for the operator."""
+
+
+def _ignore(*_: object) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class PeeringCallbacks:
+    """What the rest of the control plane hears from peering (each runs on the loop, quickly).
+
+    ``imports_changed(peer, imports)`` gets every service the peer exports to us now;
+    ``trust_changed(peer, bundle)`` the peer's bundle as applied, or None once withdrawn;
+    ``stale(peer, since)`` when the peer became unreachable, None when it is back;
+    ``withdrawn(peer, trust_domain)`` after a delete (ours or the peer's): remove its mirrors.
+    """
+
+    imports_changed: Callable[[str, Mapping[ServiceKey, ExportedService]], None] = _ignore
+    health: Callable[[str, tuple[ServiceHealth, ...], int], None] = _ignore
+    trust_changed: Callable[[str, TrustBundle | None], None] = _ignore
+    stale: Callable[[str, float | None], None] = _ignore
+    withdrawn: Callable[[str, TrustDomain], None] = _ignore
+
+
+@dataclass(eq=False)
+class _Peer:
+    record: PeerRecord
+    link: PeerLink
+    bundle: TrustBundle | None
+    token: PeeringToken | None = None
+    """Dialer only, until the first ACTIVE: the token whose secret we still present."""
+    acked_bundle: int = 0
+    dialer_task: asyncio.Task[None] | None = None
+    last_error: str = ""
+    activated: asyncio.Event = field(default_factory=asyncio.Event)
+    refused: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class _ServerTrust:
+    """The peering port's TLS configuration; gRPC asks for it before every handshake."""
+
+    def __init__(self, config: grpc.ServerCertificateConfiguration) -> None:
+        self._lock = threading.Lock()  # the fetcher runs on a gRPC core thread
+        self._fresh: grpc.ServerCertificateConfiguration | None = None
+        self.initial = config
+
+    def update(self, config: grpc.ServerCertificateConfiguration) -> None:
+        with self._lock:
+            self._fresh = config
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            config, self._fresh = self._fresh, None
+        return config
+
+
+class _Servicer(pb_grpc.PeeringServicer):
+    def __init__(self, manager: PeeringManager) -> None:
+        self._manager = manager
+
+    async def Exchange(  # type: ignore[override]
+        self,
+        request_iterator: object,
+        context: grpc.aio.ServicerContext[pb.PeeringMessage, pb.PeeringMessage],
+    ) -> None:
+        await self._manager._accept(context)
+
+
+class PeeringManager:
+    """Every peering of one control plane (see the module docstring).
+
+    ``svid`` is the control plane's SVID; it must carry the DNS SAN
+    :func:`~federation.peering.credentials.control_plane_server_name` of this cluster.
+    ``gateways`` are the addresses written into tokens (our east-west gateways, or the
+    peering port itself when peers dial it directly). ``clock`` gives epoch seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        cluster: str,
+        mesh: str,
+        svid: X509Svid,
+        bundle: TrustBundle,
+        state_dir: Path,
+        gateways: Sequence[GatewayAddress] = (),
+        callbacks: PeeringCallbacks | None = None,
+        settings: SessionSettings | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._identity = PeerIdentity(
+            check_label(cluster, "cluster"),
+            check_mesh(mesh),
+            TrustDomain.for_cluster(cluster, mesh),
+        )
+        if bundle.trust_domain != self._identity.trust_domain:
+            raise PeeringError(f"our bundle is for {bundle.trust_domain}, not {self.trust_domain}")
+        self._svid = svid
+        self._bundle = bundle
+        self._state_dir = state_dir
+        self.gateways = tuple(gateways)
+        self._callbacks = callbacks or PeeringCallbacks()
+        self._settings = settings or SessionSettings()
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self.book = ExportBook(cluster=cluster, mesh=mesh, base_version=int(clock() * 1000))
+        """The services exported to each peer (change them through :meth:`set_service`)."""
+        self._peers: dict[str, _Peer] = {}
+        self._tokens: dict[str, TokenRecord] = {}
+        self._trust = _ServerTrust(server_configuration(svid, self._client_roots()))
+        self._server: grpc.aio.Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
+
+    @property
+    def trust_domain(self) -> TrustDomain:
+        """Our own trust domain."""
+        return self._identity.trust_domain
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        """Load the peers and tokens of the state directory and reconnect to every peer."""
+        state = load_state(self._state_dir)
+        self._tokens = {t.issued.token_id: t for t in state.tokens}
+        for record in state.peers:
+            self._add_peer(record, token=None)
+        self._refresh_trust()
+        self._ticker = asyncio.create_task(self._tick_all())
+
+    async def serve(self, address: str) -> int:
+        """Open the peering port on ``address`` (``host:port``); return the bound port."""
+        if self._server is not None:
+            raise PeeringError("the peering port is already open")
+        server = grpc.aio.server()
+        pb_grpc.add_PeeringServicer_to_server(_Servicer(self), server)
+        credentials = grpc.dynamic_ssl_server_credentials(
+            self._trust.initial,
+            self._trust.fetch,  # type: ignore[arg-type]  # None means "no change" (grpc docs)
+            require_client_authentication=True,
+        )
+        port = server.add_secure_port(address, credentials)
+        await server.start()
+        self._server = server
+        return port
+
+    async def stop_serving(self) -> None:
+        """Close the peering port; accepted streams end (their peers will redial)."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace=None)
+
+    async def close(self) -> None:
+        """Stop everything (this is not a delete: peers stay recorded)."""
+        await self.stop_serving()
+        tasks = [p.dialer_task for p in self._peers.values() if p.dialer_task is not None]
+        if self._ticker is not None:
+            tasks.append(self._ticker)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._save()
+
+    # -- commands --
+
+    def generate_token(self, ttl_seconds: float = DEFAULT_TOKEN_TTL) -> str:
+        """``snapbright peering token``: a one-time token for a cluster to establish with us."""
+        if not self.gateways:
+            raise PeeringError("no gateway address is configured to put into a token")
+        now = self._clock()
+        secret = secrets.token_bytes(32)
+        token, issued = issue_token(
+            cluster=self._identity.cluster,
+            mesh=self._identity.mesh,
+            trust_domain=self.trust_domain,
+            gateways=self.gateways,
+            trust_bundle_json=format_bundle(self._bundle).decode(),
+            secret=secret,
+            now=now,
+            ttl_seconds=ttl_seconds,
+        )
+        root = bootstrap_root(secret, token.token_id, _utc(now), _utc(token.expires_at))
+        self._tokens[token.token_id] = TokenRecord(issued, root)
+        self._save()
+        self._refresh_trust()
+        return encode_token(token)
+
+    async def establish(self, token_text: str, *, within: float = 10.0) -> str:
+        """``snapbright peering establish TOKEN``: peer with the token's cluster; return its
+        name once the peering is ACTIVE. A refusal, or no success ``within`` seconds, raises
+        :class:`PeeringError` and leaves nothing behind."""
+        try:
+            token = decode_token(token_text, now=self._clock())
+        except TokenError as error:
+            raise PeeringError(f"bad token: {error.reason}") from None
+        if token.cluster == self._identity.cluster or token.trust_domain == self.trust_domain:
+            raise PeeringError("this token was generated by this cluster")
+        if token.cluster in self._peers:
+            raise PeeringError(f"already peered with {token.cluster}: delete it first")
+        try:
+            bundle = parse_bundle(token.trust_domain, token.trust_bundle_json)
+        except BundleError as error:
+            raise PeeringError(f"the token's trust bundle is invalid: {error.reason}") from None
+        record = PeerRecord(
+            name=token.cluster,
+            mesh=token.mesh,
+            trust_domain=token.trust_domain,
+            dialer=True,
+            gateways=token.gateways,
+            bundle_json=token.trust_bundle_json,
+            bundle_sequence_seen=bundle.sequence or 0,
+        )
+        peer = self._add_peer(record, token=token)
+        active = asyncio.ensure_future(peer.activated.wait())
+        refused = asyncio.ensure_future(peer.refused.wait())
+        try:
+            await asyncio.wait(
+                {active, refused}, timeout=within, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            active.cancel()
+            refused.cancel()
+        if peer.activated.is_set():
+            return token.cluster
+        await self._forget(token.cluster)
+        raise PeeringError(
+            f"establish with {token.cluster} failed: {peer.last_error or 'no answer'}"
+        )
+
+    def list(self) -> builtins.list[PeerStatus]:
+        """``snapbright peering list``: one status per peer, by name."""
+        return [self._peers[name].link.session.status() for name in sorted(self._peers)]
+
+    async def delete(self, peer: str) -> None:
+        """``snapbright peering delete PEER``: tell the peer, close the stream, withdraw its
+        mirrors and trust (the withdraw callback runs before this returns)."""
+        entry = self._peers.get(peer)
+        if entry is None:
+            raise PeeringError(f"no peering with {peer!r}")
+        task = entry.dialer_task
+        entry.link.handle(Deleted(self._clock()))
+        # The Withdraw effect forgot the peer and cancelled its dial loop; let that finish.
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def messages_received(self, peer: str) -> Mapping[str, int]:
+        """How many messages of each kind the peer sent us (for metrics and tests)."""
+        return dict(self._peers[peer].link.received)
+
+    # -- what we export --
+
+    def set_service(
+        self,
+        key: ServiceKey,
+        *,
+        healthy_endpoints: int,
+        exported_to: Iterable[str],
+        mirrored_from: str | None = None,
+    ) -> None:
+        """A local service appeared or changed; ``exported_to`` is the ExportPolicy's decision.
+        Every connected peer whose exports changed gets a delta at once."""
+        changed = self.book.set_service(
+            key,
+            healthy_endpoints=healthy_endpoints,
+            exported_to=exported_to,
+            mirrored_from=mirrored_from,
+        )
+        self._exports_changed(changed)
+
+    def remove_service(self, key: ServiceKey) -> None:
+        """A local service is gone: peers it was exported to get a delta removing it."""
+        self._exports_changed(self.book.remove_service(key))
+
+    def apply_export_decision(self, exported_to: Callable[[ServiceKey], Iterable[str]]) -> None:
+        """The ExportPolicy was reloaded: re-decide every service, push what changed."""
+        self._exports_changed(self.book.apply_decision(exported_to))
+
+    def publish_health(self, services: Iterable[ServiceHealth], at_unix_ms: int) -> None:
+        """Send each connected peer the health of the services we export to it."""
+        services = tuple(services)
+        for name, peer in self._peers.items():
+            if peer.link.session.state is not PeerState.ACTIVE:
+                continue
+            exports = self.book.exports_to(name)
+            mine = tuple(s for s in services if exports.get(s.key) is not None)
+            if mine:
+                peer.link.send(HealthSummaries(at_unix_ms, mine))
+
+    # -- trust --
+
+    def set_svid(self, svid: X509Svid) -> None:
+        """Our SVID was renewed: new handshakes present it (streams that are up stay)."""
+        self._svid = svid
+        self._refresh_trust()
+
+    def set_local_bundle(self, bundle: TrustBundle) -> None:
+        """Our bundle changed (a root added or retired): push it to every peer at once."""
+        if bundle.trust_domain != self.trust_domain:
+            raise PeeringError(f"bundle is for {bundle.trust_domain}, not {self.trust_domain}")
+        self._bundle = bundle
+        update = self._bundle_update()
+        now = self._clock()
+        for peer in self._peers.values():
+            peer.link.handle(LocalBundleChanged(update, now))
+        self._refresh_trust()
+
+    def bundle_acked_by_all(self, sequence: int) -> bool:
+        """True when every peer has applied our bundle at ``sequence`` or later (the CA waits
+        for this before it issues leaves under a new root)."""
+        return all(peer.acked_bundle >= sequence for peer in self._peers.values())
+
+    # -- the acceptor's side --
+
+    async def _accept(
+        self, context: grpc.aio.ServicerContext[pb.PeeringMessage, pb.PeeringMessage]
+    ) -> None:
+        stream = ServerStream(context)
+        try:
+            first = await asyncio.wait_for(stream.read(), OPEN_TIMEOUT)
+            if first is None:
+                return
+            peer = self._admit(peer_leaf(context.auth_context()), first)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Open in time")
+        except _Refused as refusal:
+            _log.warning("peering: refused a stream: %s", refusal.reason)
+            with contextlib.suppress(Exception):
+                await context.write(to_proto(Close(refusal.reason)))
+            await context.abort(refusal.code, refusal.reason)
+        await peer.link.run(stream, first)
+
+    def _admit(self, leaf: x509.Certificate | None, first: pb.PeeringMessage) -> _Peer:
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        if leaf is None:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+        try:
+            open_ = from_proto(first)
+        except WireError as error:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, error.reason) from None
+        if not isinstance(open_, Open):
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Open")
+        now = self._clock()
+        outstanding = {
+            token_id: record.bootstrap_root
+            for token_id, record in self._tokens.items()
+            if record.issued.used_at is None and now < record.issued.expires_at
+        }
+        token_id = bootstrap_token_of(leaf, outstanding)
+        if token_id is not None:
+            return self._admit_new(token_id, open_, now)
+        bundles = TrustBundleSet(p.bundle for p in self._peers.values() if p.bundle is not None)
+        try:
+            spiffe_id = validate_svid(leaf, (), bundles, _utc(now), Purpose.CLIENT)
+        except SvidError as error:
+            raise _Refused(denied, f"client certificate refused: {error}") from None
+        for peer in self._peers.values():
+            if peer.record.trust_domain == spiffe_id.trust_domain:
+                if open_.cluster != peer.record.name:
+                    raise _Refused(denied, f"{spiffe_id} may not open as {open_.cluster}")
+                return peer
+        raise _Refused(denied, f"{spiffe_id.trust_domain} is not a peer")
+
+    def _admit_new(self, token_id: str, open_: Open, now: float) -> _Peer:
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        try:
+            # Only the token whose bootstrap root signed the client's leaf can be redeemed.
+            issued = redeem(
+                [self._tokens[token_id].issued], open_.establish_secret, peer=open_.cluster, now=now
+            )
+        except TokenError as error:
+            raise _Refused(denied, error.reason) from None
+        try:
+            expected = TrustDomain.for_cluster(open_.cluster, open_.mesh)
+        except SpiffeIdError as error:
+            raise _Refused(denied, error.reason) from None
+        if open_.trust_domain != expected:
+            raise _Refused(denied, f"{open_.cluster}'s trust domain must be {expected}")
+        if open_.cluster == self._identity.cluster or open_.cluster in self._peers:
+            raise _Refused(denied, f"already peered with {open_.cluster}")
+        self._tokens[token_id] = replace(self._tokens[token_id], issued=issued)
+        peer = self._add_peer(
+            PeerRecord(open_.cluster, open_.mesh, open_.trust_domain, dialer=False), token=None
+        )
+        self._save()
+        self._refresh_trust()
+        _log.info("peering: %s established with token %s", open_.cluster, token_id)
+        return peer
+
+    # -- the dialer's side --
+
+    async def _dial(self, peer: _Peer) -> None:
+        record = peer.record
+        server_name = control_plane_server_name(record.name, record.mesh)
+        options = [("grpc.ssl_target_name_override", server_name)]
+        attempt = 0
+        while True:
+            address = record.gateways[attempt % len(record.gateways)]
+            attempt += 1
+            roots = peer.bundle.roots if peer.bundle is not None else ()
+            if peer.token is not None:
+                credentials = bootstrap_channel_credentials(
+                    peer.token.secret, peer.token.token_id, roots, _utc(self._clock())
+                )
+            else:
+                credentials = svid_channel_credentials(self._svid, roots)
+            channel = grpc.aio.secure_channel(str(address), credentials, options=options)
+            try:
+                call = pb_grpc.PeeringStub(channel).Exchange()
+                peer.last_error = await peer.link.run(ClientStream(call))
+                if peer.token is not None and _is_refusal(peer.last_error):
+                    peer.refused.set()
+            finally:
+                await channel.close(grace=None)
+            delay = peer.link.reconnect_after
+            if delay is None:
+                return  # deleted: no reconnect
+            await asyncio.sleep(delay)
+
+    # -- effects and messages of every link --
+
+    def _add_peer(self, record: PeerRecord, *, token: PeeringToken | None) -> _Peer:
+        bundle = None
+        if record.bundle_json is not None:
+            bundle = parse_bundle(record.trust_domain, record.bundle_json)
+        session = PeeringSession(
+            local=self._identity,
+            peer=PeerIdentity(record.name, record.mesh, record.trust_domain),
+            exports=self.book.add_peer(record.name),
+            local_bundle=self._bundle_update(),
+            dialer=record.dialer,
+            rng=self._rng,
+            settings=self._settings,
+            establish_secret=token.secret if token is not None else b"",
+        )
+        link = PeerLink(
+            session,
+            clock=self._clock,
+            on_effect=self._on_effect,
+            vet=self._vet,
+            on_state=self._on_state,
+            name=record.name,
+        )
+        peer = _Peer(record, link, bundle, token)
+        self._peers[record.name] = peer
+        if record.dialer:
+            peer.dialer_task = asyncio.create_task(self._dial(peer))
+        return peer
+
+    async def _forget(self, name: str) -> None:
+        peer = self._peers.pop(name, None)
+        if peer is None:
+            return
+        self.book.remove_peer(name)
+        task = peer.dialer_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._save()
+        self._refresh_trust()
+
+    def _vet(self, link: PeerLink, message: PeeringMessage) -> str | None:
+        peer = self._peers.get(link.name)
+        if peer is None:
+            return None
+        if isinstance(message, Ack):
+            peer.acked_bundle = max(peer.acked_bundle, message.bundle_sequence)
+        elif isinstance(message, Open):
+            peer.acked_bundle = max(peer.acked_bundle, message.bundle_sequence_seen)
+        elif isinstance(message, TrustBundleUpdate):
+            known = peer.bundle.sequence if peer.bundle is not None else None
+            if message.trust_domain != peer.record.trust_domain:
+                return None  # the session refuses a foreign domain's bundle itself
+            if known is not None and message.sequence <= known:
+                return None  # old news; the session ignores it
+            try:
+                bundle = parse_bundle(
+                    message.trust_domain, message.spiffe_bundle_json, previous=peer.bundle
+                )
+            except BundleError as error:
+                return f"trust bundle refused: {error.reason}"
+            if bundle.sequence != message.sequence:
+                return "trust bundle's spiffe_sequence differs from the update's sequence"
+            if bundle.revoked:
+                return "trust bundle has no root: delete the peering instead"
+            peer.bundle = bundle
+        return None
+
+    def _on_state(self, link: PeerLink, state: PeerState) -> None:
+        peer = self._peers.get(link.name)
+        if peer is None or state is not PeerState.ACTIVE:
+            return
+        if peer.token is not None:
+            peer.token = None  # redeemed: from now on we dial with our SVID
+            self._save()
+        peer.activated.set()
+
+    def _on_effect(self, link: PeerLink, effect: Effect) -> None:
+        peer = self._peers.get(link.name)
+        if peer is None:
+            return
+        match effect:
+            case ApplyImports(name):
+                self._callbacks.imports_changed(name, link.session.imports)
+            case ApplyHealth(name, services, at_unix_ms):
+                self._callbacks.health(name, services, at_unix_ms)
+            case ApplyTrustBundle(name, update):
+                if peer.bundle is not None and peer.bundle.sequence == update.sequence:
+                    peer.record = replace(
+                        peer.record,
+                        bundle_json=update.spiffe_bundle_json.decode(),
+                        bundle_sequence_seen=update.sequence,
+                    )
+                    self._save()
+                    self._refresh_trust()
+                    self._callbacks.trust_changed(name, peer.bundle)
+            case MarkStale(name, since):
+                self._callbacks.stale(name, since)
+            case MarkFresh(name):
+                self._callbacks.stale(name, None)
+            case Withdraw(name, trust_domain, _):
+                # Drop the peer's trust now; the dial loop is stopped by whoever deleted.
+                self._peers.pop(name, None)
+                self.book.remove_peer(name)
+                if peer.dialer_task is not None and peer.dialer_task is not _current_task():
+                    peer.dialer_task.cancel()
+                self._save()
+                self._refresh_trust()
+                self._callbacks.trust_changed(name, None)
+                self._callbacks.withdrawn(name, trust_domain)
+            case _:
+                raise TypeError(f"unexpected peering effect {effect!r}")
+
+    async def _tick_all(self) -> None:
+        interval = self._settings.heartbeat_interval / 4
+        while True:
+            await asyncio.sleep(interval)
+            for peer in list(self._peers.values()):
+                peer.link.tick()
+
+    def _exports_changed(self, peers: Iterable[str]) -> None:
+        now = self._clock()
+        for name in peers:
+            peer = self._peers.get(name)
+            if peer is not None:
+                peer.link.handle(ExportsChanged(now))
+
+    # -- persistence and trust --
+
+    def _bundle_update(self) -> TrustBundleUpdate:
+        return TrustBundleUpdate(
+            self.trust_domain, self._bundle.sequence or 0, format_bundle(self._bundle)
+        )
+
+    def _client_roots(self) -> builtins.list[x509.Certificate]:
+        now = self._clock()
+        roots = list(self._bundle.roots)
+        for peer in self._peers.values():
+            if peer.bundle is not None:
+                roots.extend(peer.bundle.roots)
+        for record in self._tokens.values():
+            if record.issued.used_at is None and now < record.issued.expires_at:
+                roots.append(record.bootstrap_root)
+        return roots
+
+    def _refresh_trust(self) -> None:
+        self._trust.update(server_configuration(self._svid, self._client_roots()))
+
+    def _save(self) -> None:
+        now = self._clock()
+        # Peers we dial are recorded once they have been ACTIVE (the token is spent then).
+        peers = tuple(p.record for p in self._peers.values() if p.token is None)
+        tokens = tuple(t for t in self._tokens.values() if now < t.issued.expires_at)
+        save_state(self._state_dir, PeeringState(peers, tokens))
+
+
+def format_status(statuses: Iterable[PeerStatus], now: float) -> list[str]:
+    """``snapbright peering list`` as lines: PEER STATE LAST-HEARTBEAT RTT IMPORTED EXPORTED."""
+    rows = [("PEER", "STATE", "LAST-HEARTBEAT", "RTT", "IMPORTED", "EXPORTED")]
+    for status in statuses:
+        heard = (
+            "-"
+            if status.last_heard_at is None
+            else f"{max(0.0, now - status.last_heard_at):.1f}s ago"
+        )
+        rtt = "-" if status.rtt_seconds is None else f"{status.rtt_seconds * 1000:.1f}ms"
+        rows.append(
+            (
+                status.peer,
+                status.state.value.upper(),
+                heard,
+                rtt,
+                str(status.imported),
+                str(status.exported),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def _current_task() -> asyncio.Task[object] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
+
+
+def _is_refusal(reason: str) -> bool:
+    return any(
+        code in reason
+        for code in ("PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_ARGUMENT", "peer closed")
+    )

@@ -1,0 +1,409 @@
+"""The peering transport end to end: two (or three) PeeringManagers on 127.0.0.1, real
+grpc.aio streams, real certificates from separate cluster CAs, bounded real-time waits."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from federation.api.v1 import peering_pb2 as pb
+from federation.api.v1 import peering_pb2_grpc as pb_grpc
+from federation.export.model import ExportPolicy
+from federation.peering.core import SessionSettings
+from federation.peering.credentials import (
+    bootstrap_channel_credentials,
+    control_plane_server_name,
+    svid_channel_credentials,
+)
+from federation.peering.manager import (
+    PeeringCallbacks,
+    PeeringError,
+    PeeringManager,
+    format_status,
+)
+from federation.peering.model import (
+    ExportedService,
+    GatewayAddress,
+    Open,
+    PeerState,
+    ServiceHealth,
+    ServiceKey,
+    token_id_for,
+)
+from federation.peering.token import decode_token, encode_token
+from federation.peering.wire import to_proto
+from federation.trust.ca import ClusterCA, create_ca
+from proxy.identity.bundle import TrustBundle
+from proxy.identity.model import SpiffeId, TrustDomain
+from proxy.identity.svid import X509Svid
+from tests.proxy.identity.forge import ForgedDomain, forge_leaf
+
+MESH = "acme"
+PAY = ServiceKey("shop", "pay")
+CART = ServiceKey("shop", "cart")
+SETTINGS = SessionSettings(
+    heartbeat_interval=0.2, missed_heartbeats=3, backoff_base=0.05, backoff_cap=0.3
+)
+POLICY = ExportPolicy.model_validate(
+    {
+        "apiVersion": "snapbright.io/v1alpha1",
+        "kind": "ExportPolicy",
+        "metadata": {"name": "a-exports"},
+        "spec": {
+            "exports": (
+                {"service": "pay", "peers": ("b",)},
+                {"service": "cart", "peers": ("b",)},
+            )
+        },
+    }
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def control_plane_svid(ca: ClusterCA, cluster: str) -> X509Svid:
+    spiffe_id = SpiffeId.workload(ca.trust_domain, "snapbright", "controlplane")
+    key = ec.generate_private_key(ec.SECP256R1())
+    chain = ca.sign_svid(
+        spiffe_id,
+        key.public_key(),
+        utcnow(),
+        dns_names=(control_plane_server_name(cluster, MESH),),
+    )
+    return X509Svid(spiffe_id, chain, key)
+
+
+@dataclass
+class Heard:
+    """What a manager's callbacks were told."""
+
+    imports: dict[str, Mapping[ServiceKey, ExportedService]] = field(default_factory=dict)
+    bundles: list[tuple[str, TrustBundle | None]] = field(default_factory=list)
+    withdrawn: list[str] = field(default_factory=list)
+    health: list[tuple[str, tuple[ServiceHealth, ...]]] = field(default_factory=list)
+
+    def callbacks(self) -> PeeringCallbacks:
+        return PeeringCallbacks(
+            imports_changed=lambda peer, imports: self.imports.__setitem__(peer, imports),
+            trust_changed=lambda peer, bundle: self.bundles.append((peer, bundle)),
+            withdrawn=lambda peer, _td: self.withdrawn.append(peer),
+            health=lambda peer, services, _at: self.health.append((peer, services)),
+        )
+
+
+@dataclass
+class Cluster:
+    name: str
+    ca: ClusterCA
+    manager: PeeringManager
+    heard: Heard
+    port: int
+    state_dir: Path
+
+
+async def start_cluster(name: str, ca: ClusterCA, state_dir: Path, port: int = 0) -> Cluster:
+    heard = Heard()
+    manager = PeeringManager(
+        cluster=name,
+        mesh=MESH,
+        svid=control_plane_svid(ca, name),
+        bundle=ca.bundle(),
+        state_dir=state_dir,
+        callbacks=heard.callbacks(),
+        settings=SETTINGS,
+    )
+    await manager.start()
+    bound = await manager.serve(f"127.0.0.1:{port}")
+    manager.gateways = (GatewayAddress("127.0.0.1", bound),)
+    return Cluster(name, ca, manager, heard, bound, state_dir)
+
+
+async def eventually(check: Callable[[], bool], within: float = 3.0) -> None:
+    """Wait (in real time, bounded) until ``check()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"not true within {within} s")
+        await asyncio.sleep(0.02)
+
+
+def state_of(cluster: Cluster, peer: str) -> PeerState | None:
+    for status in cluster.manager.list():
+        if status.peer == peer:
+            return status.state
+    return None
+
+
+@pytest.fixture
+async def clusters(tmp_path: Path) -> AsyncIterator[dict[str, Cluster]]:
+    started: dict[str, Cluster] = {}
+    for name in ("a", "b", "c"):
+        ca = create_ca(TrustDomain.for_cluster(name, MESH), utcnow())
+        started[name] = await start_cluster(name, ca, tmp_path / name)
+    yield started
+    for cluster in started.values():
+        # Bounded: a close that hangs fails the test instead of the run.
+        await asyncio.wait_for(cluster.manager.close(), 5)
+
+
+async def peer_b_with_a(clusters: dict[str, Cluster]) -> tuple[Cluster, Cluster]:
+    """a accepts, b establishes with a's token; a exports pay to b (ExportPolicy)."""
+    a, b = clusters["a"], clusters["b"]
+    a.manager.set_service(PAY, healthy_endpoints=2, exported_to=POLICY.peers_of("pay"))
+    assert await b.manager.establish(a.manager.generate_token(), within=3) == "a"
+    await eventually(lambda: state_of(a, "b") is PeerState.ACTIVE)
+    await eventually(lambda: PAY in b.heard.imports.get("a", {}))
+    return a, b
+
+
+async def raw_exchange(
+    port: int, credentials: grpc.ChannelCredentials, first: Open, server: str = "a"
+) -> tuple[list[pb.PeeringMessage], grpc.StatusCode]:
+    """Dial the peering port by hand, send one Open, read until the server ends the call."""
+    options = [("grpc.ssl_target_name_override", control_plane_server_name(server, MESH))]
+    received: list[pb.PeeringMessage] = []
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options=options) as ch:
+        call = pb_grpc.PeeringStub(ch).Exchange()
+        try:
+            await call.write(to_proto(first))
+            while True:
+                message = await asyncio.wait_for(call.read(), 3)
+                if not isinstance(message, pb.PeeringMessage):
+                    break
+                received.append(message)
+            return received, await call.code()
+        except grpc.aio.AioRpcError as error:
+            return received, error.code()
+
+
+def open_as(cluster: str, secret: bytes = b"") -> Open:
+    return Open(cluster, MESH, TrustDomain.for_cluster(cluster, MESH), establish_secret=secret)
+
+
+# --- establish, exports, imports ---
+
+
+async def test_establish_makes_both_sides_active_and_exports_reach_the_importer(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = await peer_b_with_a(clusters)
+    assert state_of(b, "a") is PeerState.ACTIVE
+    assert b.heard.imports["a"][PAY] == ExportedService(PAY, "pay.shop.a.acme", 2)
+    # A new service arrives as a delta, a removal too; nothing else is re-sent.
+    a.manager.set_service(CART, healthy_endpoints=1, exported_to=POLICY.peers_of("cart"))
+    await eventually(lambda: CART in b.heard.imports["a"])
+    a.manager.remove_service(PAY)
+    await eventually(lambda: PAY not in b.heard.imports["a"])
+    assert set(b.heard.imports["a"]) == {CART}
+    received = b.manager.messages_received("a")
+    assert received["services_snapshot"] == 1
+    assert received["services_delta"] == 2
+    # b learned a's bundle from the stream, and a learned b's.
+    assert ("a", a.ca.bundle()) in [(p, bundle) for p, bundle in b.heard.bundles]
+    assert any(p == "b" and bundle == b.ca.bundle() for p, bundle in a.heard.bundles)
+
+
+async def test_a_service_not_exported_to_the_peer_never_reaches_it(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = await peer_b_with_a(clusters)
+    a.manager.set_service(ServiceKey("shop", "ledger"), healthy_endpoints=1, exported_to=())
+    a.manager.set_service(CART, healthy_endpoints=1, exported_to=POLICY.peers_of("cart"))
+    await eventually(lambda: CART in b.heard.imports["a"])
+    assert ServiceKey("shop", "ledger") not in b.heard.imports["a"]
+
+
+async def test_health_summaries_reach_the_peer_for_exported_services_only(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = await peer_b_with_a(clusters)
+    pay = ServiceHealth(PAY, 0.01, 0.02, 0.03, 0.99, 50.0, 100.0, 2)
+    secret = ServiceHealth(ServiceKey("shop", "ledger"), 0.01, 0.02, 0.03, 1.0, 1.0, None, 1)
+    a.manager.publish_health([pay, secret], at_unix_ms=1)
+    await eventually(lambda: bool(b.heard.health))
+    assert b.heard.health == [("a", (pay,))]
+
+
+# --- heartbeats and status ---
+
+
+async def test_heartbeats_measure_rtt_and_list_shows_it(clusters: dict[str, Cluster]) -> None:
+    a, b = await peer_b_with_a(clusters)
+
+    def rtt_known() -> bool:
+        return all(s.rtt_seconds is not None for c in (a, b) for s in c.manager.list())
+
+    await eventually(rtt_known)
+    (status,) = b.manager.list()
+    assert status.rtt_seconds is not None
+    assert 0 <= status.rtt_seconds < 0.5
+    lines = format_status(b.manager.list(), now=status.last_heard_at or 0.0)
+    assert lines[0].split() == ["PEER", "STATE", "LAST-HEARTBEAT", "RTT", "IMPORTED", "EXPORTED"]
+    assert lines[1].split()[:2] == ["a", "ACTIVE"]
+    assert lines[1].split()[-2:] == ["1", "0"]
+
+
+# --- secrets and tokens ---
+
+
+async def test_a_token_with_a_wrong_secret_is_refused(clusters: dict[str, Cluster]) -> None:
+    a, b = clusters["a"], clusters["b"]
+    token = decode_token(a.manager.generate_token(), now=0)
+    forged_secret = secrets.token_bytes(32)
+    forged = replace(token, secret=forged_secret, token_id=token_id_for(forged_secret))
+    with pytest.raises(PeeringError, match="establish with a failed"):
+        await b.manager.establish(encode_token(forged), within=1.0)
+    assert a.manager.list() == []
+    assert b.manager.list() == []
+
+
+async def test_the_secret_must_belong_to_the_token_that_opened_the_tls_session(
+    clusters: dict[str, Cluster],
+) -> None:
+    a = clusters["a"]
+    first = decode_token(a.manager.generate_token(), now=0)
+    second = decode_token(a.manager.generate_token(), now=0)
+    roots = a.ca.bundle().roots
+    credentials = bootstrap_channel_credentials(first.secret, first.token_id, roots, utcnow())
+    received, code = await raw_exchange(a.port, credentials, open_as("b", second.secret))
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    assert received[0].WhichOneof("body") == "close"
+    # Neither token was spent by the attempt: the honest holder of the second still peers.
+    assert await clusters["b"].manager.establish(encode_token(second), within=3) == "a"
+
+
+async def test_a_used_token_is_refused_at_the_handshake(clusters: dict[str, Cluster]) -> None:
+    a, b, c = clusters["a"], clusters["b"], clusters["c"]
+    text = a.manager.generate_token()
+    assert await b.manager.establish(text, within=3) == "a"
+    with pytest.raises(PeeringError):
+        await c.manager.establish(text, within=1.0)
+    token = decode_token(text, now=0)
+    credentials = bootstrap_channel_credentials(
+        token.secret, token.token_id, a.ca.bundle().roots, utcnow()
+    )
+    _, code = await raw_exchange(a.port, credentials, open_as("c", token.secret))
+    assert code is grpc.StatusCode.UNAVAILABLE  # its bootstrap root left a's client roots
+    assert [s.peer for s in a.manager.list()] == ["b"]
+
+
+# --- who may reconnect ---
+
+
+async def test_reconnects_are_verified_against_the_peers_own_bundle_only(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, _ = await peer_b_with_a(clusters)
+    c = clusters["c"]
+    # c is a peer too, so c's root is among a's client roots at the TLS layer.
+    assert await c.manager.establish(a.manager.generate_token(), within=3) == "a"
+    await eventually(lambda: any(p == "c" and bundle for p, bundle in a.heard.bundles))
+    roots = a.ca.bundle().roots
+    c_root = c.ca.authorities[0]
+    assert c_root.root_key is not None
+    c_domain = ForgedDomain(c.ca.trust_domain, c_root.root, c_root.root_key)
+    claims_b_chained_to_c = forge_leaf(
+        c_domain, utcnow(), uris=["spiffe://b.acme/ns/snapbright/sa/controlplane"]
+    )
+    stranger = create_ca(TrustDomain("d.acme"), utcnow())
+    cases = {
+        "claims b, chains to c's root": (claims_b_chained_to_c, "b"),
+        "c's real SVID opening as b": (control_plane_svid(c.ca, "c"), "b"),
+        "a's own domain": (control_plane_svid(a.ca, "a"), "b"),
+        "a domain that is no peer": (control_plane_svid(stranger, "d"), "d"),
+    }
+    for case, (svid, claimed) in cases.items():
+        _, code = await raw_exchange(
+            a.port, svid_channel_credentials(svid, roots), open_as(claimed)
+        )
+        assert code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE), case
+    # The real b still reconnects (its stream is replaced by the new one, which is fine).
+    assert state_of(a, "b") in (PeerState.ACTIVE, PeerState.DISCONNECTED)
+    await eventually(lambda: state_of(a, "b") is PeerState.ACTIVE)
+
+
+async def test_a_restarted_peering_port_resyncs_with_only_the_delta(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = await peer_b_with_a(clusters)
+    await eventually(lambda: any(p == "b" for p, _ in a.heard.bundles))
+    await a.manager.stop_serving()
+    await eventually(lambda: state_of(b, "a") is not PeerState.ACTIVE)
+    a.manager.set_service(CART, healthy_endpoints=1, exported_to=POLICY.peers_of("cart"))
+    await a.manager.serve(f"127.0.0.1:{a.port}")
+    await eventually(lambda: state_of(b, "a") is PeerState.ACTIVE)
+    await eventually(lambda: CART in b.heard.imports["a"])
+    received = b.manager.messages_received("a")
+    assert received["services_snapshot"] == 1  # only the first establish sent one
+    assert received["services_delta"] == 1
+    assert received["open"] == 2
+
+
+async def test_a_restarted_dialer_reconnects_from_its_state_without_a_token(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = await peer_b_with_a(clusters)
+    await eventually(lambda: any(p == "b" for p, _ in a.heard.bundles))
+    await b.manager.close()
+    restarted = await start_cluster("b", b.ca, b.state_dir)
+    clusters["b"] = restarted
+    await eventually(lambda: state_of(restarted, "a") is PeerState.ACTIVE)
+    await eventually(lambda: PAY in restarted.heard.imports.get("a", {}))
+
+
+# --- delete ---
+
+
+async def test_delete_withdraws_imports_on_both_sides_and_closes_the_stream(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = await peer_b_with_a(clusters)
+    await eventually(lambda: any(p == "b" for p, _ in a.heard.bundles))
+    await a.manager.delete("b")
+    assert a.heard.withdrawn == ["b"]
+    assert a.manager.list() == []
+    await eventually(lambda: b.heard.withdrawn == ["a"], within=5.0)
+    assert b.manager.list() == []
+    assert ("a", None) in b.heard.bundles
+    # b's trust is gone from a's port: its SVID no longer gets through.
+    svid = control_plane_svid(b.ca, "b")
+    credentials = svid_channel_credentials(svid, a.ca.bundle().roots)
+    _, code = await raw_exchange(a.port, credentials, open_as("b"))
+    assert code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE)
+
+
+# --- trust federation ---
+
+
+async def test_a_rotated_bundle_reaches_the_peer_and_its_ack_comes_back(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = await peer_b_with_a(clusters)
+    await eventually(lambda: a.manager.bundle_acked_by_all(1))
+    rotated = a.ca.rotate(utcnow())
+    a.manager.set_local_bundle(rotated.bundle())
+    assert not a.manager.bundle_acked_by_all(2)
+    await eventually(lambda: a.manager.bundle_acked_by_all(2))
+    peer, bundle = b.heard.bundles[-1]
+    assert peer == "a"
+    assert bundle is not None
+    assert bundle.sequence == 2
+    assert len(bundle.roots) == 2
+    # Leaves under the new root are accepted by b on the next connection.
+    a.manager.set_svid(control_plane_svid(rotated, "a"))
+    await a.manager.stop_serving()
+    await eventually(lambda: state_of(b, "a") is not PeerState.ACTIVE)
+    await a.manager.serve(f"127.0.0.1:{a.port}")
+    await eventually(lambda: state_of(b, "a") is PeerState.ACTIVE)
