@@ -1,0 +1,136 @@
+"""The control plane process in this event loop: readiness, registrations, policies."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from proxy.api.v1 import discovery_pb2 as pb
+from tests.snapbright.controlplane.conftest import (
+    BAD_POLICY,
+    GOOD_POLICY,
+    call,
+    control_plane,
+    next_snapshot,
+    registration,
+    sidecar,
+    until,
+    write_config,
+)
+
+
+def _endpoints(snapshot: pb.Snapshot, service: str) -> list[tuple[str, int]]:
+    for upstream in snapshot.upstreams:
+        if upstream.service == service:
+            return [(e.address, e.port) for t in upstream.targets for e in t.endpoints]
+    return []
+
+
+def _metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def test_nothing_is_pushed_until_policies_load_then_the_registered_endpoints_are(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, "us-west")
+    (tmp_path / "policies" / "pay.yaml").write_text(BAD_POLICY)
+    async with control_plane(config) as plane:
+        status, _ = await call(
+            "POST", f"{plane.admin_url}/api/v1/registrations", registration("pay-1", "pay", 9001)
+        )
+        assert status == 200
+        client = sidecar(plane.ca(), plane.discovery_target, "us-west", "web")
+        task = asyncio.create_task(client.run())
+        try:
+            await until(lambda: bool(plane.discovery.subscribers()))
+            await asyncio.sleep(0.3)
+            assert client.version == ""  # subscribed, but not ready: nothing, not an empty set
+            assert (await call("GET", f"{plane.admin_url}/ready"))[0] == 503
+
+            (tmp_path / "policies" / "pay.yaml").write_text(GOOD_POLICY)
+            snapshot = await next_snapshot(client)
+            assert _endpoints(snapshot, "pay") == [("127.0.0.1", 9001)]
+            assert [p.kind for p in snapshot.policies] == ["TrafficPolicy"]
+            assert snapshot.trust_bundles[0].trust_domain == "us-west.acme"
+            assert (await call("GET", f"{plane.admin_url}/ready"))[0] == 200
+        finally:
+            client.close()
+            task.cancel()
+
+
+async def test_a_bad_policy_file_is_rejected_with_its_position_and_the_last_good_set_stays(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, "us-west")
+    policy = tmp_path / "policies" / "pay.yaml"
+    policy.write_text(GOOD_POLICY)
+    async with control_plane(config) as plane:
+        client = sidecar(plane.ca(), plane.discovery_target, "us-west", "web")
+        task = asyncio.create_task(client.run())
+        try:
+            first = await next_snapshot(client)
+            assert plane.policies.state.ok
+            policy.write_text(BAD_POLICY)
+            await until(lambda: not plane.policies.state.ok)
+
+            errors = plane.policies.state.errors
+            assert len(errors) == 1
+            assert errors[0].startswith(f"{policy}:6:23: spec.timeouts.request:"), errors
+            assert _metric(plane.metrics, "snapbright_config_reload_total", result="rejected") == 1
+            assert _metric(plane.metrics, "snapbright_config_reload_total", result="ok") == 1
+            assert plane.policies.current() is not None
+            assert plane.policies.current().traffic[0].spec.timeouts.request == 2.0  # type: ignore[union-attr]
+            status, body = await call("GET", f"{plane.admin_url}/api/v1/status")
+            assert status == 200
+            assert body["policies"]["ok"] is False
+            assert body["policies"]["errors"] == list(errors)
+            await asyncio.sleep(0.2)
+            assert client.version == first.version  # nothing new was pushed
+        finally:
+            client.close()
+            task.cancel()
+
+
+async def test_an_expired_registration_leaves_the_snapshot_in_a_new_version(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, "us-west")
+    async with control_plane(config) as plane:
+        body = registration("pay-1", "pay", 9001) | {"ttl": "300ms"}
+        assert (await call("POST", f"{plane.admin_url}/api/v1/registrations", body))[0] == 200
+        keep = registration("pay-2", "pay", 9002)
+        assert (await call("POST", f"{plane.admin_url}/api/v1/registrations", keep))[0] == 200
+        client = sidecar(plane.ca(), plane.discovery_target, "us-west", "web")
+        task = asyncio.create_task(client.run())
+        try:
+            first = await next_snapshot(client)
+            if len(_endpoints(first, "pay")) == 2:
+                snapshot = await next_snapshot(client, after=first.version)
+            else:
+                snapshot = first  # it expired before the first push
+            assert _endpoints(snapshot, "pay") == [("127.0.0.1", 9002)]
+            assert plane.registry is not None
+            assert plane.registry.registration("pay-1") is None
+        finally:
+            client.close()
+            task.cancel()
+
+
+async def test_registrations_pointing_at_our_own_listeners_are_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "us-west")
+    async with control_plane(config) as plane:
+        for port in plane.ports.values():
+            status, body = await call(
+                "POST",
+                f"{plane.admin_url}/api/v1/registrations",
+                registration("evil", "pay", port),
+            )
+            assert status == 422
+            assert body["error"].startswith("endpoint: address-denied"), body
+        status, body = await call("POST", f"{plane.admin_url}/api/v1/registrations", {"id": "x"})
+        assert status == 400
+        assert "workload and an endpoint" in body["error"]
