@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import socket
@@ -37,6 +38,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -125,7 +127,7 @@ defaults
 
 
 @contextmanager
-def _haproxy(scratch: Path, name: str, body: str) -> Iterator[None]:
+def _haproxy(scratch: Path, name: str, body: str) -> Iterator[int]:
     config = scratch / f"{name}.cfg"
     config.write_text(_HAPROXY_GLOBAL + body)
     log = (scratch / f"{name}.log").open("wb")
@@ -133,7 +135,7 @@ def _haproxy(scratch: Path, name: str, body: str) -> Iterator[None]:
         ["haproxy", "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT
     )
     try:
-        yield
+        yield process.pid
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -141,7 +143,7 @@ def _haproxy(scratch: Path, name: str, body: str) -> Iterator[None]:
 
 
 @contextmanager
-def _gateway(scratch: Path, mode: str, listen: int, backend: int) -> Iterator[None]:
+def _gateway(scratch: Path, mode: str, listen: int, backend: int) -> Iterator[int]:
     admin = _free_port()
     config = scratch / f"gateway-{mode}.yaml"
     config.write_text(
@@ -170,7 +172,7 @@ spec:
     )
     try:
         _wait_ready(admin)
-        yield
+        yield process.pid
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -178,16 +180,32 @@ spec:
 
 
 _RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+_REQUESTS = re.compile(r"(\d+) requests in")
 _P50 = re.compile(r"50%\s+([\d.]+)(us|ms|s)\b")
 
 
-def _wrk(hosts: Path, port: int, seconds: int, connections: int) -> tuple[float, float]:
-    """Requests per second and p50 latency (µs) of one wrk run against ``port``."""
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Run(NamedTuple):
+    """One wrk run through one proxy."""
+
+    rps: float
+    p50_us: float
+    cpu_us_per_request: float  # the proxy's CPU time per request: robust to a shared machine
+
+
+def _wrk(hosts: Path, port: int, pid: int, seconds: int, connections: int) -> Run:
+    """One wrk run against ``port``, with the CPU that the proxy ``pid`` spent on it."""
     url = f"https://{SERVICE}:{port}/"
     script = (
         f"mount --bind {hosts} /etc/hosts && "
         f"exec wrk -t1 -c{connections} -d{seconds}s --latency {url}"
     )
+    cpu_before = _cpu_seconds(pid)
     out = subprocess.run(
         ["unshare", "--mount", "sh", "-c", script],
         capture_output=True,
@@ -195,13 +213,16 @@ def _wrk(hosts: Path, port: int, seconds: int, connections: int) -> tuple[float,
         check=True,
         timeout=seconds + 30,
     ).stdout
+    cpu = _cpu_seconds(pid) - cpu_before
     rps = _RPS.search(out)
     if rps is None or "Non-2xx" in out or "Socket errors" in out:
         raise RuntimeError(f"wrk failed or saw errors:\n{out}")
     p50 = _P50.search(out)
     scale = {"us": 1.0, "ms": 1e3, "s": 1e6}
     p50_us = float(p50[1]) * scale[p50[2]] if p50 else float("nan")
-    return float(rps[1]), p50_us
+    requests = _REQUESTS.search(out)
+    count = int(requests[1]) if requests else 0
+    return Run(float(rps[1]), p50_us, cpu * 1e6 / count if count else float("nan"))
 
 
 def main() -> int:
@@ -235,7 +256,8 @@ frontend tls_backend
 """,
             )
         )
-        stack.enter_context(
+        pids = {}
+        pids["haproxy"] = stack.enter_context(
             _haproxy(
                 scratch,
                 "router",
@@ -255,32 +277,40 @@ backend payments
         _wait_port(backend)
         _wait_port(router)
         for mode in ("splice", "protocol"):
-            stack.enter_context(_gateway(scratch, mode, ports[mode], backend))
+            pids[mode] = stack.enter_context(_gateway(scratch, mode, ports[mode], backend))
 
         order = ["splice", "haproxy", "protocol", "haproxy"]
-        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in ports}
+        runs: dict[str, list[Run]] = {name: [] for name in ports}
         try:
             for name in dict.fromkeys(order):  # warm up each path once
-                _wrk(hosts, ports[name], 1, args.connections)
+                _wrk(hosts, ports[name], pids[name], 1, args.connections)
             for _ in range(args.rounds):
                 for name in order:
-                    runs[name].append(_wrk(hosts, ports[name], args.seconds, args.connections))
+                    run = _wrk(hosts, ports[name], pids[name], args.seconds, args.connections)
+                    runs[name].append(run)
         except RuntimeError:
             for log in sorted(scratch.glob("*.log")):
                 print(f"--- {log.name}\n{log.read_text()[-2000:]}", file=sys.stderr)
             raise
 
-    medians = {name: statistics.median(r for r, _ in results) for name, results in runs.items()}
-    p50s = {name: statistics.median(p for _, p in results) for name, results in runs.items()}
-    print(f"{'path':<28}{'median req/s':>14}{'p50 µs':>10}   runs (req/s)")
+    medians = {name: statistics.median(r.rps for r in results) for name, results in runs.items()}
+    p50s = {name: statistics.median(r.p50_us for r in results) for name, results in runs.items()}
+    cpus = {
+        name: statistics.median(r.cpu_us_per_request for r in results)
+        for name, results in runs.items()
+    }
+    print(f"{'path':<28}{'median req/s':>14}{'p50 µs':>10}{'CPU µs/req':>12}   runs (req/s)")
     labels = {
         "splice": "gateway (os.splice)",
         "protocol": "gateway (asyncio Protocol)",
         "haproxy": "haproxy tcp req.ssl_sni",
     }
     for name, results in runs.items():
-        each = " ".join(f"{r:,.0f}" for r, _ in results)
-        print(f"{labels[name]:<28}{medians[name]:>14,.0f}{p50s[name]:>10,.0f}   {each}")
+        each = " ".join(f"{r.rps:,.0f}" for r in results)
+        print(
+            f"{labels[name]:<28}{medians[name]:>14,.0f}{p50s[name]:>10,.0f}"
+            f"{cpus[name]:>12.2f}   {each}"
+        )
     haproxy = medians["haproxy"]
     result = {
         "gateway_rps_ratio": round(medians[DEFAULT_MODE] / haproxy, 3),
@@ -288,6 +318,8 @@ backend payments
         "gateway_splice_rps_ratio": round(medians["splice"] / haproxy, 3),
         "gateway_protocol_rps_ratio": round(medians["protocol"] / haproxy, 3),
         "haproxy_tcp_rps": round(haproxy),
+        "gateway_cpu_us_per_request": round(cpus[DEFAULT_MODE], 2),
+        "haproxy_cpu_us_per_request": round(cpus["haproxy"], 2),
     }
     print(json.dumps(result))
     return 0

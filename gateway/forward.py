@@ -33,31 +33,32 @@ SPLICE_AVAILABLE = hasattr(os, "splice")
 class Link:
     """A client connection joined to its upstream; ``on_closed`` runs once when both end.
 
-    ``up`` and ``down`` count the bytes passed each way; ``active`` is set whenever bytes
-    pass, for the idle sweep to read and clear.
+    :attr:`up` and :attr:`down` are the bytes passed each way so far. The hot path only adds
+    to a plain integer per direction; the gateway's sweep reads the totals to spot idle links
+    and to move byte counts into the metrics.
     """
 
-    __slots__ = (
-        "_closed",
-        "_on_closed",
-        "active",
-        "down",
-        "idle_sweeps",
-        "reported_down",
-        "reported_up",
-        "up",
-    )
+    __slots__ = ("_closed", "_on_closed", "idle_sweeps", "reported_down", "reported_up", "seen")
 
     def __init__(self, on_closed: Callable[[Link], None]) -> None:
         self._on_closed = on_closed
         self._closed = False
-        self.active = True
-        self.up = 0
-        self.down = 0
-        # Bookkeeping for the gateway's sweep: idle ticks, and bytes already counted.
+        # Bookkeeping for the gateway's sweep: bytes at the last sweep, idle sweeps since,
+        # and bytes already counted in the metrics.
+        self.seen = -1
         self.idle_sweeps = 0
         self.reported_up = 0
         self.reported_down = 0
+
+    @property
+    def up(self) -> int:
+        """Bytes passed from the client to the upstream."""
+        raise NotImplementedError
+
+    @property
+    def down(self) -> int:
+        """Bytes passed from the upstream to the client."""
+        raise NotImplementedError
 
     def close(self) -> None:
         """Close both sides now (idle timeout, drain deadline, or an error)."""
@@ -83,10 +84,10 @@ class _Direction:
         "_reading",
         "_src",
         "_src_fd",
-        "_upstream",
         "_writing",
         "done",
         "eof",
+        "moved",
     )
 
     def __init__(
@@ -95,15 +96,14 @@ class _Direction:
         src: socket.socket,
         dst: socket.socket,
         link: SpliceLink,
-        upstream: bool,
     ) -> None:
         self._loop = loop
         self._src, self._dst = src, dst
         self._src_fd, self._dst_fd = src.fileno(), dst.fileno()
         self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._link = link
-        self._upstream = upstream
         self._pending = 0
+        self.moved = 0
         self._reading = False
         self._writing = False
         self.eof = False
@@ -115,7 +115,7 @@ class _Direction:
 
     def _on_readable(self) -> None:
         try:
-            moved = os.splice(self._src_fd, self._pipe_w, _CHUNK, flags=_FLAGS)
+            moved = os.splice(self._src_fd, self._pipe_w, _CHUNK, None, None, _FLAGS)
         except BlockingIOError:
             return
         except OSError:
@@ -128,19 +128,23 @@ class _Direction:
             if not self._pending:
                 self._finish()
             return
-        link = self._link
-        link.active = True
-        if self._upstream:
-            link.up += moved
-        else:
-            link.down += moved
-        self._pending += moved
-        self._flush()
+        self.moved += moved
+        # The common case, inline: the receiver takes it all at once.
+        try:
+            sent = os.splice(self._pipe_r, self._dst_fd, moved, None, None, _FLAGS)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._link.close()
+            return
+        if sent != moved:
+            self._pending = moved - sent
+            self._flush()
 
     def _flush(self) -> None:
         while self._pending:
             try:
-                moved = os.splice(self._pipe_r, self._dst_fd, self._pending, flags=_FLAGS)
+                moved = os.splice(self._pipe_r, self._dst_fd, self._pending, None, None, _FLAGS)
             except BlockingIOError:
                 # The receiver is slow: stop reading until the pipe drains (backpressure).
                 if self._reading:
@@ -196,10 +200,20 @@ class SpliceLink(Link):
     ) -> None:
         super().__init__(on_closed)
         self._client, self._upstream = client, upstream
-        self._up = _Direction(loop, client, upstream, self, upstream=True)
-        self._down = _Direction(loop, upstream, client, self, upstream=False)
+        self._up = _Direction(loop, client, upstream, self)
+        self._down = _Direction(loop, upstream, client, self)
         self._up.start()
         self._down.start()
+
+    @property
+    def up(self) -> int:
+        """Bytes passed from the client to the upstream."""
+        return self._up.moved
+
+    @property
+    def down(self) -> int:
+        """Bytes passed from the upstream to the client."""
+        return self._down.moved
 
     def direction_done(self) -> None:
         """One direction ended cleanly; when both have, the connection is over."""
@@ -220,14 +234,25 @@ class SpliceLink(Link):
 class _Relay(asyncio.Protocol):
     """One side of a :class:`RelayLink`: what it receives is written to its peer."""
 
-    __slots__ = ("_early", "_link", "_upstream", "eof", "peer", "transport")
+    __slots__ = (
+        "_early",
+        "_early_eof",
+        "_link",
+        "_write",
+        "eof",
+        "peer",
+        "received",
+        "transport",
+    )
 
-    def __init__(self, link: RelayLink, upstream: bool) -> None:
+    def __init__(self, link: RelayLink) -> None:
         self._link = link
-        self._upstream = upstream  # True for the client side: what it receives goes upstream
         self.peer: _Relay | None = None
         self.transport: asyncio.Transport | None = None
+        self._write: Callable[[bytes], object] = self._early_write
         self._early: list[bytes] = []
+        self._early_eof = False
+        self.received = 0
         self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -236,27 +261,27 @@ class _Relay(asyncio.Protocol):
         for data in self._early:
             writer.write(data)
         self._early.clear()
+        if self._early_eof and writer.can_write_eof():
+            writer.write_eof()
+        if self.peer is not None:
+            self.peer._write = writer.write
+
+    def _early_write(self, data: bytes) -> None:
+        # The peer's transport does not exist yet: keep the bytes for its connection_made.
+        assert self.peer is not None
+        self.peer._early.append(data)
 
     def data_received(self, data: bytes) -> None:
-        link = self._link
-        link.active = True
-        if self._upstream:
-            link.up += len(data)
-        else:
-            link.down += len(data)
-        peer = self.peer
-        assert peer is not None
-        if peer.transport is None:
-            # Data can arrive before the other side's transport exists.
-            peer._early.append(data)
-        else:
-            peer.transport.write(data)
+        self.received += len(data)
+        self._write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
         peer = self.peer
         assert peer is not None
-        if peer.transport is not None and peer.transport.can_write_eof():
+        if peer.transport is None:
+            peer._early_eof = True
+        elif peer.transport.can_write_eof():
             peer.transport.write_eof()
         if peer.eof:
             self._link.close()
@@ -281,10 +306,20 @@ class RelayLink(Link):
 
     def __init__(self, on_closed: Callable[[Link], None]) -> None:
         super().__init__(on_closed)
-        self._client = _Relay(self, upstream=True)
-        self._upstream = _Relay(self, upstream=False)
+        self._client = _Relay(self)
+        self._upstream = _Relay(self)
         self._client.peer = self._upstream
         self._upstream.peer = self._client
+
+    @property
+    def up(self) -> int:
+        """Bytes passed from the client to the upstream."""
+        return self._client.received
+
+    @property
+    def down(self) -> int:
+        """Bytes passed from the upstream to the client."""
+        return self._upstream.received
 
     @classmethod
     async def open(

@@ -273,8 +273,9 @@ class Gateway:
             await asyncio.sleep(period)
             sweeps_to_idle = max(1, round(idle_timeout / period))
             for link in list(self._links):
-                if link.active:
-                    link.active = False
+                passed = link.up + link.down
+                if passed != link.seen:
+                    link.seen = passed
                     link.idle_sweeps = 0
                 else:
                     link.idle_sweeps += 1
@@ -287,12 +288,13 @@ class Gateway:
             self._report_link_bytes(link)
 
     def _report_link_bytes(self, link: Link) -> None:
-        if link.up != link.reported_up:
-            self._metrics.bytes_upstream.inc(link.up - link.reported_up)
-            link.reported_up = link.up
-        if link.down != link.reported_down:
-            self._metrics.bytes_downstream.inc(link.down - link.reported_down)
-            link.reported_down = link.down
+        up, down = link.up, link.down
+        if up != link.reported_up:
+            self._metrics.bytes_upstream.inc(up - link.reported_up)
+            link.reported_up = up
+        if down != link.reported_down:
+            self._metrics.bytes_downstream.inc(down - link.reported_down)
+            link.reported_down = down
 
 
 class _LinkClosed:

@@ -145,7 +145,10 @@ class GatewaySpec(Spec):
     admin: AdminListener = AdminListener()
     limits: Limits = Limits()
     drain_timeout: PositiveDuration = 30.0
-    forwarding: Forwarding = "splice"
+    # Measured by bench/gateway.py on small TLS requests: the Protocol copy on uvloop edges
+    # out os.splice driven from Python (two Python-level splice calls per chunk); splice
+    # saves copies only when chunks are large.
+    forwarding: Forwarding = "protocol"
     control_plane: Endpoint | None = None
     services: tuple[ServiceRoute, ...] = ()
     probe: ProbeIdentity | None = None

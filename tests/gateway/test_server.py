@@ -390,3 +390,14 @@ async def _until(condition: Callable[[], bool]) -> None:
             if condition():
                 return
             await asyncio.sleep(0.005)
+
+
+async def test_a_new_config_changes_routes_for_new_connections(ca: ThrowawayCA) -> None:
+    payments = await _tls_echo(ca, PAYMENTS)
+    async with _running(_config({"payments": _port(payments)})) as (gateway, metrics):
+        assert await _tls_round_trip(gateway, ca, PAYMENTS) == b"payments:ping"
+        gateway.apply(_config({"payments": _port(payments)}, exported=False))
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await _tls_round_trip(gateway, ca, PAYMENTS)
+        assert _rejected(metrics, "not-exported") == 1
+    payments.close()
