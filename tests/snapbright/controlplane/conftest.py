@@ -41,8 +41,16 @@ spec:
 """
 
 
-def write_config(directory: Path, cluster: str, *, extra: str = "", policies: bool = True) -> Path:
-    """A ControlPlaneConfig for ``cluster`` in ``directory`` (every port picked by the OS)."""
+def write_config(
+    directory: Path,
+    cluster: str,
+    *,
+    extra: str = "",
+    policies: bool = True,
+    ports: tuple[int, int, int] = (0, 0, 0),
+) -> Path:
+    """A ControlPlaneConfig for ``cluster`` in ``directory``; ``ports`` are discovery, peering
+    and admin (0: picked by the OS)."""
     directory.mkdir(parents=True, exist_ok=True)
     if policies:
         (directory / "policies").mkdir(exist_ok=True)
@@ -55,9 +63,9 @@ spec:
   mesh: {MESH}
   stateDir: state
   listen:
-    discovery: {{address: 127.0.0.1, port: 0}}
-    peering: {{address: 127.0.0.1, port: 0}}
-    admin: {{address: 127.0.0.1, port: 0}}
+    discovery: {{address: 127.0.0.1, port: {ports[0]}}}
+    peering: {{address: 127.0.0.1, port: {ports[1]}}}
+    admin: {{address: 127.0.0.1, port: {ports[2]}}}
   catalog: {{registrationTtl: 30s}}
   admission: {{allowLoopback: true}}
   probeGateways: false

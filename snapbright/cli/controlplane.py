@@ -1,0 +1,40 @@
+"""`snapbright controlplane --config FILE`: run one cluster's control plane."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from federation.trust.store import StoreError
+from proxy.config.source import ConfigRejected
+from snapbright.controlplane.process import run
+
+
+def controlplane(
+    config: Annotated[
+        Path,
+        typer.Option("--config", "-c", help="A ControlPlaneConfig YAML file.", show_default=False),
+    ],
+) -> None:
+    """Run a cluster's control plane: registry, CA, discovery, peering, failover, dashboard.
+
+    SIGTERM or SIGINT stops it; everything acknowledged is already on disk.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    try:
+        run(config)
+    except ConfigRejected as error:
+        typer.echo(f"snapbright controlplane: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    except StoreError as error:
+        typer.echo(f"snapbright controlplane: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    except OSError as error:
+        typer.echo(f"snapbright controlplane: cannot listen: {error}", err=True)
+        raise typer.Exit(code=1) from None

@@ -1,0 +1,101 @@
+"""Two control planes peered through their admin APIs, the way the CLI does it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from proxy.api.v1 import discovery_pb2 as pb
+from tests.snapbright.controlplane.conftest import (
+    call,
+    control_plane,
+    registration,
+    sidecar,
+    until,
+    write_config,
+)
+
+EXPORT_PAY = """\
+apiVersion: snapbright.io/v1alpha1
+kind: ExportPolicy
+metadata: {name: exports}
+spec:
+  exports:
+    - service: pay
+      peers: [us-west]
+"""
+
+
+def _targets(snapshot: pb.Snapshot, service: str) -> dict[str, pb.Target]:
+    for upstream in snapshot.upstreams:
+        if upstream.service == service:
+            return {t.name: t for t in upstream.targets}
+    return {}
+
+
+async def test_an_exported_service_appears_as_a_mirror_target_on_the_importing_side(
+    tmp_path: Path,
+) -> None:
+    west = write_config(tmp_path / "west", "us-west")
+    east = write_config(tmp_path / "east", "ap-southeast")
+    (tmp_path / "east" / "policies" / "exports.yaml").write_text(EXPORT_PAY)
+    async with control_plane(east) as exporter, control_plane(west) as importer:
+        body = registration("pay-1", "pay", 9001)
+        assert (await call("POST", f"{exporter.admin_url}/api/v1/registrations", body))[0] == 200
+        status, answer = await call("POST", f"{exporter.admin_url}/api/v1/peering/token", {})
+        assert status == 200, answer
+        status, answer = await call(
+            "POST", f"{importer.admin_url}/api/v1/peering/establish", {"token": answer["token"]}
+        )
+        assert (status, answer) == (200, {"peer": "ap-southeast"})
+
+        client = sidecar(importer.ca(), importer.discovery_target, "us-west", "web")
+        task = asyncio.create_task(client.run())
+        try:
+            await until(
+                lambda: (
+                    "pay@ap-southeast" in _targets(client.current(), "pay")
+                    if client.version
+                    else False
+                )
+            )
+            target = _targets(client.current(), "pay")["pay@ap-southeast"]
+            assert target.cluster == "ap-southeast"
+            assert target.sni == "pay.default.ap-southeast.acme"
+            assert target.trust_domain == "ap-southeast.acme"
+            assert [(e.address, e.port) for e in target.endpoints] == [
+                ("127.0.0.1", exporter.ports["peering"])
+            ]
+            assert target.weight == 10_000  # no local copy: all to the mirror
+            domains = [b.trust_domain for b in client.current().trust_bundles]
+            assert domains == ["us-west.acme", "ap-southeast.acme"]
+
+            status, listed = await call("GET", f"{importer.admin_url}/api/v1/peering")
+            assert status == 200
+            assert [(p["peer"], p["state"], p["imported"]) for p in listed["peers"]] == [
+                ("ap-southeast", "active", 1)
+            ]
+            status, services = await call("GET", f"{importer.admin_url}/api/v1/services")
+            assert [t["name"] for t in services["services"][0]["targets"]] == ["pay@ap-southeast"]
+
+            assert (await call("DELETE", f"{importer.admin_url}/api/v1/peering/ap-southeast"))[
+                0
+            ] == 204
+            await until(lambda: "pay" not in {u.service for u in client.current().upstreams})
+            assert [b.trust_domain for b in client.current().trust_bundles] == ["us-west.acme"]
+        finally:
+            client.close()
+            task.cancel()
+
+
+async def test_a_bad_token_is_refused_with_a_reason(tmp_path: Path) -> None:
+    async with control_plane(write_config(tmp_path, "us-west")) as plane:
+        status, body = await call(
+            "POST", f"{plane.admin_url}/api/v1/peering/establish", {"token": "sbpt1.nope.x"}
+        )
+        assert status == 400
+        assert body["error"].startswith("bad token"), body
+        status, body = await call("POST", f"{plane.admin_url}/api/v1/peering/establish", {})
+        assert status == 400
+        status, body = await call("DELETE", f"{plane.admin_url}/api/v1/peering/nobody")
+        assert status == 404
