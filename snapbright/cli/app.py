@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from snapbright.cli import ca, policy
+from snapbright.cli.controlplane import controlplane
 from snapbright.cli.gateway import gateway
+from snapbright.cli.peering import app as peering_app
 
 app = typer.Typer(
     name="snapbright",
@@ -17,6 +19,8 @@ app = typer.Typer(
 app.add_typer(ca.app, name="ca")
 app.add_typer(policy.app, name="policy")
 app.command()(gateway)
+app.command()(controlplane)
+app.add_typer(peering_app, name="peering")
 
 
 @app.command()
