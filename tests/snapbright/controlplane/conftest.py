@@ -87,9 +87,16 @@ async def control_plane(config: Path) -> AsyncIterator[ControlPlane]:
 
 
 def sidecar(
-    ca: ClusterCA, target: str, cluster: str, service: str, namespace: str = "default"
+    ca: ClusterCA,
+    target: str,
+    cluster: str,
+    service: str,
+    namespace: str = "default",
+    *,
+    role: pb.ProxyIdentity.Role.ValueType = pb.ProxyIdentity.ROLE_SIDECAR,
 ) -> DiscoveryClient[pb.Snapshot]:
-    """A sidecar's discovery client, with the SVID `snapbright ca issue` would have written."""
+    """A proxy's discovery client (a sidecar's unless ``role`` says otherwise), with the SVID
+    `snapbright ca issue` would have written."""
     trust_domain = TrustDomain.for_cluster(cluster, MESH)
     svid = ca.issue(
         SpiffeId.workload(trust_domain, namespace, service),
@@ -97,7 +104,7 @@ def sidecar(
         timedelta(hours=1),
     )
     identity = pb.ProxyIdentity(
-        role=pb.ProxyIdentity.ROLE_SIDECAR,
+        role=role,
         cluster=cluster,
         namespace=namespace,
         service_account=service,

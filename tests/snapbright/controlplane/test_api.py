@@ -1,0 +1,143 @@
+"""The admin API and the gateway's snapshot on a running control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from proxy.api.v1 import discovery_pb2 as pb
+from tests.snapbright.controlplane.conftest import (
+    call,
+    control_plane,
+    next_snapshot,
+    registration,
+    sidecar,
+    until,
+    write_config,
+)
+
+EXPORT_PAY = """\
+apiVersion: snapbright.io/v1alpha1
+kind: ExportPolicy
+metadata: {name: exports}
+spec:
+  exports:
+    - service: pay
+      peers: [ap-southeast, eu-central]
+"""
+
+
+async def test_a_gateway_is_sent_routes_for_exported_services_and_the_control_plane(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, "us-west")
+    (tmp_path / "policies" / "exports.yaml").write_text(EXPORT_PAY)
+    async with control_plane(config) as plane:
+        for name, service, port in (("pay-1", "pay", 9001), ("cart-1", "cart", 9002)):
+            body = registration(name, service, port)
+            assert (await call("POST", f"{plane.admin_url}/api/v1/registrations", body))[0] == 200
+        gateway = sidecar(
+            plane.ca(),
+            plane.discovery_target,
+            "us-west",
+            "east-west",
+            "snapbright-system",
+            role=pb.ProxyIdentity.ROLE_GATEWAY,
+        )
+        task = asyncio.create_task(gateway.run())
+        try:
+            snapshot = await next_snapshot(gateway)
+            routes = {r.sni: r for r in snapshot.gateway_routes}
+            assert sorted(routes) == [
+                "controlplane.snapbright.us-west.acme",
+                "pay.default.us-west.acme",  # cart is not exported: no route
+            ]
+            pay = routes["pay.default.us-west.acme"]
+            assert [(e.address, e.port) for e in pay.endpoints] == [("127.0.0.1", 9001)]
+            assert list(pay.exported_to) == ["ap-southeast", "eu-central"]
+            control = routes["controlplane.snapbright.us-west.acme"]
+            assert [(e.address, e.port) for e in control.endpoints] == [
+                ("127.0.0.1", plane.ports["peering"])
+            ]
+            assert list(snapshot.upstreams) == []
+        finally:
+            gateway.close()
+            task.cancel()
+
+
+async def test_status_reports_readiness_bundles_certificates_and_subscribers(
+    tmp_path: Path,
+) -> None:
+    async with control_plane(write_config(tmp_path, "us-west")) as plane:
+        client = sidecar(plane.ca(), plane.discovery_target, "us-west", "web")
+        task = asyncio.create_task(client.run())
+        try:
+            version = (await next_snapshot(client)).version
+            await until(lambda: any(s.acked_version for s in plane.discovery.subscribers()))
+            status, body = await call("GET", f"{plane.admin_url}/api/v1/status")
+        finally:
+            client.close()
+            task.cancel()
+    assert status == 200
+    assert body["ready"] == {"catalog": True, "policies": True}
+    assert body["trustDomain"] == "us-west.acme"
+    assert [(b["trustDomain"], b["sequence"], b["roots"]) for b in body["bundles"]] == [
+        ("us-west.acme", 1, 1)
+    ]
+    assert body["certificates"]["controlPlane"]["spiffeId"] == (
+        "spiffe://us-west.acme/ns/snapbright-system/sa/controlplane"
+    )
+    assert body["certificates"]["controlPlane"]["notAfter"] > body["now"]
+    assert [(s["role"], s["service"], s["ackedVersion"]) for s in body["subscribers"]] == [
+        ("sidecar", "web", version)
+    ]
+    assert body["nacks"] == []
+    assert body["peers"] == []
+    assert body["policies"]["ok"] is True
+
+
+async def test_explain_shows_the_failover_decisions_for_a_service(tmp_path: Path) -> None:
+    async with control_plane(write_config(tmp_path, "us-west")) as plane:
+        unknown = await call("GET", f"{plane.admin_url}/api/v1/explain/nothing")
+        assert unknown[0] == 404
+        body = registration("pay-1", "pay", 9001)
+        body["endpoint"]["health"] = "critical"
+        assert (await call("POST", f"{plane.admin_url}/api/v1/registrations", body))[0] == 200
+        await until(lambda: plane.failover.last_decision("pay", "us-west") is not None)
+        status, explained = await call("GET", f"{plane.admin_url}/api/v1/explain/pay")
+    assert status == 200
+    assert explained["service"] == "pay"
+    assert explained["policy"] is None
+    assert explained["live"]["explanation"]
+    assert all(r["service"] == "pay" for r in explained["records"])
+
+
+async def test_metrics_ready_and_live_answer_and_other_hosts_are_refused(tmp_path: Path) -> None:
+    async with control_plane(write_config(tmp_path, "us-west")) as plane:
+        metrics = await asyncio.to_thread(_get, f"{plane.admin_url}/metrics")
+        assert b'snapbright_config_reload_total{result="ok"} 1.0' in metrics
+        assert b"snapbright_discovery_subscribers" in metrics
+        assert (await call("GET", f"{plane.admin_url}/live"))[0] == 200
+        assert (await call("GET", f"{plane.admin_url}/ready"))[0] == 200
+        rebinding = await asyncio.to_thread(
+            _status_with_host, f"{plane.admin_url}/api/v1/status", "evil.example"
+        )
+        assert rebinding == 421  # DNS rebinding: the admin API answers only its own names
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+        body: bytes = response.read()
+        return body
+
+
+def _status_with_host(url: str, host: str) -> int:
+    request = urllib.request.Request(url, headers={"Host": host})  # noqa: S310 - loopback
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as error:
+        return error.code
