@@ -117,12 +117,13 @@ class ServerStream:
 class _Attached:
     """One stream while it is the link's current one."""
 
-    __slots__ = ("done", "queue", "stream")
+    __slots__ = ("done", "queue", "stream", "write_error")
 
     def __init__(self, stream: MessageStream) -> None:
         self.stream = stream
         self.queue: asyncio.Queue[pb.PeeringMessage | None] = asyncio.Queue()
         self.done = asyncio.Event()
+        self.write_error = ""
 
 
 class PeerLink:
@@ -203,6 +204,8 @@ class PeerLink:
             await attached.done.wait()
             if reader.done() and not reader.cancelled() and reader.exception() is None:
                 reason = reader.result()
+            elif attached.write_error:
+                reason = attached.write_error
             if self._current is attached:
                 # The stream ended under us: stop writing to it at once.
                 self._current = None
@@ -231,7 +234,7 @@ class PeerLink:
                 self._receive(attached, message)
             return "stream closed here"
         except grpc.aio.AioRpcError as error:
-            return f"stream failed: {error.code().name}: {error.details()}"
+            return f"stream failed: {_describe(error)}"
         finally:
             attached.done.set()
 
@@ -244,8 +247,8 @@ class PeerLink:
                     return
                 await attached.stream.write(message)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, RuntimeError) as error:
-            # The reader sees the same failure and ends the stream with a reason.
-            _log.debug("peering %s: write failed: %s", self.name, error)
+            attached.write_error = f"write failed: {_describe(error)}"
+            _log.debug("peering %s: %s", self.name, attached.write_error)
         finally:
             attached.done.set()
 
@@ -297,3 +300,9 @@ class PeerLink:
                     self.reconnect_after = after
                 case _:
                     self._on_effect(self, effect)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error) or type(error).__name__

@@ -33,7 +33,9 @@ from federation.peering.manager import (
 from federation.peering.model import (
     ExportedService,
     GatewayAddress,
+    Heartbeat,
     Open,
+    PeeringMessage,
     PeerState,
     ServiceHealth,
     ServiceKey,
@@ -92,6 +94,7 @@ class Heard:
     bundles: list[tuple[str, TrustBundle | None]] = field(default_factory=list)
     withdrawn: list[str] = field(default_factory=list)
     health: list[tuple[str, tuple[ServiceHealth, ...]]] = field(default_factory=list)
+    stale: list[tuple[str, bool]] = field(default_factory=list)
 
     def callbacks(self) -> PeeringCallbacks:
         return PeeringCallbacks(
@@ -99,6 +102,7 @@ class Heard:
             trust_changed=lambda peer, bundle: self.bundles.append((peer, bundle)),
             withdrawn=lambda peer, _td: self.withdrawn.append(peer),
             health=lambda peer, services, _at: self.health.append((peer, services)),
+            stale=lambda peer, since: self.stale.append((peer, since is not None)),
         )
 
 
@@ -169,9 +173,9 @@ async def peer_b_with_a(clusters: dict[str, Cluster]) -> tuple[Cluster, Cluster]
 
 
 async def raw_exchange(
-    port: int, credentials: grpc.ChannelCredentials, first: Open, server: str = "a"
+    port: int, credentials: grpc.ChannelCredentials, first: PeeringMessage, server: str = "a"
 ) -> tuple[list[pb.PeeringMessage], grpc.StatusCode]:
-    """Dial the peering port by hand, send one Open, read until the server ends the call."""
+    """Dial the peering port by hand, send one message, read until the server ends the call."""
     options = [("grpc.ssl_target_name_override", control_plane_server_name(server, MESH))]
     received: list[pb.PeeringMessage] = []
     async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options=options) as ch:
@@ -318,20 +322,32 @@ async def test_reconnects_are_verified_against_the_peers_own_bundle_only(
         c_domain, utcnow(), uris=["spiffe://b.acme/ns/snapbright/sa/controlplane"]
     )
     stranger = create_ca(TrustDomain("d.acme"), utcnow())
-    cases = {
-        "claims b, chains to c's root": (claims_b_chained_to_c, "b"),
-        "c's real SVID opening as b": (control_plane_svid(c.ca, "c"), "b"),
-        "a's own domain": (control_plane_svid(a.ca, "a"), "b"),
-        "a domain that is no peer": (control_plane_svid(stranger, "d"), "d"),
-    }
-    for case, (svid, claimed) in cases.items():
-        _, code = await raw_exchange(
-            a.port, svid_channel_credentials(svid, roots), open_as(claimed)
-        )
-        assert code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE), case
-    # The real b still reconnects (its stream is replaced by the new one, which is fine).
-    assert state_of(a, "b") in (PeerState.ACTIVE, PeerState.DISCONNECTED)
-    await eventually(lambda: state_of(a, "b") is PeerState.ACTIVE)
+    denied, unavailable = grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE
+    cases = [
+        # (what the client presents, whom it opens as, expected status, words of the Close)
+        (claims_b_chained_to_c, "b", denied, "chains to c.acme"),
+        (control_plane_svid(c.ca, "c"), "b", denied, "may not open as b"),
+        (control_plane_svid(a.ca, "a"), "b", denied, "no trust bundle is known"),
+        (control_plane_svid(stranger, "d"), "d", unavailable, None),  # refused by TLS itself
+    ]
+    for svid, claimed, expected, words in cases:
+        credentials = svid_channel_credentials(svid, roots)
+        received, code = await raw_exchange(a.port, credentials, open_as(claimed))
+        assert code is expected, svid.spiffe_id
+        if words is not None:
+            assert words in received[0].close.reason, received
+    # None of them disturbed the real b.
+    assert state_of(a, "b") is PeerState.ACTIVE
+    assert state_of(a, "c") is PeerState.ACTIVE
+
+
+async def test_an_accepted_stream_must_open_with_open(clusters: dict[str, Cluster]) -> None:
+    a, b = await peer_b_with_a(clusters)
+    await eventually(lambda: any(p == "b" for p, _ in a.heard.bundles))
+    credentials = svid_channel_credentials(control_plane_svid(b.ca, "b"), a.ca.bundle().roots)
+    received, code = await raw_exchange(a.port, credentials, Heartbeat(1, 1))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "must be Open" in received[0].close.reason
 
 
 async def test_a_restarted_peering_port_resyncs_with_only_the_delta(
@@ -349,6 +365,8 @@ async def test_a_restarted_peering_port_resyncs_with_only_the_delta(
     assert received["services_snapshot"] == 1  # only the first establish sent one
     assert received["services_delta"] == 1
     assert received["open"] == 2
+    # While a was away b kept its imports, marked stale, and then fresh again.
+    assert b.heard.stale == [("a", True), ("a", False)]
 
 
 async def test_a_restarted_dialer_reconnects_from_its_state_without_a_token(
@@ -366,22 +384,24 @@ async def test_a_restarted_dialer_reconnects_from_its_state_without_a_token(
 # --- delete ---
 
 
-async def test_delete_withdraws_imports_on_both_sides_and_closes_the_stream(
-    clusters: dict[str, Cluster],
+@pytest.mark.parametrize("deleter", ["a", "b"])
+async def test_delete_withdraws_imports_and_trust_on_both_sides_within_5_s(
+    clusters: dict[str, Cluster], deleter: str
 ) -> None:
     a, b = await peer_b_with_a(clusters)
     await eventually(lambda: any(p == "b" for p, _ in a.heard.bundles))
-    await a.manager.delete("b")
-    assert a.heard.withdrawn == ["b"]
-    assert a.manager.list() == []
-    await eventually(lambda: b.heard.withdrawn == ["a"], within=5.0)
-    assert b.manager.list() == []
-    assert ("a", None) in b.heard.bundles
-    # b's trust is gone from a's port: its SVID no longer gets through.
+    here, there = (a, b) if deleter == "a" else (b, a)
+    await here.manager.delete(there.name)
+    assert here.heard.withdrawn == [there.name]
+    assert here.manager.list() == []
+    await eventually(lambda: there.heard.withdrawn == [here.name], within=5.0)
+    assert there.manager.list() == []
+    assert (here.name, None) in there.heard.bundles
+    # b's trust is gone from a's port: its SVID no longer passes the handshake.
     svid = control_plane_svid(b.ca, "b")
     credentials = svid_channel_credentials(svid, a.ca.bundle().roots)
     _, code = await raw_exchange(a.port, credentials, open_as("b"))
-    assert code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE)
+    assert code is grpc.StatusCode.UNAVAILABLE
 
 
 # --- trust federation ---

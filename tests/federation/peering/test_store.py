@@ -1,0 +1,79 @@
+"""The peering state file: what a restarted control plane reconnects from."""
+
+from __future__ import annotations
+
+import secrets
+import stat
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from federation.peering.credentials import bootstrap_root
+from federation.peering.model import GatewayAddress, IssuedToken, secret_digest
+from federation.peering.store import (
+    PeeringState,
+    PeeringStoreError,
+    PeerRecord,
+    TokenRecord,
+    load_state,
+    save_state,
+    state_file,
+)
+from proxy.identity.model import TrustDomain
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+def _state() -> PeeringState:
+    secret = secrets.token_bytes(32)
+    root = bootstrap_root(secret, "0123456789abcdef", NOW, NOW + timedelta(hours=1))
+    return PeeringState(
+        peers=(
+            PeerRecord(
+                name="a",
+                mesh="acme",
+                trust_domain=TrustDomain("a.acme"),
+                dialer=True,
+                gateways=(GatewayAddress("127.0.0.1", 8443), GatewayAddress("::1", 8443)),
+                bundle_json='{"keys": []}',
+                services_version_seen=7,
+                bundle_sequence_seen=2,
+            ),
+            PeerRecord(name="c", mesh="acme", trust_domain=TrustDomain("c.acme"), dialer=False),
+        ),
+        tokens=(
+            TokenRecord(
+                IssuedToken("0123456789abcdef", secret_digest(secret), 1.8e9, 1.7e9, "c"), root
+            ),
+        ),
+    )
+
+
+def test_state_round_trips_and_is_private(tmp_path: Path) -> None:
+    state = _state()
+    save_state(tmp_path, state)
+    assert load_state(tmp_path) == state
+    assert stat.S_IMODE(state_file(tmp_path).stat().st_mode) == 0o600
+
+
+def test_no_state_file_is_an_empty_state(tmp_path: Path) -> None:
+    assert load_state(tmp_path) == PeeringState()
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{", '{"format": 2, "peers": [], "tokens": []}', '{"format": 1, "peers": [{}], "tokens": []}'],
+    ids=["not json", "unknown format", "missing members"],
+)
+def test_a_damaged_state_file_is_refused_naming_the_file(tmp_path: Path, content: str) -> None:
+    path = state_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.raises(PeeringStoreError, match=r"peers\.json"):
+        load_state(tmp_path)
+
+
+def test_a_peer_we_dial_needs_gateway_addresses() -> None:
+    with pytest.raises(PeeringStoreError, match="gateway"):
+        PeerRecord(name="a", mesh="acme", trust_domain=TrustDomain("a.acme"), dialer=True)
