@@ -107,7 +107,10 @@ class ClusterView:
         for peer in self.peers.values():
             keys.update(peer.imports)
         weights = {key: self.weights[key.name] for key in keys if key.name in self.weights}
-        return federate(local, self.peers.values(), self.settings, now, weights=weights)
+        # A peer whose gateways we do not know (it dialed us; the peering protocol does not
+        # carry the dialer's gateways) cannot be routed to: no mirror rather than an empty one.
+        routable = [peer for peer in self.peers.values() if peer.gateways]
+        return federate(local, routable, self.settings, now, weights=weights)
 
     def next_change_at(self, now: float) -> float | None:
         """When a stale peer's mirrors will be withdrawn by time alone."""

@@ -48,6 +48,7 @@ def write_config(
     extra: str = "",
     policies: bool = True,
     ports: tuple[int, int, int] = (0, 0, 0),
+    catalog: str = "{registrationTtl: 30s}",
 ) -> Path:
     """A ControlPlaneConfig for ``cluster`` in ``directory``; ``ports`` are discovery, peering
     and admin (0: picked by the OS)."""
@@ -66,7 +67,7 @@ spec:
     discovery: {{address: 127.0.0.1, port: {ports[0]}}}
     peering: {{address: 127.0.0.1, port: {ports[1]}}}
     admin: {{address: 127.0.0.1, port: {ports[2]}}}
-  catalog: {{registrationTtl: 30s}}
+  catalog: {catalog}
   admission: {{allowLoopback: true}}
   probeGateways: false
   failover: {{interval: 200ms}}
