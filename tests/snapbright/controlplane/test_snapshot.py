@@ -1,0 +1,153 @@
+"""ClusterView: what each class of proxies is sent, from values (no servers)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from federation.catalog.feed import CatalogFeed
+from federation.catalog.model import (
+    AdmissionPolicy,
+    Catalog,
+    DeniedTarget,
+    Endpoint,
+    Health,
+    Service,
+)
+from federation.discovery.core import ProxyClass, Role
+from federation.mirror.core import MirrorSettings, PeerView
+from federation.peering.model import ExportedService, GatewayAddress, ServiceKey
+from federation.trust.ca import create_ca
+from proxy.api.v1 import discovery_pb2 as pb
+from proxy.identity.model import TrustDomain
+from snapbright.controlplane.policies import PolicyDirectory
+from snapbright.controlplane.snapshot import ClusterView
+
+EXAMPLES = Path(__file__).parents[3] / "deploy" / "examples"
+US_WEST = TrustDomain.for_cluster("us-west", "acme")
+AP = TrustDomain.for_cluster("ap-southeast", "acme")
+PAY = ServiceKey("default", "pay")
+SIDECAR = ProxyClass(Role.SIDECAR, "default", "web", "web")
+CA = create_ca(US_WEST, datetime.now(UTC))
+ADMIN = DeniedTarget("127.0.0.1", 15000)
+
+
+def _view(
+    tmp_path: Path, *, policies: dict[str, str] | None = None
+) -> tuple[ClusterView, CatalogFeed]:
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    for name, text in (policies or {}).items():
+        (directory / name).write_text(text)
+    loaded = PolicyDirectory(directory, CollectorRegistry())
+    loaded.reload()
+    view = ClusterView(
+        MirrorSettings("us-west", "acme", US_WEST),
+        loaded,
+        CA.bundle,
+        AdmissionPolicy(allow_loopback=True, denied=frozenset({ADMIN})),
+        clock=lambda: 100.0,
+    )
+    feed = CatalogFeed()
+    view.catalog = feed
+    return view, feed
+
+
+def _catalog(*endpoints: Endpoint) -> Catalog:
+    services = {Service(e.service, e.namespace) for e in endpoints}
+    return Catalog.of(1, services=services, endpoints=endpoints)
+
+
+def _peer(*gateways: GatewayAddress) -> PeerView:
+    return PeerView(
+        "ap-southeast",
+        "acme",
+        AP,
+        gateways,
+        imports={PAY: ExportedService(PAY, "pay.default.ap-southeast.acme", 2)},
+    )
+
+
+def _weights(snapshot: pb.Snapshot) -> dict[str, int]:
+    (upstream,) = snapshot.upstreams
+    return {t.cluster: t.weight for t in upstream.targets}
+
+
+def test_nothing_is_built_before_the_catalog_is_read(tmp_path: Path) -> None:
+    view, feed = _view(tmp_path)
+    assert view.build(SIDECAR) is None
+    feed.publish(_catalog())
+    snapshot = view.build(SIDECAR)
+    assert snapshot is not None
+    assert list(snapshot.upstreams) == []  # an empty catalog read is a fact, not a gap
+
+
+def test_nothing_is_built_before_a_policy_set_is_accepted(tmp_path: Path) -> None:
+    view, feed = _view(tmp_path, policies={"bad.yaml": "kind: Nothing\n"})
+    feed.publish(_catalog())
+    assert view.build(SIDECAR) is None
+
+
+@pytest.mark.parametrize(
+    ("local_health", "failover", "expected"),
+    [
+        (Health.PASSING, None, {"us-west": 10_000, "ap-southeast": 0}),
+        (Health.CRITICAL, None, {"us-west": 0, "ap-southeast": 10_000}),
+        (
+            Health.PASSING,
+            {"us-west": 3_000, "ap-southeast": 7_000},
+            {
+                "us-west": 3_000,
+                "ap-southeast": 7_000,
+            },
+        ),
+    ],
+)
+def test_weights_come_from_the_failover_loop_when_it_decided_else_the_defaults(
+    tmp_path: Path,
+    local_health: Health,
+    failover: dict[str, int] | None,
+    expected: dict[str, int],
+) -> None:
+    view, feed = _view(tmp_path)
+    feed.publish(_catalog(Endpoint("pay", "10.0.0.1", 8080, health=local_health)))
+    view.set_peer(_peer(GatewayAddress("192.0.2.10", 15443)))
+    if failover is not None:
+        view.set_weights("pay", failover)
+    snapshot = view.build(SIDECAR)
+    assert snapshot is not None
+    assert _weights(snapshot) == expected
+
+
+def test_a_peer_gateway_on_our_own_admin_port_is_never_routed_to(tmp_path: Path) -> None:
+    view, feed = _view(tmp_path)
+    feed.publish(_catalog())
+    view.set_peer(_peer(GatewayAddress("127.0.0.2", ADMIN.port), GatewayAddress("192.0.2.10", 1)))
+    snapshot = view.build(SIDECAR)
+    assert snapshot is not None
+    (upstream,) = snapshot.upstreams
+    assert [(e.address, e.port) for e in upstream.targets[0].endpoints] == [("192.0.2.10", 1)]
+
+
+def test_a_peer_without_known_gateways_gives_no_mirror(tmp_path: Path) -> None:
+    view, feed = _view(tmp_path)
+    feed.publish(_catalog())
+    view.set_peer(_peer())
+    snapshot = view.build(SIDECAR)
+    assert snapshot is not None
+    assert list(snapshot.upstreams) == []
+
+
+def test_a_sidecar_gets_only_its_own_services_authorization_policies(tmp_path: Path) -> None:
+    policies = (EXAMPLES / "authorization-policy-payments.yaml").read_text()
+    view, feed = _view(tmp_path, policies={"authz.yaml": policies})
+    feed.publish(_catalog())
+    ledger = view.build(ProxyClass(Role.SIDECAR, "shop", "ledger", "ledger"))
+    other = view.build(ProxyClass(Role.SIDECAR, "default", "ledger", "ledger"))
+    assert ledger is not None
+    assert other is not None
+    assert [(p.kind, p.name) for p in ledger.policies] == [("AuthorizationPolicy", "ledger")]
+    assert list(other.policies) == []  # same service name, another namespace
