@@ -165,18 +165,33 @@ class _ServerTrust:
     """The peering port's TLS configuration; gRPC asks for it before every handshake."""
 
     def __init__(self, config: grpc.ServerCertificateConfiguration) -> None:
-        self._lock = threading.Lock()  # the fetcher runs on a gRPC core thread
-        self._fresh: grpc.ServerCertificateConfiguration | None = None
-        self.initial = config
+        self._lock = threading.Lock()  # fetchers run on gRPC core threads
+        self._config = config
+        self._generation = 0
 
     def update(self, config: grpc.ServerCertificateConfiguration) -> None:
         with self._lock:
-            self._fresh = config
+            self._config = config
+            self._generation += 1
 
-    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+    def credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that follow every later :meth:`update` (one per server)."""
         with self._lock:
-            config, self._fresh = self._fresh, None
-        return config
+            initial, seen = self._config, self._generation
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            nonlocal seen
+            with self._lock:
+                if self._generation == seen:
+                    return None  # no change: gRPC keeps the configuration it has
+                seen = self._generation
+                return self._config
+
+        return grpc.dynamic_ssl_server_credentials(
+            initial,
+            fetch,  # type: ignore[arg-type]  # the stub omits that None means "no change"
+            require_client_authentication=True,
+        )
 
 
 class _Servicer(pb_grpc.PeeringServicer):
@@ -259,12 +274,7 @@ class PeeringManager:
             raise PeeringError("the peering port is already open")
         server = grpc.aio.server()
         pb_grpc.add_PeeringServicer_to_server(_Servicer(self), server)
-        credentials = grpc.dynamic_ssl_server_credentials(
-            self._trust.initial,
-            self._trust.fetch,  # type: ignore[arg-type]  # None means "no change" (grpc docs)
-            require_client_authentication=True,
-        )
-        port = server.add_secure_port(address, credentials)
+        port = server.add_secure_port(address, self._trust.credentials())
         await server.start()
         self._server = server
         return port
@@ -485,6 +495,9 @@ class PeeringManager:
             if peer.record.trust_domain == spiffe_id.trust_domain:
                 if open_.cluster != peer.record.name:
                     raise _Refused(denied, f"{spiffe_id} may not open as {open_.cluster}")
+                if peer.record.dialer:
+                    # One stream per peer: with this one, we are the side that dials.
+                    raise _Refused(denied, f"we dial {peer.record.name}; it does not dial us")
                 return peer
         raise _Refused(denied, f"{spiffe_id.trust_domain} is not a peer")
 
@@ -628,7 +641,9 @@ class PeeringManager:
         if peer is None:
             return
         match effect:
-            case ApplyImports(name):
+            case ApplyImports(name, _, _, version):
+                # Kept for `peering list` and the state file; saved with the next change.
+                peer.record = replace(peer.record, services_version_seen=version)
                 self._callbacks.imports_changed(name, link.session.imports)
             case ApplyHealth(name, services, at_unix_ms):
                 self._callbacks.health(name, services, at_unix_ms)

@@ -381,6 +381,30 @@ async def test_a_restarted_dialer_reconnects_from_its_state_without_a_token(
     await eventually(lambda: PAY in restarted.heard.imports.get("a", {}))
 
 
+async def test_a_restarted_acceptor_takes_the_dialer_back_from_its_state(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = await peer_b_with_a(clusters)
+    await eventually(lambda: any(p == "b" for p, _ in a.heard.bundles))
+    await a.manager.close()
+    restarted = await start_cluster("a", a.ca, a.state_dir, port=a.port)
+    clusters["a"] = restarted
+    # b's bundle came back from a's state: b's SVID passes the handshake again.
+    await eventually(lambda: state_of(restarted, "b") is PeerState.ACTIVE)
+    await eventually(lambda: state_of(b, "a") is PeerState.ACTIVE)
+    # The new incarnation cannot know what b holds: a full snapshot, now empty.
+    await eventually(lambda: b.manager.messages_received("a")["services_snapshot"] == 2)
+    await eventually(lambda: b.heard.imports["a"] == {})
+
+
+async def test_a_peer_we_dial_may_not_dial_us(clusters: dict[str, Cluster]) -> None:
+    a, b = await peer_b_with_a(clusters)
+    credentials = svid_channel_credentials(control_plane_svid(a.ca, "a"), b.ca.bundle().roots)
+    received, code = await raw_exchange(b.port, credentials, open_as("a"), server="b")
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    assert "does not dial us" in received[0].close.reason
+
+
 # --- delete ---
 
 
