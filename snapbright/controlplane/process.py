@@ -170,9 +170,8 @@ async def running(
     state_dir = config.state_dir(base)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     metrics = CollectorRegistry()
-    stack = contextlib.AsyncExitStack()
-    tasks: list[asyncio.Task[None]] = []
-    async with stack:
+    # The background tasks stop first (on any exit, a failed start too), then the parts.
+    async with contextlib.AsyncExitStack() as stack, _background() as tasks:
         # 1. The CA, and the control plane's own SVID (peering port, gateway probes).
         ca = _load_or_create_ca(state_dir, trust_domain)
         cp_svid = _control_plane_svid(ca, spec.cluster, spec.mesh)
@@ -302,9 +301,29 @@ async def running(
         # 5. Peering: reconnect to recorded peers.
         await peering.start()
 
-        def renew_svid() -> None:
-            nonlocal cp_svid
-            if datetime.now(UTC) >= cp_svid.renew_at:
+        ca_stamp = _ca_stamp(state_dir)
+
+        def refresh_identity() -> None:
+            """Follow the CA on disk (`snapbright ca rotate` writes it) and prune retired
+            roots; hand a changed bundle to proxies and peers; renew our own SVID."""
+            nonlocal ca, cp_svid, ca_stamp
+            now = datetime.now(UTC)
+            changed = False
+            if _ca_stamp(state_dir) != ca_stamp:
+                ca_stamp = _ca_stamp(state_dir)
+                loaded = ca_store.load_ca(state_dir)
+                if loaded.trust_domain == trust_domain and loaded.sequence != ca.sequence:
+                    ca, changed = loaded, True
+            pruned = ca.prune(now)
+            if pruned is not ca:
+                ca_store.save_ca(state_dir, pruned)
+                ca, ca_stamp, changed = pruned, _ca_stamp(state_dir), True
+            if changed:
+                _log.info("CA of %s: bundle sequence %d", trust_domain, ca.sequence)
+                discovery.set_ca(ca)
+                peering.set_local_bundle(ca.bundle())
+                discovery.refresh()
+            if changed or now >= cp_svid.renew_at:
                 cp_svid = _control_plane_svid(ca, spec.cluster, spec.mesh)
                 peering.set_svid(cp_svid)
 
@@ -312,7 +331,8 @@ async def running(
         tasks.append(asyncio.create_task(_follow_catalog(plane, catalog)))
         tasks.append(asyncio.create_task(_follow_policies(plane)))
         tasks.append(asyncio.create_task(failover.run()))
-        tasks.append(asyncio.create_task(_housekeeping(plane, events, renew_svid, _HOUSEKEEPING_S)))
+        housekeeping = _housekeeping(plane, events, refresh_identity, _HOUSEKEEPING_S)
+        tasks.append(asyncio.create_task(housekeeping))
         if prober is not None:
             tasks.append(asyncio.create_task(prober.run()))
 
@@ -334,12 +354,7 @@ async def running(
             peering_port,
             plane.admin_url,
         )
-        try:
-            yield plane
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        yield plane
 
 
 async def serve_until_stopped(config_path: Path) -> None:
@@ -363,6 +378,17 @@ def run(config_path: Path) -> None:
         uvloop.run(serve_until_stopped(config_path))
 
 
+@asynccontextmanager
+async def _background() -> AsyncIterator[list[asyncio.Task[None]]]:
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        yield tasks
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 # --- The loops that connect sources to the view ---
 
 
@@ -371,16 +397,20 @@ async def _follow_catalog(plane: ControlPlane, source: CatalogSource) -> None:
     exported: set[ServiceKey] = set()
     async for catalog in source.watch():
         plane.discovery.refresh()
-        exported = _export(plane, catalog, exported)
-        now = time.time()
-        present = set()
-        for service in local_services(catalog):
-            present.add(service.key.name)
-            plane.health.set_local(
-                service.key.name, LocalService(service.healthy_endpoints, observed_at=now)
-            )
-        for name in {pair[0] for pair in plane.health.pairs(now)} - present:
-            plane.health.set_local(name, None)
+        try:
+            exported = _export(plane, catalog, exported)
+            now = time.time()
+            present = set()
+            for service in local_services(catalog):
+                present.add(service.key.name)
+                plane.health.set_local(
+                    service.key.name, LocalService(service.healthy_endpoints, observed_at=now)
+                )
+            for name in {pair[0] for pair in plane.health.pairs(now)} - present:
+                plane.health.set_local(name, None)
+        except Exception:
+            # The snapshots follow regardless; exports and health catch up on the next change.
+            _log.exception("applying catalog %d failed", catalog.index)
 
 
 def _export(plane: ControlPlane, catalog: Catalog, before: set[ServiceKey]) -> set[ServiceKey]:
@@ -417,25 +447,29 @@ def _export_peers(policies: PolicySet, key: ServiceKey) -> list[str]:
 async def _housekeeping(
     plane: ControlPlane,
     events: _PeerEvents,
-    renew_svid: Callable[[], None],
+    refresh_identity: Callable[[], None],
     interval: float,
 ) -> None:
     """Once a second: gateway probes into the health view, stale mirrors withdrawn on time,
-    health summaries to peers, the board's regions, our SVID renewed."""
+    health summaries to peers, the board's regions, the CA and our SVID followed."""
     while True:
         now = time.time()
-        renew_svid()
-        if plane.prober is not None:
-            plane.prober.set_targets(events.probe_targets(plane.config.spec.mesh))
-            statuses = plane.prober.statuses()
-            plane.health.set_gateways(statuses)
-            if events.set_probe_alive({p: s.alive for p, s in statuses.items()}):
+        try:
+            refresh_identity()
+            if plane.prober is not None:
+                plane.prober.set_targets(events.probe_targets())
+                statuses = plane.prober.statuses()
+                plane.health.set_gateways(statuses)
+                if events.set_probe_alive({p: s.alive for p, s in statuses.items()}):
+                    plane.discovery.refresh()
+            due = plane.view.next_change_at(now)
+            if due is not None and due <= now:
                 plane.discovery.refresh()
-        due = plane.view.next_change_at(now)
-        if due is not None and due <= now:
-            plane.discovery.refresh()
-        _publish_health(plane, now)
-        _update_board(plane)
+            _publish_health(plane, now)
+            _update_board(plane)
+        except Exception:
+            # One bad second must not stop the next: log it, try again.
+            _log.exception("control plane housekeeping failed")
         await asyncio.sleep(interval)
 
 
@@ -565,7 +599,7 @@ class _PeerEvents:
                 changed = True
         return changed
 
-    def probe_targets(self, mesh: str) -> list[GatewayTarget]:
+    def probe_targets(self) -> list[GatewayTarget]:
         """One probe per peer, at its first gateway address."""
         return [
             GatewayTarget.for_peer(name, peer.mesh, peer.gateways[0].host, peer.gateways[0].port)
@@ -626,6 +660,14 @@ def _load_or_create_ca(state_dir: Path, trust_domain: TrustDomain) -> ClusterCA:
     ca_store.save_ca(state_dir, ca)
     _log.info("created the CA of %s in %s", trust_domain, state_dir)
     return ca
+
+
+def _ca_stamp(state_dir: Path) -> tuple[int, int] | None:
+    try:
+        st = (ca_store.ca_dir(state_dir) / "ca.json").stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ino)
 
 
 def _control_plane_svid(ca: ClusterCA, cluster: str, mesh: str) -> X509Svid:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from federation.trust.store import load_ca, save_ca
 from proxy.api.v1 import discovery_pb2 as pb
 from tests.snapbright.controlplane.conftest import (
     BAD_POLICY,
@@ -134,3 +136,23 @@ async def test_registrations_pointing_at_our_own_listeners_are_refused(tmp_path:
         status, body = await call("POST", f"{plane.admin_url}/api/v1/registrations", {"id": "x"})
         assert status == 400
         assert "workload and an endpoint" in body["error"]
+
+
+async def test_a_rotated_ca_reaches_subscribed_proxies_without_a_restart(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "us-west")
+    async with control_plane(config) as plane:
+        client = sidecar(plane.ca(), plane.discovery_target, "us-west", "web")
+        task = asyncio.create_task(client.run())
+        try:
+            first = await next_snapshot(client)
+            assert [b.sequence for b in first.trust_bundles] == [1]
+            # What `snapbright ca rotate` does to the state directory.
+            save_ca(plane.state_dir, load_ca(plane.state_dir).rotate(datetime.now(UTC)))
+            rotated = await next_snapshot(client, after=first.version)
+            assert [b.sequence for b in rotated.trust_bundles] == [2]
+            assert len(client.bundle.roots) == 2  # old and new root, during the overlap
+            assert plane.ca().sequence == 2
+            assert plane.svid().chain[-1].issuer == plane.ca().active.root.subject
+        finally:
+            client.close()
+            task.cancel()
