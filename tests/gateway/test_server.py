@@ -401,3 +401,34 @@ async def test_a_new_config_changes_routes_for_new_connections(ca: ThrowawayCA) 
             await _tls_round_trip(gateway, ca, PAYMENTS)
         assert _rejected(metrics, "not-exported") == 1
     payments.close()
+
+
+@FORWARDING
+async def test_a_receiver_that_stops_reading_stops_the_sender(forwarding: str) -> None:
+    total = 16 * 1024 * 1024
+    release = asyncio.Event()
+    received = asyncio.get_running_loop().create_future()
+
+    async def read_later(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        received.set_result(len(await reader.read()))
+
+    backend = await _tcp_backend(read_later)
+    hello = hello_for(BULK)
+    config = _config({"bulk": _port(backend)}, forwarding=forwarding, idleTimeout="1s")
+    async with _running(config) as (gateway, metrics):
+        _, writer = await asyncio.open_connection(*gateway.address)
+        writer.write(hello + bytes(total))
+        await asyncio.sleep(0.6)  # two sweeps: the byte counter shows what the gateway took
+        taken = metrics.registry.get_sample_value(
+            "snapbright_gateway_bytes_total", {"direction": "upstream"}
+        )
+        assert taken is not None
+        # Kernel socket buffers hold some megabytes; the gateway itself holds at most ~64 KiB.
+        assert taken < total / 2
+        release.set()
+        writer.write_eof()
+        async with asyncio.timeout(10):
+            assert await received == len(hello) + total
+        writer.close()
+    backend.close()
