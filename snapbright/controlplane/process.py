@@ -31,6 +31,7 @@ import logging
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -57,11 +58,13 @@ from federation.catalog.watch import ConsulWatcher
 from federation.discovery.core import StatsStore
 from federation.discovery.server import Discovery, serve
 from federation.mirror.core import MirrorSettings, PeerView, local_services
+from federation.peering.core import ApplyImports
 from federation.peering.credentials import control_plane_server_name
 from federation.peering.manager import PeeringCallbacks, PeeringManager
 from federation.peering.model import (
     ExportedService,
     GatewayAddress,
+    PeerState,
     ServiceHealth,
     ServiceKey,
 )
@@ -69,13 +72,26 @@ from federation.peering.store import load_state
 from federation.trust import store as ca_store
 from federation.trust.ca import ClusterCA, create_ca
 from health.dashboard.board import Board
-from health.dashboard.model import Region, RegionStatus, RttLink
+from health.dashboard.model import (
+    Region,
+    RttLink,
+    ServiceStats,
+    degraded_metrics,
+    region_status,
+)
 from health.dashboard.server import LOOPBACK_HOSTS, DashboardSettings, dashboard_app
 from health.failover.loop import FailoverLoop
 from health.failover.model import Decision
 from health.failover.record import Journal
 from health.probe.prober import GatewayTarget, Prober
-from health.stats.core import HealthView, LocalService, RegionalStats, RemoteService, health_summary
+from health.stats.core import (
+    SHORT_SPAN_S,
+    HealthView,
+    LocalService,
+    RegionalStats,
+    RemoteService,
+    health_summary,
+)
 from proxy.config.loader import load_file
 from proxy.config.source import ConfigRejected
 from proxy.discovery.core import control_plane_host, control_plane_id
@@ -466,7 +482,7 @@ async def _housekeeping(
             if due is not None and due <= now:
                 plane.discovery.refresh()
             _publish_health(plane, now)
-            _update_board(plane)
+            _update_board(plane, now)
         except Exception:
             # One bad second must not stop the next: log it, try again.
             _log.exception("control plane housekeeping failed")
@@ -490,20 +506,58 @@ def _publish_health(plane: ControlPlane, now: float) -> None:
     plane.peering.publish_health(summaries, int(now * 1000))
 
 
-def _update_board(plane: ControlPlane) -> None:
+def _update_board(plane: ControlPlane, now: float) -> None:
+    """The dashboard's regions, RTT links and per-service statistics, from what we hold."""
     statuses = plane.prober.statuses() if plane.prober is not None else {}
-    regions = [Region(plane.cluster, RegionStatus.HEALTHY, local=True)]
+    policies = plane.failover.policies
+    services = []
+    for key in sorted(
+        plane.health.stats.traffic_keys(),
+        key=lambda k: (k.service, k.caller_cluster, k.target_cluster),
+    ):
+        traffic = plane.health.stats.stats(
+            key.service, key.caller_cluster, key.target_cluster, now, SHORT_SPAN_S
+        )
+        services.append(
+            ServiceStats(
+                service=key.service,
+                caller=key.caller_cluster,
+                region=key.target_cluster,
+                p50=traffic.p50,
+                p95=traffic.p95,
+                p99=traffic.p99,
+                success_rate=traffic.success_rate,
+                request_rate=traffic.rate_per_s,
+                degraded=degraded_metrics(
+                    policies.get(key.service),
+                    p50=traffic.p50,
+                    p95=traffic.p95,
+                    p99=traffic.p99,
+                    success_rate=traffic.success_rate,
+                ),
+            )
+        )
+    degraded = Counter(s.region for s in services if s.degraded)
+    regions = [
+        Region(
+            plane.cluster,
+            region_status(reachable=True, degraded_services=degraded[plane.cluster]),
+            local=True,
+        )
+    ]
     for status in plane.peering.list():
-        reachable = status.stale_since is None and status.state.value == "active"
+        probe = statuses.get(status.peer)
+        connected = status.state is PeerState.ACTIVE and status.stale_since is None
+        reachable = probe.alive if probe is not None else connected
         regions.append(
             Region(
                 status.peer,
-                RegionStatus.HEALTHY if reachable else RegionStatus.UNREACHABLE,
-                detail=status.state.value,
+                region_status(reachable=reachable, degraded_services=degraded[status.peer]),
+                detail=f"peering {status.state.value}",
             )
         )
     rtt = [RttLink(plane.cluster, peer, s.rtt if s.alive else None) for peer, s in statuses.items()]
-    plane.board.update(regions=regions, rtt=rtt)
+    plane.board.update(regions=regions, rtt=rtt, services=services)
 
 
 # --- Peering events into the view and the health view ---
@@ -535,21 +589,26 @@ class _PeerEvents:
             withdrawn=self.withdrawn,
         )
 
-    def imports_changed(self, peer: str, imports: Mapping[ServiceKey, ExportedService]) -> None:
-        """The peer's exports to us now: mirrors follow, the health view learns them."""
-        previous = self._imports.get(peer, {})
-        self._imports[peer] = dict(imports)
+    def imports_changed(
+        self, peer: str, change: ApplyImports, imports: Mapping[ServiceKey, ExportedService]
+    ) -> None:
+        """The peer's exports to us changed: mirrors follow (``imports`` is peering's live,
+        read-only view, so nothing is copied), and the health view learns what changed."""
+        self._imports[peer] = imports
         known = self._view.peers.get(peer)
         if known is None:
             known = self._peer_view(peer)
         if known is None:
             _log.warning("peering: imports from %s, which has no peer record yet", peer)
             return
-        self._view.set_peer(replace(known, imports=dict(imports)))
-        for key in previous.keys() - imports.keys():
+        if known.imports is not imports or peer not in self._view.peers:
+            self._view.set_peer(replace(known, imports=imports))
+        for key in change.removed:
             self._health.remove_remote(key.name, peer)
-        for key, exported in imports.items():
-            self._health.set_remote(key.name, RemoteService(peer, exported.healthy_endpoints))
+        for exported in change.upserted:
+            self._health.set_remote(
+                exported.key.name, RemoteService(peer, exported.healthy_endpoints)
+            )
         self._refresh()
 
     def health_received(

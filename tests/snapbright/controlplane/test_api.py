@@ -141,3 +141,28 @@ def _status_with_host(url: str, host: str) -> int:
             return status
     except urllib.error.HTTPError as error:
         return error.code
+
+
+async def test_heartbeat_and_deregister_follow_the_registration(tmp_path: Path) -> None:
+    async with control_plane(write_config(tmp_path, "us-west")) as plane:
+        base = f"{plane.admin_url}/api/v1/registrations"
+        assert (await call("PUT", f"{base}/pay-1/heartbeat"))[0] == 404
+        status, body = await call("POST", base, registration("pay-1", "pay", 9001) | {"ttl": "5s"})
+        assert (status, body["ttlSeconds"]) == (200, 5.0)
+        assert (await call("PUT", f"{base}/pay-1/heartbeat"))[0] == 200
+        assert (await call("DELETE", f"{base}/pay-1"))[0] == 204
+        assert (await call("DELETE", f"{base}/pay-1"))[0] == 404
+        status, body = await call("POST", base, registration("pay-1", "pay", 9001) | {"ttl": "0s"})
+        assert (status, body["error"]) == (400, "ttl must be above 0s and at most 720h")
+
+
+async def test_the_dashboard_is_served_on_the_admin_port_with_this_cluster(
+    tmp_path: Path,
+) -> None:
+    async with control_plane(write_config(tmp_path, "us-west")) as plane:
+        await until(lambda: bool(plane.board.snapshot().regions))
+        status, state = await call("GET", f"{plane.admin_url}/api/v1/state")
+        page = await asyncio.to_thread(_get, f"{plane.admin_url}/")
+    assert status == 200
+    assert state["cluster"] == "us-west"
+    assert b"<html" in page.lower()
