@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from federation.peering.store import PeeringStoreError
 from federation.trust.store import StoreError
 from proxy.config.source import ConfigRejected
 from snapbright.controlplane.process import run
@@ -32,7 +33,7 @@ def controlplane(
     except ConfigRejected as error:
         typer.echo(f"snapbright controlplane: {error}", err=True)
         raise typer.Exit(code=2) from None
-    except StoreError as error:
+    except (StoreError, PeeringStoreError) as error:
         typer.echo(f"snapbright controlplane: {error}", err=True)
         raise typer.Exit(code=1) from None
     except OSError as error:

@@ -8,14 +8,14 @@ Order, and why:
    their ports are known: they form the admission deny list (no registration may point at
    our own listeners). The discovery server answers at once, but its snapshot builder says
    "not ready" until steps 3 and 4 are done: a proxy is never sent an empty configuration.
+   Peering reconnects to the peers recorded in the state directory before its port opens.
 3. The catalog source is opened: the embedded registry (SQLite in the state directory, TTL
    expiry running) or a Consul watcher (with leader election and mirror write-back).
 4. The policy directory is loaded (a bad set leaves the control plane not ready until a good
    one arrives) and watched.
-5. Peering reconnects to the peers recorded in the state directory and opens its port.
-6. The failover loop ticks over the health view (stats from the sidecars, peers' health
+5. The failover loop ticks over the health view (stats from the sidecars, peers' health
    summaries, gateway probes) and its weights go into the next snapshots.
-7. The admin API and the dashboard share one aiohttp app on the admin socket, in the same
+6. The admin API and the dashboard share one aiohttp app on the admin socket, in the same
    event loop as grpc.aio; ``endpoints.json`` is written last, when everything answers.
 
 Every change of a source ends in ``discovery.refresh()``; the discovery server coalesces
@@ -192,7 +192,8 @@ async def running(
         ca = _load_or_create_ca(state_dir, trust_domain)
         cp_svid = _control_plane_svid(ca, spec.cluster, spec.mesh)
 
-        # 2. Listeners first: their ports are the admission deny list.
+        # 2. Listeners first: their ports are the admission deny list. Peering reconnects to
+        #    the peers recorded in the state directory.
         admin_socket = _bind(spec.listen.admin.address, spec.listen.admin.port)
         stack.callback(admin_socket.close)
         policies = PolicyDirectory(
@@ -229,10 +230,12 @@ async def running(
             state_dir=state_dir / "peering",
             callbacks=events.callbacks(),
         )
+        # Recorded peers first (and their dial loops), then the port they may dial back on.
+        await peering.start()
+        stack.push_async_callback(peering.close)
         peering_port = await peering.serve(
             _address(spec.listen.peering.address, spec.listen.peering.port)
         )
-        stack.push_async_callback(peering.close)
         # Peers dial our gateways; with none configured, the peering port itself.
         peering.gateways = tuple(GatewayAddress.parse(g) for g in spec.gateways) or (
             GatewayAddress(_connectable(spec.listen.peering.address), peering_port),
@@ -267,7 +270,7 @@ async def running(
         # 4. Policies: the first load, then watched.
         policies.reload()
 
-        # 6. Health, failover and the dashboard's board.
+        # 5. Health, failover and the dashboard's board.
         journal = Journal(path=state_dir / "decisions.jsonl")
         stack.callback(journal.close)
         board = Board(spec.cluster)
@@ -314,9 +317,6 @@ async def running(
             ports=ports,
         )
 
-        # 5. Peering: reconnect to recorded peers.
-        await peering.start()
-
         ca_stamp = _ca_stamp(state_dir)
 
         def refresh_identity() -> None:
@@ -352,7 +352,7 @@ async def running(
         if prober is not None:
             tasks.append(asyncio.create_task(prober.run()))
 
-        # 7. The admin API and the dashboard, on the admin socket.
+        # 6. The admin API and the dashboard, on the admin socket.
         loopback_admin = not spec.listen.allow_non_loopback_admin
         app = dashboard_app(
             board, DashboardSettings(allowed_hosts=LOOPBACK_HOSTS if loopback_admin else None)
