@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from snapbright.cli import ca, policy
+from snapbright.cli import ca, fault, policy
 from snapbright.cli.controlplane import controlplane
 from snapbright.cli.gateway import gateway
 from snapbright.cli.peering import app as peering_app
+from snapbright.cli.up import up
 
 app = typer.Typer(
     name="snapbright",
@@ -21,18 +22,8 @@ app.add_typer(policy.app, name="policy")
 app.command()(gateway)
 app.command()(controlplane)
 app.add_typer(peering_app, name="peering")
-
-
-@app.command()
-def up() -> None:
-    """Start a local multi-region mesh on this machine (not available yet)."""
-    typer.echo(
-        "snapbright up: the local multi-region mesh is not available yet "
-        "(it arrives with the Federation issue). Everything is installed; "
-        "try `snapbright --help`, `snapbright ca --help` and `snapbright policy --help`.",
-        err=True,
-    )
-    raise typer.Exit(code=2)
+app.command()(up)
+app.add_typer(fault.app, name="fault")
 
 
 def main() -> None:

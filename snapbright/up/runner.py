@@ -459,7 +459,8 @@ async def run(
     mesh = Mesh(plan, report)
     code = 0
     try:
-        report(f"starting mesh {plan.mesh!r} from {plan.state_dir} (logs in {plan.log_path('')})")
+        logs = plan.log_path("x").parent
+        report(f"starting mesh {plan.mesh!r} from {plan.state_dir} (logs in {logs})")
         try:
             await start(
                 mesh,
