@@ -138,3 +138,17 @@ async def test_the_gateway_process_reloads_keeps_the_last_good_and_drains_on_sig
         async with asyncio.timeout(WAIT):
             assert await process.wait() == 0
     echo.close()
+
+
+async def test_a_bad_config_stops_the_gateway_at_start_with_the_field_named(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(_config_text(_free_port(), _free_port(), 9).replace("port: 9", "port: 0"))
+    async with _gateway_process(config) as process:
+        assert process.stderr is not None
+        async with asyncio.timeout(WAIT):
+            error = (await process.stderr.read()).decode()
+            assert await process.wait() == 2
+    assert "gateway.yaml:13:46: " in error
+    assert "spec.services[0].endpoints[0].port" in error
