@@ -99,3 +99,33 @@ async def test_a_bad_token_is_refused_with_a_reason(tmp_path: Path) -> None:
         assert status == 400
         status, body = await call("DELETE", f"{plane.admin_url}/api/v1/peering/nobody")
         assert status == 404
+
+
+async def test_a_restarted_control_plane_reconnects_to_its_peers_without_a_new_token(
+    tmp_path: Path,
+) -> None:
+    west = write_config(tmp_path / "west", "us-west")
+    east = write_config(tmp_path / "east", "ap-southeast")
+    (tmp_path / "east" / "policies" / "exports.yaml").write_text(EXPORT_PAY)
+    async with control_plane(east) as exporter:
+        body = registration("pay-1", "pay", 9001)
+        assert (await call("POST", f"{exporter.admin_url}/api/v1/registrations", body))[0] == 200
+        token = (await call("POST", f"{exporter.admin_url}/api/v1/peering/token", {}))[1]
+        async with control_plane(west) as importer:
+            status, _ = await call(
+                "POST", f"{importer.admin_url}/api/v1/peering/establish", {"token": token["token"]}
+            )
+            assert status == 200
+        async with control_plane(west) as restarted:
+            client = sidecar(restarted.ca(), restarted.discovery_target, "us-west", "web")
+            task = asyncio.create_task(client.run())
+            try:
+                await until(
+                    lambda: (
+                        bool(client.version)
+                        and "pay@ap-southeast" in _targets(client.current(), "pay")
+                    ),
+                )
+            finally:
+                client.close()
+                task.cancel()
