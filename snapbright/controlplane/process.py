@@ -18,8 +18,8 @@ Order, and why:
 6. The admin API and the dashboard share one aiohttp app on the admin socket, in the same
    event loop as grpc.aio; ``endpoints.json`` is written last, when everything answers.
 
-Every change of a source ends in ``discovery.refresh()``; the discovery server coalesces
-them and pushes only what changed.
+Every change of a source ends in ``changed()``: the snapshots are built anew (the upstreams
+once for every class of proxies) and the discovery server pushes only what differs.
 """
 
 from __future__ import annotations
@@ -170,6 +170,11 @@ class ControlPlane:
         """Whether proxies can be served: the catalog read once and a policy set accepted."""
         return self.view.ready
 
+    def changed(self) -> None:
+        """A source changed: snapshots are built anew and pushed where they differ."""
+        self.view.invalidate()
+        self.discovery.refresh()
+
 
 @asynccontextmanager
 async def running(
@@ -221,7 +226,11 @@ async def running(
         )
         stack.push_async_callback(discovery_server.stop, 1.0)
 
-        events = _PeerEvents(view, health, discovery.refresh, state_dir / "peering")
+        def changed() -> None:
+            view.invalidate()
+            discovery.refresh()
+
+        events = _PeerEvents(view, health, changed, state_dir / "peering")
         peering = PeeringManager(
             cluster=spec.cluster,
             mesh=spec.mesh,
@@ -277,7 +286,7 @@ async def running(
 
         def apply_weights(service: str, _caller: str, weights: Mapping[str, int]) -> None:
             view.set_weights(service, weights)
-            discovery.refresh()
+            changed()
 
         failover = FailoverLoop(
             spec.cluster,
@@ -324,22 +333,22 @@ async def running(
             roots; hand a changed bundle to proxies and peers; renew our own SVID."""
             nonlocal ca, cp_svid, ca_stamp
             now = datetime.now(UTC)
-            changed = False
+            rotated = False
             if _ca_stamp(state_dir) != ca_stamp:
                 ca_stamp = _ca_stamp(state_dir)
                 loaded = ca_store.load_ca(state_dir)
                 if loaded.trust_domain == trust_domain and loaded.sequence != ca.sequence:
-                    ca, changed = loaded, True
+                    ca, rotated = loaded, True
             pruned = ca.prune(now)
             if pruned is not ca:
                 ca_store.save_ca(state_dir, pruned)
-                ca, ca_stamp, changed = pruned, _ca_stamp(state_dir), True
-            if changed:
+                ca, ca_stamp, rotated = pruned, _ca_stamp(state_dir), True
+            if rotated:
                 _log.info("CA of %s: bundle sequence %d", trust_domain, ca.sequence)
                 discovery.set_ca(ca)
                 peering.set_local_bundle(ca.bundle())
-                discovery.refresh()
-            if changed or now >= cp_svid.renew_at:
+                changed()
+            if rotated or now >= cp_svid.renew_at:
                 cp_svid = _control_plane_svid(ca, spec.cluster, spec.mesh)
                 peering.set_svid(cp_svid)
 
@@ -412,7 +421,7 @@ async def _follow_catalog(plane: ControlPlane, source: CatalogSource) -> None:
     """Each catalog change: new snapshots, the exports peers see, local health."""
     exported: set[ServiceKey] = set()
     async for catalog in source.watch():
-        plane.discovery.refresh()
+        plane.changed()
         try:
             exported = _export(plane, catalog, exported)
             now = time.time()
@@ -453,7 +462,7 @@ async def _follow_policies(plane: ControlPlane) -> None:
         except ValueError as error:  # the directory loader already refuses duplicates
             _log.error("policies: %s", error)
         plane.peering.apply_export_decision(functools.partial(_export_peers, policies))
-        plane.discovery.refresh()
+        plane.changed()
 
 
 def _export_peers(policies: PolicySet, key: ServiceKey) -> list[str]:
@@ -477,10 +486,10 @@ async def _housekeeping(
                 statuses = plane.prober.statuses()
                 plane.health.set_gateways(statuses)
                 if events.set_probe_alive({p: s.alive for p, s in statuses.items()}):
-                    plane.discovery.refresh()
+                    plane.changed()
             due = plane.view.next_change_at(now)
             if due is not None and due <= now:
-                plane.discovery.refresh()
+                plane.changed()
             _publish_health(plane, now)
             _update_board(plane, now)
         except Exception:

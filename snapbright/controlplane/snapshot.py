@@ -22,6 +22,7 @@ metadata address) is dropped from its mirrors: a peer cannot make us route there
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
@@ -73,22 +74,31 @@ class ClusterView:
         self.peer_bundles: dict[str, TrustBundle] = {}
         self.weights: dict[str, dict[str, int]] = {}
         """Failover weights (basis points by target cluster) by service name."""
+        # Every class's snapshot of one rebuild shares the upstreams: built once per change.
+        self._cached: tuple[float, list[pb.Upstream]] | None = None
+
+    def invalidate(self) -> None:
+        """A source changed (the catalog, a peer's imports, trust, policies): build anew."""
+        self._cached = None
 
     # -- what the process's callbacks change --
 
     def set_weights(self, service: str, weights: Mapping[str, int]) -> None:
         """The failover loop's decision for callers in this cluster."""
         self.weights[service] = dict(weights)
+        self.invalidate()
 
     def set_peer(self, peer: PeerView) -> None:
         """Replace what we know of one peer (its gateways are checked here)."""
         allowed = tuple(g for g in peer.gateways if self._gateway_allowed(g.host, g.port))
         self.peers[peer.cluster] = replace(peer, gateways=allowed)
+        self.invalidate()
 
     def remove_peer(self, name: str) -> None:
         """A peer was deleted: its mirrors and trust go."""
         self.peers.pop(name, None)
         self.peer_bundles.pop(name, None)
+        self.invalidate()
 
     # -- reading --
 
@@ -129,8 +139,7 @@ class ClusterView:
         if proxy_class.role is Role.GATEWAY:
             snapshot.gateway_routes.extend(self._gateway_routes(policies))
             return snapshot
-        upstreams = self.upstreams(self._clock())
-        snapshot.upstreams.extend(upstream_to_proto(upstreams[key]) for key in sorted(upstreams))
+        snapshot.upstreams.extend(self._upstream_protos(self._clock()))
         snapshot.policies.extend(_policy_to_proto(p) for p in policies.traffic)
         snapshot.policies.extend(
             _policy_to_proto(p)
@@ -139,6 +148,16 @@ class ClusterView:
             and p.metadata.namespace == proxy_class.namespace
         )
         return snapshot
+
+    def _upstream_protos(self, now: float) -> list[pb.Upstream]:
+        if self._cached is not None and now < self._cached[0]:
+            return self._cached[1]
+        upstreams = self.upstreams(now)
+        protos = [upstream_to_proto(upstreams[key]) for key in sorted(upstreams)]
+        # Valid until a stale peer's mirrors are withdrawn by time, or the next change.
+        until = self.next_change_at(now)
+        self._cached = (math.inf if until is None else until, protos)
+        return protos
 
     def _gateway_routes(self, policies: PolicySet) -> list[pb.GatewayRoute]:
         catalog = self.catalog.current() if self.catalog is not None else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,7 +38,10 @@ ADMIN = DeniedTarget("127.0.0.1", 15000)
 
 
 def _view(
-    tmp_path: Path, *, policies: dict[str, str] | None = None
+    tmp_path: Path,
+    *,
+    policies: dict[str, str] | None = None,
+    clock: Callable[[], float] = lambda: 100.0,
 ) -> tuple[ClusterView, CatalogFeed]:
     directory = tmp_path / "policies"
     directory.mkdir()
@@ -49,7 +54,7 @@ def _view(
         loaded,
         CA.bundle,
         AdmissionPolicy(allow_loopback=True, denied=frozenset({ADMIN})),
-        clock=lambda: 100.0,
+        clock=clock,
     )
     feed = CatalogFeed()
     view.catalog = feed
@@ -151,3 +156,29 @@ def test_a_sidecar_gets_only_its_own_services_authorization_policies(tmp_path: P
     assert other is not None
     assert [(p.kind, p.name) for p in ledger.policies] == [("AuthorizationPolicy", "ledger")]
     assert list(other.policies) == []  # same service name, another namespace
+
+
+def test_a_stale_peers_mirror_goes_when_its_grace_ends_even_with_no_other_change(
+    tmp_path: Path,
+) -> None:
+    now = [100.0]
+    view, feed = _view(tmp_path, clock=lambda: now[0])
+    feed.publish(_catalog())
+    stale = replace(_peer(GatewayAddress("192.0.2.10", 15443)), unreachable_since=90.0)
+    view.set_peer(stale)  # the grace is 60 s: withdrawn at 150
+    snapshot = view.build(SIDECAR)
+    assert snapshot is not None
+    assert [t.stale for t in snapshot.upstreams[0].targets] == [True]
+    now[0] = 149.0
+    assert len(view.build(SIDECAR).upstreams) == 1  # type: ignore[union-attr]
+    now[0] = 150.0
+    assert list(view.build(SIDECAR).upstreams) == []  # type: ignore[union-attr]
+
+
+def test_a_change_announced_to_the_view_is_in_the_next_build(tmp_path: Path) -> None:
+    view, feed = _view(tmp_path)
+    feed.publish(_catalog(Endpoint("pay", "10.0.0.1", 8080)))
+    assert len(view.build(SIDECAR).upstreams) == 1  # type: ignore[union-attr]
+    feed.publish(Catalog.of(2, services=[Service("cart")]))
+    view.invalidate()
+    assert [u.service for u in view.build(SIDECAR).upstreams] == ["cart"]  # type: ignore[union-attr]
