@@ -137,10 +137,18 @@ async def _establish(request: web.Request) -> web.Response:
     try:
         peer = await plane.peering.establish(token.strip())
     except PeeringError as error:
-        # A bad token and a refusal are both the caller's to fix: 400 / 409.
-        status = 400 if "bad token" in str(error) or "invalid" in str(error) else 409
-        return _error(str(error), status)
+        return _error(str(error), _establish_status(str(error)))
     return web.json_response({"peer": peer})
+
+
+def _establish_status(reason: str) -> int:
+    """A token that cannot be used is a bad request; a peering that exists already, a
+    conflict; a peer that refused us or could not be reached, a bad gateway."""
+    if reason.startswith("already peered"):
+        return 409
+    if reason.startswith("establish with"):
+        return 502
+    return 400
 
 
 async def _peerings(request: web.Request) -> web.Response:

@@ -175,7 +175,8 @@ class ControlPlaneSpec(Spec):
 
 
 class ControlPlaneConfig(Document):
-    """A ControlPlaneConfig document. Paths are as written; :meth:`resolved` anchors them."""
+    """A ControlPlaneConfig document. Paths are as written; :meth:`state_dir` and
+    :meth:`policy_directory` anchor relative ones at the file's directory."""
 
     KIND: ClassVar[str] = "ControlPlaneConfig"
 

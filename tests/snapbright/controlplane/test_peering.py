@@ -48,6 +48,14 @@ async def test_an_exported_service_appears_as_a_mirror_target_on_the_importing_s
             "POST", f"{importer.admin_url}/api/v1/peering/establish", {"token": answer["token"]}
         )
         assert (status, answer) == (200, {"peer": "ap-southeast"})
+        token = (await call("POST", f"{exporter.admin_url}/api/v1/peering/token", {}))[1]
+        status, answer = await call(
+            "POST", f"{importer.admin_url}/api/v1/peering/establish", {"token": token["token"]}
+        )
+        assert (status, answer["error"]) == (
+            409,
+            "already peered with ap-southeast: delete it first",
+        )
 
         client = sidecar(importer.ca(), importer.discovery_target, "us-west", "web")
         task = asyncio.create_task(client.run())
