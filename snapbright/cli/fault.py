@@ -188,9 +188,11 @@ def _replicas(entry: dict[str, Any], cluster: str, service: str) -> list[dict[st
 
 
 def _choose(via: Via, replicas: list[dict[str, Any]]) -> Via:
-    if via is not Via.auto:
-        return via
-    return Via.policy if all("sidecar" in r for r in replicas) else Via.app
+    if via is Via.auto:
+        via = Via.policy if all("sidecar" in r for r in replicas) else Via.app
+    if via is Via.app and not all("app" in r for r in replicas):
+        raise _FaultError("no demo app runs for this service: use --via policy")
+    return via
 
 
 def _write_policy(

@@ -18,7 +18,8 @@ what they do not know) with everything else ``snapbright up`` started::
      "processes": [{"name": "us-west.controlplane", "role": "controlplane",
                     "cluster": "us-west", "pid": 4242, "log": "…/logs/us-west.controlplane.log"}]}
 
-``sidecar`` is absent for a replica whose sidecar is not part of the run.
+``sidecar`` is absent for a replica whose sidecar is not part of the run, ``app`` and ``grpc``
+for one whose demo app is not (a replica with neither is not listed).
 """
 
 from __future__ import annotations
@@ -57,18 +58,17 @@ def endpoints_document(plan: Plan, pids: Mapping[str, int]) -> dict[str, Any]:
         for replica in plan.replicas:
             if replica.cluster != cluster:
                 continue
-            entry: dict[str, Any] = {
-                "replica": replica.replica,
-                "app": f"http://{HOST}:{replica.app}",
-                "grpc": f"{HOST}:{replica.grpc}",
-            }
+            entry: dict[str, Any] = {"replica": replica.replica}
+            if replica.name in steps:
+                entry |= {"app": f"http://{HOST}:{replica.app}", "grpc": f"{HOST}:{replica.grpc}"}
             if f"{replica.name}.sidecar" in steps:
                 entry["sidecar"] = {
                     "outbound": f"{HOST}:{replica.outbound}",
                     "inbound": f"{HOST}:{replica.inbound}",
                     "admin": f"http://{HOST}:{replica.admin}",
                 }
-            services.setdefault(replica.service, []).append(entry)
+            if len(entry) > 1:
+                services.setdefault(replica.service, []).append(entry)
         clusters[cluster] = {
             "admin": admin,
             "discovery": f"{HOST}:{control_plane['discovery']}",
@@ -167,7 +167,8 @@ def format_table(document: Mapping[str, Any]) -> str:
         for service, replicas in entry["services"].items():
             for replica in replicas:
                 label = f"{service}-{replica['replica']}"
-                rows.append((label, f"app {replica['app']}"))
+                if "app" in replica:
+                    rows.append((label, f"app {replica['app']}"))
                 sidecar = replica.get("sidecar")
                 if sidecar is not None:
                     port = sidecar["outbound"].rpartition(":")[2]
