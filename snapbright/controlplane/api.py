@@ -15,10 +15,15 @@ status that says whose fault it was.
 - ``GET /api/v1/status`` → what ``status`` and ``check`` need (see :func:`status`)
 - ``POST /api/v1/registrations`` ``{id, ttl?, workload: {name, namespace, serviceAccount},
   endpoint: {service, namespace?, address, port, zone?, health?, tags?, meta?}}``,
-  ``PUT /api/v1/registrations/{id}/heartbeat``, ``DELETE /api/v1/registrations/{id}``
+  ``PUT /api/v1/registrations/{id}/heartbeat``, ``DELETE /api/v1/registrations/{id}``: a
+  sidecar registers its workload at start with the address callers dial (its inbound
+  listener), heartbeats within the TTL (default ``catalog.registrationTtl``) and deregisters
+  at shutdown; a registration not renewed in time expires. The endpoint passes the admission
+  policy: never one of this control plane's own listeners.
 - ``GET /metrics`` (this control plane's own Prometheus registry), ``GET /ready``,
   ``GET /live``
 
+The API has no authentication of its own: it listens on loopback, like a Consul agent's.
 The dashboard's own routes (``/``, ``/api/v1/state``, ``/api/v1/decisions``,
 ``/api/v1/events``) live on the same app, with its Host check and security headers.
 """

@@ -391,6 +391,7 @@ async def serve_until_stopped(config_path: Path) -> None:
         loop.add_signal_handler(signum, stop.set)
     async with running(config, config_path.parent):
         await stop.wait()
+        _log.info("control plane %s: stopping", config.spec.cluster)
 
 
 def run(config_path: Path) -> None:

@@ -92,3 +92,12 @@ async def test_the_control_plane_writes_its_own_endpoints_file(tmp_path: Path) -
                 }
             },
         }
+
+
+def test_a_bad_config_file_stops_the_control_plane_before_it_starts(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "us-west")
+    config.write_text(config.read_text().replace("mesh: acme", "mesh: Acme"))
+    result = CliRunner().invoke(app, ["controlplane", "--config", str(config)])
+    assert result.exit_code == 2
+    assert f"{config}:6:9: spec.mesh: must be dot-separated DNS labels" in result.output
+    assert not (tmp_path / "state").exists()  # nothing was created
