@@ -209,9 +209,9 @@ class _Downstream(asyncio.Protocol):
         self._connect_task: asyncio.Task[None] | None = None
         self._client_eof = False
         self._parse_dead = False
-        self._new_cycle()
-
-    def _new_cycle(self) -> None:
+        self._blocked = False
+        self._held: UpstreamConnection | None = None
+        self._up_idle = timeouts.upstream_idle
         self._up: UpstreamConnection | None = None
         self._up_out: list[bytes] = []
         self._endpoint: EndpointAddress | None = None
@@ -231,6 +231,7 @@ class _Downstream(asyncio.Protocol):
         self.head_request = False
         self.upgrading = False
         self.response_close = False
+        self.close_after = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -255,11 +256,12 @@ class _Downstream(asyncio.Protocol):
             if up is not None and up.transport is not None:
                 up.transport.write(data)
             return
-        if state == _DEAD or self._parse_dead:
+        if state == _DEAD:
             return
-        if self._upgrade_buf is not None:
-            # Early data after an upgrade request (reading may not pause at once).
-            self._upgrade_buf.append(data)
+        if self._blocked:
+            if self._upgrade_buf is not None:
+                # Early data after an upgrade request (reading may not pause at once).
+                self._upgrade_buf.append(data)
             return
         self._stall += len(data)
         try:
@@ -276,8 +278,17 @@ class _Downstream(asyncio.Protocol):
             # Bytes keep coming without completing a head, header or chunk line.
             self._bad_input(431 if self._state == _HEAD else 400, "header section too large")
             return
-        if self._up_out:
-            self._flush_up()
+        out = self._up_out
+        if out:
+            up = self._up
+            if up is not None:
+                transport = up.transport
+                if transport is not None:
+                    if len(out) == 1:
+                        transport.write(out[0])
+                    else:
+                        transport.writelines(out)
+                out.clear()
 
     def eof_received(self) -> bool | None:
         state = self._state
@@ -290,6 +301,7 @@ class _Downstream(asyncio.Protocol):
         if state in (_CONNECTING, _WAITING) and self.request_done and self._rec is None:
             # The client may half-close after its request; answer it, then close.
             self._client_eof = True
+            self.close_after = True
             return True
         return None
 
@@ -306,6 +318,7 @@ class _Downstream(asyncio.Protocol):
         if task is not None:
             self._connect_task = None
             task.cancel()
+        self._release_held()
         up = self._up
         if up is not None:
             self._up = None
@@ -377,29 +390,37 @@ class _Downstream(asyncio.Protocol):
             raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        hdr = self._hdr
-        hdr.append((name, value))
-        if len(hdr) > self._max_headers:
-            self._bad_input(431, "too many header fields")
-            raise _Stop
+        # Counted when the head is complete: until then the bytes are bounded by `_stall`.
+        self._hdr.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._stall = 0
         parser = self._parser
-        head = (
-            parser.get_method(),
-            self._url,
-            self._hdr,
-            parser.get_http_version(),
-            parser.should_keep_alive(),
-            parser.should_upgrade(),
-        )
+        hdr = self._hdr
         self._hdr = []
         rec = self._rec
         if rec is not None:
-            rec.head = head
+            self._stall = 0
+            rec.head = (
+                parser.get_method(),
+                self._url,
+                hdr,
+                parser.get_http_version(),
+                parser.should_keep_alive(),
+                parser.should_upgrade(),
+                self._max_header_bytes + 1,
+            )
             return
-        if not self._start(*head):
+        stall = self._stall
+        self._stall = 0
+        if not self._start(
+            parser.get_method(),
+            self._url,
+            hdr,
+            parser.get_http_version(),
+            parser.should_keep_alive(),
+            parser.should_upgrade(),
+            stall,
+        ):
             raise _Stop
 
     def on_body(self, body: bytes) -> None:
@@ -429,12 +450,19 @@ class _Downstream(asyncio.Protocol):
         version: str,
         keep_alive: bool,
         upgrade: bool,
+        read: int,
     ) -> bool:
-        """Check one request head and send it upstream; ``False`` when it was refused."""
-        if version != "1.1":
-            if version != "1.0":
-                return self._bad_input(505 if version[:1] != "0" else 400, "unsupported version")
-            self.http11 = False
+        """Check one request head and send it upstream; ``False`` when it was refused.
+
+        ``read`` bounds the head's size (the bytes read since the last message event): when
+        it is within the limit, the exact size need not be summed.
+        """
+        if len(hdr) > self._max_headers:
+            return self._bad_input(431, "too many header fields")
+        http11 = version == "1.1"
+        if not http11 and version != "1.0":
+            return self._bad_input(505 if version[:1] != "0" else 400, "unsupported version")
+        self.http11 = http11
         if method == b"CONNECT":
             return self._bad_input(405, "CONNECT is not supported")
         path = url
@@ -451,7 +479,6 @@ class _Downstream(asyncio.Protocol):
                     return self._bad_input(400, "bad request target")
             else:
                 return self._bad_input(400, "bad request target")
-        size = 0
         host: bytes | None = None
         length: bytes | None = None
         coding: bytes | None = None
@@ -460,7 +487,6 @@ class _Downstream(asyncio.Protocol):
         parts = [method, b" ", path, b" HTTP/1.1\r\n"]
         extend = parts.extend
         for name, value in hdr:
-            size += len(name) + len(value)
             lname = name.lower()
             if lname in _REQUEST_SPECIAL:
                 if lname == b"host":
@@ -483,7 +509,10 @@ class _Downstream(asyncio.Protocol):
                     upgrade_to = value
                 continue
             extend((name, b": ", value, b"\r\n"))
-        if size > self._max_header_bytes:
+        if (
+            read > self._max_header_bytes
+            and sum(len(name) + len(value) for name, value in hdr) > self._max_header_bytes
+        ):
             return self._bad_input(431, "header section too large")
         if listed is not None and not listed <= _CONNECTION_TOKENS_KEPT:
             if listed & _CONNECTION_TOKENS_REFUSED:
@@ -503,11 +532,11 @@ class _Downstream(asyncio.Protocol):
             host = authority
         if host is None:
             return self._bad_input(400, "missing Host")
-        has_body = False
+        has_body = chunked = False
         if coding is not None:
-            if length is not None or coding.lower() != b"chunked" or not self.http11:
+            if length is not None or coding.lower() != b"chunked" or not http11:
                 return self._bad_input(400, "bad Transfer-Encoding")
-            self._chunked_up = has_body = True
+            chunked = has_body = True
             extend((b"Transfer-Encoding: chunked\r\n",))
         elif length is not None:
             declared = int(length)
@@ -519,9 +548,11 @@ class _Downstream(asyncio.Protocol):
             if has_body or upgrade_to is None or self._queue:
                 return self._bad_input(400, "bad upgrade request")
             extend((b"Connection: upgrade\r\nUpgrade: ", upgrade_to, b"\r\n"))
-            self.upgrading = True
         parts.append(b"\r\n")
+        self._chunked_up = chunked
+        self.upgrading = upgrade
         self.keep_alive = keep_alive
+        self.close_after = not keep_alive or upgrade or self._client_eof or self._shared.draining
         self.head_request = method == b"HEAD"
 
         if host == self._route_key:
@@ -551,7 +582,20 @@ class _Downstream(asyncio.Protocol):
         self._req_head = head = b"".join(parts)
         self._retryable = not has_body and method in _RETRYABLE_METHODS and not upgrade
         self._up_out.append(head)
-        conn = self._pool.take(endpoint)
+        conn = self._held
+        if conn is not None:
+            # The connection kept from this client's previous request, if it goes there.
+            self._held = None
+            conn.holder = None
+            if (
+                conn.endpoint is not endpoint
+                or conn.transport is None
+                or conn.transport.is_closing()
+            ):
+                self._pool.release(conn)
+                conn = self._pool.take(endpoint)
+        else:
+            conn = self._pool.take(endpoint)
         if conn is not None:
             self._state = _WAITING
             self.deadline = self._request_deadline = self._time() + self._t_request
@@ -580,7 +624,7 @@ class _Downstream(asyncio.Protocol):
             self._up_out.append(b"0\r\n\r\n")
         self.request_done = True
         if self._resp_done:
-            self._cycle_end()
+            self._cycle_end(self._time())
 
     def _upgrade_tail(self, tail: bytes) -> None:
         """The request was an upgrade: what follows is for the upgraded protocol."""
@@ -591,8 +635,10 @@ class _Downstream(asyncio.Protocol):
             target.error = (400, "upgrade request pipelined")
             self._pause(_P_UPGRADE)
             self._upgrade_buf = []
+            self._blocked = True
             return
         self._upgrade_buf = [tail] if tail else []
+        self._blocked = True
         self._pause(_P_UPGRADE)
 
     # -- upstream --------------------------------------------------------------------------
@@ -667,12 +713,17 @@ class _Downstream(asyncio.Protocol):
         if route is not None and self._endpoint is not None:
             route.on_failure(self._endpoint, failure, now - self._t0, now)
 
-    def response_done(self) -> None:
-        """The upstream wrote the whole response; the connection may serve the next one."""
+    def response_done(self, conn: UpstreamConnection | None) -> None:
+        """The upstream wrote the whole response; ``conn`` is kept if it can be reused."""
         self._up = None
         self._resp_done = True
+        now = self._time()
+        if conn is not None:
+            conn.holder = self
+            conn.deadline = now + self._up_idle
+            self._held = conn
         if self.request_done:
-            self._cycle_end()
+            self._cycle_end(now)
         else:
             # Answered before the request body was read: the stream position is unknown.
             self._close()
@@ -708,6 +759,7 @@ class _Downstream(asyncio.Protocol):
         self.deadline = math.inf
         pending = self._upgrade_buf or []
         self._upgrade_buf = None
+        self._blocked = False
         transport = conn.transport
         if pending and transport is not None:
             transport.writelines(pending)
@@ -732,29 +784,40 @@ class _Downstream(asyncio.Protocol):
 
     # -- ends of a request -----------------------------------------------------------------
 
-    def must_close(self) -> bool:
-        """Whether the response being written must end this client connection."""
-        return (
-            not self.keep_alive
-            or not self.request_done
-            or self.upgrading
-            or self._client_eof
-            or self._shared.draining
-        )
+    def lost_held(self, conn: UpstreamConnection) -> None:
+        """The upstream connection kept for the next request closed."""
+        if self._held is conn:
+            self._held = None
 
-    def _cycle_end(self) -> None:
+    def _release_held(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            held.holder = None
+            if held.transport is not None:
+                self._pool.release(held)
+
+    def _cycle_end(self, now: float) -> None:
         """Request and response are both complete: close, or serve the next request."""
         queue = self._queue
         while True:
-            if self.response_close or self.must_close():
+            if self.response_close or self.close_after:
                 self._close()
                 return
-            self._new_cycle()
-            self._resume(_P_UPSTREAM)
+            # Reset only what a request may leave set; `_start` assigns the rest.
+            self.request_done = False
+            self._resp_done = False
+            self._reported = True
+            if self._local or self._body_seen:
+                self._local = False
+                self._body_seen = 0
             self._state = _IDLE
-            self.deadline = self._time() + self._t_idle
+            self.deadline = now + self._t_idle
+            if self._paused:
+                self._resume(_P_UPSTREAM)
             if not queue:
-                self._resume(_P_QUEUED)
+                if self._paused:
+                    self._resume(_P_QUEUED)
                 return
             rec = queue.popleft()
             if rec.error is not None:
@@ -800,6 +863,7 @@ class _Downstream(asyncio.Protocol):
             return False
         self._local = True
         self._resp_done = True
+        self._reported = True
         self.response_close = False
         return True
 
@@ -834,7 +898,7 @@ class _Downstream(asyncio.Protocol):
                 self._queue.append(rec)
             rec.error = (status, reason)
             self._rec = None
-            self._parse_dead = True
+            self._parse_dead = self._blocked = True
             self._pause(_P_QUEUED)
             return False
         if (self._up is not None or self._state in (_CONNECTING, _WAITING)) and not self._resp_done:
@@ -851,6 +915,7 @@ class _Downstream(asyncio.Protocol):
     def _close(self) -> None:
         self._state = _DEAD
         self.deadline = math.inf
+        self._release_held()
         transport = self._transport
         if transport is not None:
             transport.close()
@@ -886,6 +951,7 @@ class _Downstream(asyncio.Protocol):
 
     def drain(self) -> None:
         """The listener is closing: close now if idle, else after the current response."""
+        self.close_after = True
         if self._state == _IDLE and not self._queue:
             self._close()
 

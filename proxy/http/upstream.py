@@ -44,6 +44,9 @@ _HOP_BY_HOP = frozenset(
 )
 _CONNECTION_TOKENS_KEPT = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
 
+# An upstream response head (with any 1xx before it) larger than this is refused.
+_MAX_RESPONSE_HEAD = 256 * 1024
+
 # Body modes of the response as written downstream.
 _NONE = 0  # no body (HEAD, 204, 304)
 _LENGTH = 1  # Content-Length, passed as is
@@ -76,6 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_down",
         "_flushed",
         "_hdr",
+        "_head_read",
         "_info",
         "_keep_alive",
         "_mode",
@@ -90,6 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_upgraded",
         "deadline",
         "endpoint",
+        "holder",
         "owner",
         "reused",
         "transport",
@@ -101,6 +106,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser: Any = httptools.HttpResponseParser(self)
         self.owner: _Downstream | None = None
+        self.holder: _Downstream | None = None
         self._down: asyncio.Transport | None = None
         self._hdr: list[tuple[bytes, bytes]] = []
         self._out: list[bytes] = []
@@ -115,6 +121,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._pipe = False
         self._upgraded = False
         self._until_close = False
+        self._head_read = 0
         self._read_paused = False
         self.reused = False
         self.deadline = math.inf
@@ -128,9 +135,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._done = False
         self._flushed = False
         self._responded = False
-        self._until_close = False
-        self._info = False
-        self.deadline = math.inf
+        self._head_read = 0
+        # ``deadline`` stays: `expire` only acts on a connection that has no owner.
         if owner.write_paused:
             self.pause_reading()
 
@@ -155,6 +161,10 @@ class UpstreamConnection(asyncio.Protocol):
         """Close the connection now (it is never returned to the pool)."""
         self._broken = True
         self.owner = None
+        holder = self.holder
+        if holder is not None:
+            self.holder = None
+            holder.lost_held(self)
         transport = self.transport
         if transport is not None:
             transport.abort()
@@ -176,16 +186,21 @@ class UpstreamConnection(asyncio.Protocol):
             owner.resume_for_upstream()
 
     def data_received(self, data: bytes) -> None:
-        if self._pipe:
-            down = self._down
-            assert down is not None
-            down.write(data)
-            return
         if self.owner is None:
             # Bytes on an idle connection: the endpoint is confused; never reuse it.
             self.close()
             self._pool.forget(self)
             return
+        if self._pipe:
+            down = self._down
+            assert down is not None
+            down.write(data)
+            return
+        if not self._responded:
+            self._head_read += len(data)
+            if self._head_read > _MAX_RESPONSE_HEAD:
+                self._fail(Failure.PROTOCOL, "response head too large")
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -224,6 +239,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = None
         owner = self.owner
         if owner is None:
+            holder = self.holder
+            if holder is not None:
+                self.holder = None
+                holder.lost_held(self)
             self._pool.forget(self)
             return
         if self._pipe:
@@ -246,17 +265,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- parser callbacks ------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        if self._done:
-            # A second response to one request: the rest of this connection cannot be trusted.
-            self._broken = True
-            raise _BadResponse("unsolicited response")
-
     def on_header(self, name: bytes, value: bytes) -> None:
-        hdr = self._hdr
-        hdr.append((name, value))
-        if len(hdr) > 1000:
-            raise _BadResponse("too many headers")
+        self._hdr.append((name, value))
 
     def on_headers_complete(self) -> None:
         owner = self.owner
@@ -265,7 +275,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._hdr = []
         status: int = self._parser.get_status_code()
         if self._done:
-            raise _BadResponse("trailing response")
+            # A second response to one request: the rest of this connection cannot be trusted.
+            self._broken = True
+            raise _BadResponse("unsolicited response")
         if status < 200:
             self._informational(owner, status, hdr)
             return
@@ -295,9 +307,9 @@ class UpstreamConnection(asyncio.Protocol):
             extend = parts.extend
         if coding is not None and (coding.lower() != b"chunked" or length is not None):
             raise _BadResponse("bad Transfer-Encoding")
-        self._keep_alive = bool(self._parser.should_keep_alive())
+        self._keep_alive = self._parser.should_keep_alive()
         http11 = owner.http11
-        close = owner.must_close()
+        close = owner.close_after or not owner.request_done
         if owner.head_request or status == 204 or status == 304:
             mode = _NONE
             if length is not None and status != 204:
@@ -389,18 +401,13 @@ class UpstreamConnection(asyncio.Protocol):
         if self._reset:
             self._reset = False
             self._parser = httptools.HttpResponseParser(self)
-        reusable = (
-            self._keep_alive
-            and not self._broken
-            and owner.request_done
-            and self.transport is not None
-            and not self.transport.is_closing()
-        )
-        if reusable:
-            self._pool.release(self)
+        self._until_close = False
+        if self._keep_alive and not self._broken and owner.request_done and self.transport:
+            # Kept by the client connection for its next request (back to the pool if not).
+            owner.response_done(self)
         else:
             self.close()
-        owner.response_done()
+            owner.response_done(None)
 
     def _fail(self, failure: Failure, reason: str) -> None:
         owner = self.owner

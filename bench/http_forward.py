@@ -1,0 +1,246 @@
+"""Benchmark: the sidecar's HTTP/1.1 forwarder against HAProxy's http mode (not a test).
+
+    .venv/bin/python -m bench.http_forward [--seconds 5] [--rounds 3] [--connections 50]
+
+One run starts, each as its own process on 127.0.0.1:
+
+- a tiny backend (uvloop + httptools) answering every request with a small 200;
+- the forwarder (`proxy.http.serve_outbound` on uvloop) routing ``Host: svc`` to it;
+- Debian's haproxy, 1 thread (``nbthread 1``), http mode, keep-alive both sides, the same
+  backend.
+
+Throughput: wrk (1 thread, ``--connections`` persistent connections) against the forwarder
+and haproxy, interleaved A B A B for ``--rounds`` rounds; medians are compared. Latency:
+wrk with 1 connection against the backend directly, the forwarder and haproxy, interleaved;
+the added p50 of each proxy is its p50 minus the direct p50. The last line printed is one
+JSON object with ``l7_rps_ratio`` (target ≥ 0.75) and ``l7_added_p50_ratio`` (target ≤ 1.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class _Backend(asyncio.Protocol):
+    """Answers each request with a small 200, keeping the connection."""
+
+    def __init__(self) -> None:
+        import httptools
+
+        self._parser: Any = httptools.HttpRequestParser(self)
+        self._transport: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except Exception:
+            self._transport.close()
+
+    def on_message_complete(self) -> None:
+        self._transport.write(_RESPONSE)
+
+
+async def _run_backend(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_Backend, "127.0.0.1", port, backlog=1024)
+    await server.serve_forever()
+
+
+async def _run_sidecar(port: int, upstream: int) -> None:
+    from proxy.http import serve_outbound
+
+    await serve_outbound("127.0.0.1", port, {"svc": [("127.0.0.1", upstream)]})
+    await asyncio.Event().wait()
+
+
+def _haproxy_config(port: int, upstream: int) -> str:
+    return f"""global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+frontend outbound
+    bind 127.0.0.1:{port}
+    default_backend svc
+backend svc
+    server app 127.0.0.1:{upstream}
+"""
+
+
+def _wait_listening(port: int, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def _wrk(port: int, connections: int, seconds: float) -> tuple[float, float]:
+    """Requests per second and p50 latency (seconds) of one wrk run."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds:g}s",
+            "--latency",
+            "-H",
+            "Host: svc",
+            f"http://127.0.0.1:{port}/",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"\s50%\s+([\d.]+)(us|ms|s)\b", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
+    if rps is None or p50 is None:
+        raise RuntimeError(f"cannot read wrk output:\n{out}")
+    if errors is not None:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+    return float(rps[1]), float(p50[1]) * _UNITS[p50[2]]
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--latency-seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--role", choices=["backend", "sidecar"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.role is not None:
+        import uvloop
+
+        if args.role == "backend":
+            uvloop.run(_run_backend(args.port))
+        else:
+            uvloop.run(_run_sidecar(args.port, args.upstream))
+        return 0
+
+    backend_port, sidecar_port, haproxy_port = _free_port(), _free_port(), _free_port()
+    me = [sys.executable, "-m", "bench.http_forward"]
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = os.path.join(tmp, "haproxy.cfg")
+        with open(config, "w") as file:
+            file.write(_haproxy_config(haproxy_port, backend_port))
+        try:
+            procs.append(subprocess.Popen([*me, "--role", "backend", "--port", str(backend_port)]))
+            _wait_listening(backend_port)
+            procs.append(
+                subprocess.Popen(
+                    [
+                        *me,
+                        "--role",
+                        "sidecar",
+                        "--port",
+                        str(sidecar_port),
+                        "--upstream",
+                        str(backend_port),
+                    ]
+                )
+            )
+            procs.append(subprocess.Popen(["haproxy", "-f", config, "-db"]))
+            _wait_listening(sidecar_port)
+            _wait_listening(haproxy_port)
+            # Warm up both (connections, pools, caches).
+            _wrk(sidecar_port, args.connections, 1)
+            _wrk(haproxy_port, args.connections, 1)
+
+            rps: dict[str, list[float]] = {"sidecar": [], "haproxy": []}
+            p50: dict[str, list[float]] = {"direct": [], "sidecar": [], "haproxy": []}
+            ports = {"direct": backend_port, "sidecar": sidecar_port, "haproxy": haproxy_port}
+            for round_ in range(args.rounds):
+                for name in ("sidecar", "haproxy"):
+                    value, _ = _wrk(ports[name], args.connections, args.seconds)
+                    rps[name].append(value)
+                    print(f"round {round_ + 1} c{args.connections} {name:8} {value:10.0f} req/s")
+            for round_ in range(args.rounds):
+                for name in ("direct", "sidecar", "haproxy"):
+                    _, value = _wrk(ports[name], 1, args.latency_seconds)
+                    p50[name].append(value)
+                    print(f"round {round_ + 1} c1  {name:8} p50 {value * 1e6:8.1f} µs")
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    med_rps = {name: statistics.median(values) for name, values in rps.items()}
+    med_p50 = {name: statistics.median(values) for name, values in p50.items()}
+    added = {name: med_p50[name] - med_p50["direct"] for name in ("sidecar", "haproxy")}
+    rps_ratio = med_rps["sidecar"] / med_rps["haproxy"]
+    p50_ratio = added["sidecar"] / added["haproxy"] if added["haproxy"] > 0 else float("inf")
+    print()
+    print(f"{'':10}{'req/s (median)':>16}{'p50 c1':>12}{'added p50':>12}")
+    print(f"{'direct':10}{'':>16}{med_p50['direct'] * 1e6:>10.1f}µs")
+    for name in ("sidecar", "haproxy"):
+        print(
+            f"{name:10}{med_rps[name]:>16.0f}{med_p50[name] * 1e6:>10.1f}µs"
+            f"{added[name] * 1e6:>10.1f}µs"
+        )
+    print(f"l7_rps_ratio {rps_ratio:.3f} (target >= 0.75)")
+    print(f"l7_added_p50_ratio {p50_ratio:.3f} (target <= 1.5)")
+    print(
+        json.dumps(
+            {
+                "l7_rps_ratio": round(rps_ratio, 3),
+                "l7_added_p50_ratio": round(p50_ratio, 3),
+                "sidecar_rps": round(med_rps["sidecar"]),
+                "haproxy_rps": round(med_rps["haproxy"]),
+                "direct_p50_us": round(med_p50["direct"] * 1e6, 1),
+                "sidecar_added_p50_us": round(added["sidecar"] * 1e6, 1),
+                "haproxy_added_p50_us": round(added["haproxy"] * 1e6, 1),
+                "connections": args.connections,
+                "rounds": args.rounds,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
