@@ -85,6 +85,10 @@ async def test_an_exported_service_appears_as_a_mirror_target_on_the_importing_s
             ]
             status, services = await call("GET", f"{importer.admin_url}/api/v1/services")
             assert [t["name"] for t in services["services"][0]["targets"]] == ["pay@ap-southeast"]
+            # The failover loop decides for the imported service too, and its weights win.
+            await until(lambda: importer.view.weights.get("pay") == {"ap-southeast": 10_000})
+            status, services = await call("GET", f"{importer.admin_url}/api/v1/services")
+            assert services["services"][0]["note"] == "weights from the failover controller"
 
             assert (await call("DELETE", f"{importer.admin_url}/api/v1/peering/ap-southeast"))[
                 0
