@@ -51,6 +51,11 @@ class Link:
         self.reported_down = 0
 
     @property
+    def closed(self) -> bool:
+        """Whether the link has ended (its ``on_closed`` has run)."""
+        return self._closed
+
+    @property
     def up(self) -> int:
         """Bytes passed from the client to the upstream."""
         raise NotImplementedError

@@ -103,6 +103,7 @@ class Gateway:
         """
         self._spec = config.spec
         self._table = RoutingTable.from_spec(config.spec)
+        self._splice = config.spec.forwarding == "splice" and SPLICE_AVAILABLE
 
     def stop_accepting(self) -> None:
         """Close the listener: new connections are refused by the kernel from now on."""
@@ -253,8 +254,9 @@ class Gateway:
                 sock.close()
                 if balanced:
                     self._balancer.release(upstream)
-        self._links.add(link)
         self._metrics.forwarded.inc()
+        if not link.closed:  # either side may already have gone while the link was built
+            self._links.add(link)
         return True
 
     def _link_closed(self, link: Link, balanced: Upstream | None) -> None:
