@@ -15,7 +15,7 @@ import pytest
 from gateway.config.model import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.server import Gateway
-from tests.gateway.hello import hello_for, real_hello
+from tests.gateway.hello import client_hello, hello_for, real_hello, records, sni_extension
 from tests.gateway.pki import ThrowawayCA
 
 MESH = "acme"
@@ -430,5 +430,31 @@ async def test_a_receiver_that_stops_reading_stops_the_sender(forwarding: str) -
         writer.write_eof()
         async with asyncio.timeout(10):
             assert await received == len(hello) + total
+        writer.close()
+    backend.close()
+
+
+@FORWARDING
+async def test_a_hello_fragmented_over_records_and_writes_reaches_upstream_byte_for_byte(
+    forwarding: str,
+) -> None:
+    got = asyncio.get_running_loop().create_future()
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.set_result(await reader.read())
+
+    backend = await _tcp_backend(record)
+    message = client_hello([sni_extension([(0, BULK.encode())])])
+    stream = records(message, [3, 10, 40]) + b"\x17\x03\x03\x00\x02hi"
+    config = _config({"bulk": _port(backend)}, forwarding=forwarding)
+    async with _running(config) as (gateway, _):
+        _, writer = await asyncio.open_connection(*gateway.address)
+        for start in range(0, len(stream), 7):
+            writer.write(stream[start : start + 7])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        writer.write_eof()
+        async with asyncio.timeout(5):
+            assert await got == stream
         writer.close()
     backend.close()
