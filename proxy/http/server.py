@@ -76,6 +76,7 @@ _REASONS = {
     505: b"HTTP Version Not Supported",
 }
 _WRITE_HIGH = 256 * 1024
+_monotonic = time.monotonic
 # After an error reply, how long the rest of the client's bytes are read and dropped, so
 # that its kernel does not answer our close with a reset that discards the reply.
 _LINGER = 2.0
@@ -187,6 +188,9 @@ class _Downstream(asyncio.Protocol):
         self._max_headers = limits.max_headers
         self._max_body = limits.max_body
         self._max_stall = limits.max_header_bytes + limits.max_request_line
+        # A header line takes at least 4 bytes, so a head read in fewer bytes than this
+        # cannot have too many fields nor too many bytes.
+        self._quick_limit = min(limits.max_header_bytes, 4 * limits.max_headers)
         timeouts = shared.timeouts
         self._t_header = timeouts.header
         self._t_request = timeouts.request
@@ -208,6 +212,8 @@ class _Downstream(asyncio.Protocol):
         self._upgrade_buf: list[bytes] | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._client_eof = False
+        # The client half-closed or the listener drains: no request after the current one.
+        self._closing = False
         self._parse_dead = False
         self._blocked = False
         self._held: UpstreamConnection | None = None
@@ -300,7 +306,7 @@ class _Downstream(asyncio.Protocol):
             return None
         if state in (_CONNECTING, _WAITING) and self.request_done and self._rec is None:
             # The client may half-close after its request; answer it, then close.
-            self._client_eof = True
+            self._client_eof = self._closing = True
             self.close_after = True
             return True
         return None
@@ -370,11 +376,9 @@ class _Downstream(asyncio.Protocol):
         if self._state == _DEAD:
             raise _Stop
         self._url = b""
-        self._hdr = []
         if self._state == _IDLE and not self._queue:
             self._state = _HEAD
             self.deadline = self._time() + self._t_header
-            self._rec = None
         else:
             # Pipelined: hold this request until the one before it is answered.
             rec = _Pending()
@@ -457,8 +461,12 @@ class _Downstream(asyncio.Protocol):
         ``read`` bounds the head's size (the bytes read since the last message event): when
         it is within the limit, the exact size need not be summed.
         """
-        if len(hdr) > self._max_headers:
-            return self._bad_input(431, "too many header fields")
+        if read > self._quick_limit:
+            # Only a head this large can break a limit: count and size it exactly.
+            if len(hdr) > self._max_headers:
+                return self._bad_input(431, "too many header fields")
+            if sum(len(name) + len(value) for name, value in hdr) > self._max_header_bytes:
+                return self._bad_input(431, "header section too large")
         http11 = version == "1.1"
         if not http11 and version != "1.0":
             return self._bad_input(505 if version[:1] != "0" else 400, "unsupported version")
@@ -509,11 +517,6 @@ class _Downstream(asyncio.Protocol):
                     upgrade_to = value
                 continue
             extend((name, b": ", value, b"\r\n"))
-        if (
-            read > self._max_header_bytes
-            and sum(len(name) + len(value) for name, value in hdr) > self._max_header_bytes
-        ):
-            return self._bad_input(431, "header section too large")
         if listed is not None and not listed <= _CONNECTION_TOKENS_KEPT:
             if listed & _CONNECTION_TOKENS_REFUSED:
                 return self._bad_input(400, "Connection names a framing header")
@@ -552,7 +555,7 @@ class _Downstream(asyncio.Protocol):
         self._chunked_up = chunked
         self.upgrading = upgrade
         self.keep_alive = keep_alive
-        self.close_after = not keep_alive or upgrade or self._client_eof or self._shared.draining
+        self.close_after = not keep_alive or upgrade or self._closing
         self.head_request = method == b"HEAD"
 
         if host == self._route_key:
@@ -563,7 +566,7 @@ class _Downstream(asyncio.Protocol):
             self._route = route
         if route is None:
             return self._local_reply(404, "no route for this host", has_body)
-        now = time.monotonic()
+        now = _monotonic()
         try:
             endpoint = route.pick(now)
         except Overloaded as overloaded:
@@ -599,7 +602,8 @@ class _Downstream(asyncio.Protocol):
         if conn is not None:
             self._state = _WAITING
             self.deadline = self._request_deadline = self._time() + self._t_request
-            self._bind(conn)
+            self._up = conn
+            conn.bind(self, self._transport)  # type: ignore[arg-type]
         else:
             self._connect(endpoint)
         return True
@@ -698,7 +702,7 @@ class _Downstream(asyncio.Protocol):
         if self._reported:
             return
         self._reported = True
-        now = time.monotonic()
+        now = _monotonic()
         route = self._picked
         assert route is not None
         assert self._endpoint is not None
@@ -951,7 +955,7 @@ class _Downstream(asyncio.Protocol):
 
     def drain(self) -> None:
         """The listener is closing: close now if idle, else after the current response."""
-        self.close_after = True
+        self.close_after = self._closing = True
         if self._state == _IDLE and not self._queue:
             self._close()
 

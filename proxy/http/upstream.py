@@ -284,7 +284,7 @@ class UpstreamConnection(asyncio.Protocol):
         length: bytes | None = None
         coding: bytes | None = None
         listed: frozenset[bytes] | None = None
-        parts = [_status_line(status)]
+        parts = [_STATUS_LINES.get(status) or _status_line(status)]
         extend = parts.extend
         for name, value in hdr:
             lname = name.lower()
@@ -310,6 +310,23 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = self._parser.should_keep_alive()
         http11 = owner.http11
         close = owner.close_after or not owner.request_done
+        if (
+            length is not None
+            and coding is None
+            and http11
+            and not close
+            and not owner.head_request
+            and status != 204
+            and status != 304
+        ):
+            # The common case, in one go.
+            extend((b"Content-Length: ", length, b"\r\n\r\n"))
+            self._mode = _LENGTH
+            owner.response_close = False
+            self._out.append(b"".join(parts))
+            self._responded = True
+            owner.report_response(self, status)
+            return
         if owner.head_request or status == 204 or status == 304:
             mode = _NONE
             if length is not None and status != 204:
