@@ -1,6 +1,6 @@
 """Regenerate the committed protobuf/gRPC code, or (``--check``) prove it is fresh.
 
-Every ``<package>/api/v1/*.proto`` is compiled with the repository root as the include
+Every ``<package>/[**/]api/v1/*.proto`` is compiled with the repository root as the include
 path, so imports read ``proxy/api/v1/discovery.proto`` and generated modules import
 each other as ``proxy.api.v1.discovery_pb2``. ``--check`` compiles into a temporary
 folder and fails on any difference from what is committed.
@@ -25,7 +25,7 @@ SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 def _protos() -> list[Path]:
     found: list[Path] = []
     for package in PACKAGES:
-        found.extend(sorted((ROOT / package).glob("api/v*/*.proto")))
+        found.extend(sorted((ROOT / package).glob("**/api/v*/*.proto")))
     return found
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from snapbright.cli import ca, fault, policy
+from snapbright.cli import ca, demo, fault, policy, wan
 from snapbright.cli.controlplane import controlplane
 from snapbright.cli.gateway import gateway
 from snapbright.cli.peering import app as peering_app
@@ -24,6 +24,8 @@ app.command()(controlplane)
 app.add_typer(peering_app, name="peering")
 app.command()(up)
 app.add_typer(fault.app, name="fault")
+app.add_typer(wan.app, name="wan")
+app.command(name="demo-app")(demo.demo_app)
 
 
 def main() -> None:

@@ -101,6 +101,7 @@ def test_serve_refuses_a_bad_config_file(tmp_path: Path) -> None:
     assert "not a loopback address" in result.stderr
 
 
+@pytest.mark.e2e
 async def test_serve_runs_forwards_until_interrupted(tmp_path: Path, echo_port: int) -> None:
     config = tmp_path / "wan.json"
     config.write_text(

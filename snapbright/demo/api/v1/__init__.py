@@ -1,0 +1,1 @@
+"""Generated protocol code and its sources; see scripts/protos.py."""
