@@ -1,8 +1,10 @@
 """`snapbright wan …`: run the WAN emulator, and reshape its links while it runs.
 
-`set` and `show` talk to a running emulator's admin API on 127.0.0.1 (``--admin``, or
-``SNAPBRIGHT_WAN_ADMIN``, default port 7900). A link is a pair of clusters; `set` changes both
-directions unless ``--one-way``. Errors print one line saying why and exit 1.
+`set` and `show` talk to a running emulator's admin API on 127.0.0.1: ``--admin`` (or
+``SNAPBRIGHT_WAN_ADMIN``) if given, else the one in the ``endpoints.json`` of the mesh that
+`snapbright up` runs from ``--state-dir``, else port 7900 (`wan serve`'s default). A link is a
+pair of clusters; `set` changes both directions unless ``--one-way``. Errors print one line
+saying why and exit 1.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from snapbright.up.endpoints import NoMeshRunning, read_endpoints
 from snapbright.wan.model import DEFAULT_ADMIN_PORT, WanConfig
 from snapbright.wan.server import WanEmulator
 
@@ -29,13 +32,19 @@ app = typer.Typer(
 _ADMIN = f"127.0.0.1:{DEFAULT_ADMIN_PORT}"
 
 Admin = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--admin",
         envvar="SNAPBRIGHT_WAN_ADMIN",
         help="The emulator's admin address (HOST:PORT on loopback).",
+        show_default=False,
     ),
 ]
+StateDir = Annotated[
+    Path,
+    typer.Option("--state-dir", help="Where `snapbright up` runs from (to find the emulator)."),
+]
+_STATE_DIR = Path(".snapbright")
 
 
 @app.command()
@@ -109,7 +118,8 @@ def set_link(
     one_way: Annotated[
         bool, typer.Option("--one-way", help="Only SOURCE → DESTINATION, not back.")
     ] = False,
-    admin: Admin = _ADMIN,
+    admin: Admin = None,
+    state_dir: StateDir = _STATE_DIR,
 ) -> None:
     """Change a running link; what is not given stays as it is."""
     body: dict[str, Any] = {"oneWay": one_way}
@@ -122,14 +132,27 @@ def set_link(
         body["partition"] = partition
     if reset is not None:
         body["reset"] = reset
-    links = _call(admin, "POST", f"/links/{source}/{destination}", body)
+    links = _call(_admin(admin, state_dir), "POST", f"/links/{source}/{destination}", body)
     _print_links(links)
 
 
 @app.command()
-def show(admin: Admin = _ADMIN) -> None:
+def show(admin: Admin = None, state_dir: StateDir = _STATE_DIR) -> None:
     """Print every directed link: its shape and what it has carried."""
-    _print_links(_call(admin, "GET", "/links", None))
+    _print_links(_call(_admin(admin, state_dir), "GET", "/links", None))
+
+
+def _admin(given: str | None, state_dir: Path) -> str:
+    if given is not None:
+        return given
+    try:
+        document = read_endpoints(state_dir)
+    except NoMeshRunning:
+        return _ADMIN
+    wan = document.get("wan")
+    if not isinstance(wan, dict) or not isinstance(wan.get("admin"), str):
+        _fail(f"the mesh running from {state_dir} has no WAN emulator (no links to shape)")
+    return str(wan["admin"]).removeprefix("http://").rstrip("/")
 
 
 def _loss(text: str) -> float | str:

@@ -6,7 +6,8 @@ socket are scheduled by `snapbright.wan.core` and written to the other when due.
 not paused while chunks are in flight, only when:
 
 - the other socket's write buffer is full (its transport's ``pause_writing``);
-- more than ``_MAX_IN_FLIGHT`` bytes wait in the line (memory stays bounded);
+- more than ``_MAX_IN_FLIGHT`` (16 MiB) wait in the line: memory stays bounded, and one
+  connection still carries up to 16 MiB per one-way latency (160 MiB/s at 100 ms);
 - the link's bandwidth has queued the data more than ``_QUEUE_AHEAD`` ahead (a bottleneck
   holds a little, then slows the sender, as a router queue does).
 

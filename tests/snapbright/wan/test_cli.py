@@ -66,6 +66,17 @@ async def test_show_prints_every_directed_link(start_wan: StartWan, echo_port: i
     ]
 
 
+async def test_show_finds_the_emulator_of_the_mesh_running_from_the_state_dir(
+    start_wan: StartWan, echo_port: int, tmp_path: Path
+) -> None:
+    wan = await start_wan(echo_port, latency="33ms")
+    endpoints = {"version": 1, "clusters": {}, "wan": {"admin": f"http://{_admin(wan)}"}}
+    (tmp_path / "endpoints.json").write_text(json.dumps(endpoints))
+    result = await _wan("show", "--state-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert result.output.count("33ms") == 2
+
+
 @pytest.mark.parametrize(
     ("args", "reason"),
     [
