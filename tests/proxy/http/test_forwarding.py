@@ -362,3 +362,22 @@ async def test_absolute_form_target_is_sent_in_origin_form(
     assert (await client.read()).status == 200
     assert backend.requests[0].target == b"/p?q=1"
     await client.close()
+
+
+async def test_alternating_endpoints_each_keep_one_pooled_connection() -> None:
+    first, second = await Backend().start(), await Backend().start()
+    server = await serve_outbound(
+        "127.0.0.1", 0, {"svc": [("127.0.0.1", first.port), ("127.0.0.1", second.port)]}
+    )
+    client = await Client.open(server.port)
+    for index in range(6):
+        await client.send(b"GET /%d HTTP/1.1\r\nHost: svc\r\n\r\n" % index)
+        assert (await client.read()).body == b"/%d|" % index
+    assert [r.target for r in first.requests] == [b"/0", b"/2", b"/4"]
+    assert [r.target for r in second.requests] == [b"/1", b"/3", b"/5"]
+    assert (first.connections, second.connections) == (1, 1)
+    assert server.upstream_connection_count == 2
+    await client.close()
+    await server.aclose(grace=0.5)
+    await first.close()
+    await second.close()
