@@ -16,10 +16,12 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
 from federation.export.model import ExportPolicy
+from gateway.config.model import GatewayConfig
 from health.failover.model import FailoverPolicy, Trace
 from proxy.config.loader import LoadResult, load_file
 from proxy.config.model import API_VERSION, Document
 from proxy.policy.model import AuthorizationPolicy, TrafficPolicy
+from snapbright.controlplane.model import ControlPlaneConfig
 from snapbright.topology.model import LocalMesh
 
 KINDS: Mapping[str, type[Document]] = {
@@ -31,6 +33,8 @@ KINDS: Mapping[str, type[Document]] = {
         AuthorizationPolicy,
         ExportPolicy,
         LocalMesh,
+        ControlPlaneConfig,
+        GatewayConfig,
     )
 }
 """Every document kind, by its ``kind``."""

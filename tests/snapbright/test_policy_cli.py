@@ -106,4 +106,4 @@ def test_schema_prints_the_committed_schema_of_a_kind(tmp_path: Path) -> None:
     assert done.stdout == (ROOT / "deploy/schemas/TrafficPolicy.json").read_text()
     unknown = _run("schema", "Gateway", cwd=tmp_path)
     assert unknown.returncode == 2
-    assert "known kinds: AuthorizationPolicy, ExportPolicy" in unknown.stderr
+    assert "known kinds: AuthorizationPolicy, ControlPlaneConfig, ExportPolicy" in unknown.stderr
