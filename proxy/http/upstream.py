@@ -1,8 +1,12 @@
 """The upstream side: keep-alive connections pooled per endpoint, and response re-framing.
 
 An `UpstreamConnection` carries one exchange at a time for the downstream connection bound to
-it (its owner). It parses the response with llhttp as strictly as requests are parsed, removes
-hop-by-hop headers, re-frames the body for the client (chunked for HTTP/1.1 clients when the
+it (its owner). Between requests the client connection keeps it (its holder) as long as the
+route picks the same endpoint, as HAProxy does; otherwise, and when the client goes, it goes
+back to the `UpstreamPool`.
+
+It parses the response with llhttp as strictly as requests are parsed, removes hop-by-hop
+headers, re-frames the body for the client (chunked for HTTP/1.1 clients when the
 length is unknown; raw and then close for HTTP/1.0 clients) and writes it straight to the
 owner's transport, coalescing what one read produced into one write. A response that is
 malformed or ambiguous is never passed on: before its head was written the client gets a 502,
