@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 
 import grpc
 import grpc.aio
@@ -127,13 +128,16 @@ def _ignore(*_: object) -> None:
 class PeeringCallbacks:
     """What the rest of the control plane hears from peering (each runs on the loop, quickly).
 
-    ``imports_changed(peer, imports)`` gets every service the peer exports to us now;
+    ``imports_changed(peer, change, imports)`` gets what changed (O(changes), for the mirror
+    core) and a read-only view of every service the peer exports to us now;
     ``trust_changed(peer, bundle)`` the peer's bundle as applied, or None once withdrawn;
     ``stale(peer, since)`` when the peer became unreachable, None when it is back;
     ``withdrawn(peer, trust_domain)`` after a delete (ours or the peer's): remove its mirrors.
     """
 
-    imports_changed: Callable[[str, Mapping[ServiceKey, ExportedService]], None] = _ignore
+    imports_changed: Callable[[str, ApplyImports, Mapping[ServiceKey, ExportedService]], None] = (
+        _ignore
+    )
     health: Callable[[str, tuple[ServiceHealth, ...], int], None] = _ignore
     trust_changed: Callable[[str, TrustBundle | None], None] = _ignore
     stale: Callable[[str, float | None], None] = _ignore
@@ -148,6 +152,7 @@ class _Peer:
     token: PeeringToken | None = None
     """Dialer only, until the first ACTIVE: the token whose secret we still present."""
     acked_bundle: int = 0
+    imports: dict[ServiceKey, ExportedService] = field(default_factory=dict)
     dialer_task: asyncio.Task[None] | None = None
     last_error: str = ""
     activated: asyncio.Event = field(default_factory=asyncio.Event)
@@ -291,11 +296,7 @@ class PeeringManager:
         tasks = [p.dialer_task for p in self._peers.values() if p.dialer_task is not None]
         if self._ticker is not None:
             tasks.append(self._ticker)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _stop(tasks)
         self._save()
 
     # -- commands --
@@ -378,8 +379,7 @@ class PeeringManager:
         entry.link.handle(Deleted(self._clock()))
         # The Withdraw effect forgot the peer and cancelled its dial loop; let that finish.
         if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _stop([task])
 
     def messages_received(self, peer: str) -> Mapping[str, int]:
         """How many messages of each kind the peer sent us (for metrics and tests)."""
@@ -454,7 +454,8 @@ class PeeringManager:
     ) -> None:
         stream = ServerStream(context)
         try:
-            first = await asyncio.wait_for(stream.read(), OPEN_TIMEOUT)
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                first = await stream.read()
             if first is None:
                 return
             peer = self._admit(peer_leaf(context.auth_context()), first)
@@ -594,9 +595,7 @@ class PeeringManager:
         self.book.remove_peer(name)
         task = peer.dialer_task
         if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _stop([task])
         self._save()
         self._refresh_trust()
 
@@ -641,10 +640,16 @@ class PeeringManager:
         if peer is None:
             return
         match effect:
-            case ApplyImports(name, _, _, version):
-                # Kept for `peering list` and the state file; saved with the next change.
+            case ApplyImports(name, upserted, removed, version):
+                # Applied here change by change: copying the session's imports would cost
+                # O(services) per update.
+                for service in upserted:
+                    peer.imports[service.key] = service
+                for key in removed:
+                    peer.imports.pop(key, None)
+                # Kept for the state file; saved with the next change that saves.
                 peer.record = replace(peer.record, services_version_seen=version)
-                self._callbacks.imports_changed(name, link.session.imports)
+                self._callbacks.imports_changed(name, effect, MappingProxyType(peer.imports))
             case ApplyHealth(name, services, at_unix_ms):
                 self._callbacks.health(name, services, at_unix_ms)
             case ApplyTrustBundle(name, update):
@@ -699,7 +704,8 @@ class PeeringManager:
         now = self._clock()
         roots = list(self._bundle.roots)
         for peer in self._peers.values():
-            if peer.bundle is not None:
+            # Only peers that dial us; a peer we dial never needs to pass our handshake.
+            if peer.bundle is not None and not peer.record.dialer:
                 roots.extend(peer.bundle.roots)
         for record in self._tokens.values():
             if record.issued.used_at is None and now < record.issued.expires_at:
@@ -742,6 +748,16 @@ def format_status(statuses: Iterable[PeerStatus], now: float) -> list[str]:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     ]
+
+
+async def _stop(tasks: Iterable[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they end. Unlike awaiting each one inside
+    ``suppress(CancelledError)``, this never swallows a cancellation of the caller itself."""
+    pending = [task for task in tasks if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
 
 
 def _utc(epoch: float) -> datetime:

@@ -87,10 +87,16 @@ class ClientStream:
         await self._call.write(message)
 
     async def finish(self) -> None:
-        """Half-close, then cancel: the peer has had everything we wrote."""
+        """Half-close, let the peer end the call (so what we wrote reaches it before any
+        reset), and cancel it if the peer takes too long."""
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await self._call.done_writing()
-        self._call.cancel()
+        ended = asyncio.ensure_future(self._call.code())
+        try:
+            await asyncio.wait([ended], timeout=FLUSH_SECONDS / 2)
+        finally:
+            ended.cancel()
+            self._call.cancel()
 
 
 class ServerStream:
@@ -211,15 +217,19 @@ class PeerLink:
                 self._current = None
                 attached.queue.put_nowait(None)
                 self.handle(Disconnected(self._clock(), reason))
-            # Give what is queued (a Close) a moment to reach the peer.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(writer), FLUSH_SECONDS)
+            # Give what is queued (a Close) a moment to reach the peer. (Not wait_for: on
+            # Python 3.11 it loses a cancellation that lands as the writer finishes.)
+            await asyncio.wait([writer], timeout=FLUSH_SECONDS)
         finally:
-            for task in (reader, writer):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+            tasks = [task for task in (reader, writer) if task is not None]
+            for task in tasks:
+                task.cancel()
+            # asyncio.wait, not `await task` under suppress(CancelledError): a cancellation
+            # of run() itself must go on propagating, or the dial loop would never stop.
+            await asyncio.wait(tasks)
+            for task in tasks:
+                if not task.cancelled():
+                    task.exception()  # retrieved: a failed stream is already reported
             if self._current is attached:
                 self._current = None
                 self.handle(Disconnected(self._clock(), "stream cancelled"))
