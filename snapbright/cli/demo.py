@@ -7,6 +7,7 @@ Errors print one line saying why and exit 1.
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -81,7 +82,7 @@ def demo_app(
         grpc = "" if app.grpc_port is None else f", grpc on {host}:{app.grpc_port}"
         typer.echo(f"demo-app {name}@{cluster} replica {replica}: http on {host}:{app.port}{grpc}")
         try:
-            await asyncio.Event().wait()
+            await _until_stopped()
         finally:
             await app.close()
 
@@ -118,3 +119,16 @@ def _upstream(text: str) -> Upstream:
 def _fail(message: str) -> NoReturn:
     typer.echo(message, err=True)
     raise typer.Exit(code=1)
+
+
+async def _until_stopped() -> None:
+    # SIGTERM (how `snapbright up` stops its processes) and SIGINT close cleanly, exit 0.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

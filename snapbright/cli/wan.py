@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import signal
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -69,7 +70,7 @@ def serve(
         )
         typer.echo(f"wan: admin on 127.0.0.1:{emulator.admin_port}; forwards: {ports or 'none'}")
         try:
-            await asyncio.Event().wait()
+            await _until_stopped()
         finally:
             await emulator.close()
 
@@ -221,3 +222,16 @@ def _reasons(error: ValidationError) -> str:
 def _fail(message: str) -> NoReturn:
     typer.echo(message, err=True)
     raise typer.Exit(code=1)
+
+
+async def _until_stopped() -> None:
+    # SIGTERM (how `snapbright up` stops its processes) and SIGINT close cleanly, exit 0.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

@@ -31,7 +31,7 @@ def test_demo_app_refuses_bad_options_and_says_why(args: list[str], reason: str)
 
 
 @pytest.mark.e2e
-async def test_demo_app_serves_http_and_grpc_until_interrupted() -> None:
+async def test_demo_app_serves_http_and_grpc_until_terminated() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "snapbright", "demo-app", "--port", "0", "--grpc-port", "0",
         "--service", "pay", "--cluster", "us-west", "--replica", "3", "--latency", "5ms",
@@ -51,5 +51,5 @@ async def test_demo_app_serves_http_and_grpc_until_interrupted() -> None:
         answer = json.loads(body)
         assert (answer["service"], answer["replica"], answer["path"]) == ("pay", "3", "/hello")
     finally:
-        process.send_signal(2)  # SIGINT, as Ctrl-C
+        process.terminate()  # SIGTERM, as `snapbright up` stops its processes
         assert await asyncio.wait_for(process.wait(), timeout=10) == 0
