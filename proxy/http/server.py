@@ -442,7 +442,11 @@ class _Downstream(asyncio.Protocol):
             rec.complete = True
             self._rec = None
             return
-        self._request_complete()
+        if self._chunked_up:
+            self._up_out.append(b"0\r\n\r\n")
+        self.request_done = True
+        if self._resp_done:
+            self._cycle_end(self._time())
 
     # -- requests --------------------------------------------------------------------------
 
@@ -622,13 +626,6 @@ class _Downstream(asyncio.Protocol):
             self._up_out.extend((b"%x\r\n" % size, body, b"\r\n"))
         else:
             self._up_out.append(body)
-
-    def _request_complete(self) -> None:
-        if self._chunked_up:
-            self._up_out.append(b"0\r\n\r\n")
-        self.request_done = True
-        if self._resp_done:
-            self._cycle_end(self._time())
 
     def _upgrade_tail(self, tail: bytes) -> None:
         """The request was an upgrade: what follows is for the upgraded protocol."""

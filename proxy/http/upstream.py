@@ -382,6 +382,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._out.append(b"".join(parts))
             self._responded = True
             self._upgraded = True
+            self._mode = _NONE
             owner.report_response(self, 101)
             return
         self._info = True
@@ -403,12 +404,16 @@ class UpstreamConnection(asyncio.Protocol):
             raise _BadResponse("body where none may be")
 
     def on_message_complete(self) -> None:
+        mode = self._mode
+        if mode == _LENGTH and not self._info:
+            self._done = True
+            return
         if self._info:
             self._info = False
             return
         if self._upgraded:
             return
-        if self._mode == _CHUNKED and not self._done:
+        if mode == _CHUNKED and not self._done:
             self._out.append(b"0\r\n\r\n")
         self._done = True
 
