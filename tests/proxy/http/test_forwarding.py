@@ -381,3 +381,56 @@ async def test_alternating_endpoints_each_keep_one_pooled_connection() -> None:
     await server.aclose(grace=0.5)
     await first.close()
     await second.close()
+
+
+async def test_pipelined_request_whose_body_arrives_later_is_completed(
+    backend: Backend, sidecar: OutboundServer
+) -> None:
+    async def slow_first(
+        request: Received, r: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> bool:
+        if request.target == b"/1":
+            await asyncio.sleep(0.05)
+        w.write(response(200, request.target + b"|" + request.body))
+        await w.drain()
+        return True
+
+    backend.handler = slow_first
+    client = await Client.open(sidecar.port)
+    await client.send(
+        b"GET /1 HTTP/1.1\r\nHost: svc\r\n\r\n"
+        b"POST /2 HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\nhello"
+    )
+    assert (await client.read()).body == b"/1|"
+    await asyncio.sleep(0.02)
+    await client.send(b"world")
+    assert (await client.read()).body == b"/2|helloworld"
+    await client.close()
+
+
+async def test_client_half_closing_after_its_request_still_gets_the_response(
+    backend: Backend, sidecar: OutboundServer
+) -> None:
+    client = await Client.open(sidecar.port)
+    await client.send(GET)
+    client.writer.write_eof()
+    answer = await client.read()
+    assert answer.body == b"/a|"
+    assert answer.header(b"connection") == b"close"
+    assert await client.closed()
+    await client.close()
+
+
+async def test_upgrade_refused_by_the_upstream_is_answered_then_closed(
+    backend: Backend, sidecar: OutboundServer
+) -> None:
+    client = await Client.open(sidecar.port)
+    await client.send(
+        b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    answer = await client.read()
+    assert answer.status == 200
+    assert answer.body == b"/ws|"
+    assert answer.header(b"connection") == b"close"
+    assert await client.closed()
+    await client.close()
