@@ -6,10 +6,11 @@ roots, which :func:`grpc.dynamic_ssl_server_credentials` lets us change before e
 handshake. The scheme (one port, always mutual TLS, never plain "server-auth only"):
 
 - **Established peers** dial with their SVID. The acceptor's client roots hold the roots of
-  every established peer's bundle; after the handshake the shell re-verifies the peer's leaf
-  (``auth_context()['x509_pem_cert']``) with :func:`proxy.identity.svid.validate_svid`
-  against ONLY the roots of the trust domain the leaf claims, and that domain must be the
-  domain recorded for a current peer. A root of another peer is never enough.
+  every established peer that dials it (never of peers it dials itself); after the handshake
+  the shell re-verifies the peer's leaf (``auth_context()['x509_pem_cert']``) with
+  :func:`proxy.identity.svid.validate_svid` against ONLY the roots of the trust domain the
+  leaf claims, and that domain must be the domain recorded for a current peer. A root of
+  another peer is never enough.
 - **The first establish** has no peer bundle yet. A token's one-time secret derives, one
   way (HKDF-SHA256), a P-256 key: the *bootstrap root* of that token. The acceptor adds that
   root (it built it when it issued the token) to its client roots while the token is

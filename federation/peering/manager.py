@@ -5,17 +5,21 @@ export book every peer's exports come from, the gRPC server of the peering port 
 acceptor's side) and a dial loop per peer we established with a token (the dialer's side).
 How a connection is authenticated is in :mod:`federation.peering.credentials`; in short:
 
-- the acceptor's TLS trusts the roots of its established peers and the bootstrap roots of
-  its outstanding tokens, and after the handshake the shell re-checks the client's leaf:
-  a bootstrap leaf must come with its own token's one-time secret in the Open (redeemed
-  once); any other leaf must validate against ONLY the roots of the trust domain it claims,
-  and that domain must be a current peer's, opening as that peer;
+- the acceptor's TLS trusts the roots of the established peers that dial it and the
+  bootstrap roots of its outstanding tokens, and after the handshake the shell re-checks the
+  client's leaf: a bootstrap leaf must come with its own token's one-time secret in the Open
+  (redeemed once); any other leaf must validate against ONLY the roots of the trust domain it
+  claims, and that domain must be a current peer's, opening as that peer;
 - the dialer trusts only the acceptor's own bundle and names the acceptor's control plane
   (``controlplane.snapbright.<cluster>.<mesh>``) as SNI and expected host name.
 
 Peer records (name, trust domain, bundle, gateway addresses, last versions) and issued tokens
 are persisted in the state directory, so a restarted control plane reconnects without a new
 token. Imports are not persisted: after a restart the peer sends a full snapshot.
+
+Delete is told to the peer with a Close("peering deleted"), and the peer withdraws too; a
+peer that was offline then is refused at its next handshake (its roots are gone here) and
+keeps its mirrors as stale only until the mirror core's grace period ends.
 
 Root rotation: :meth:`PeeringManager.set_local_bundle` pushes our new bundle to every peer at
 once; :meth:`PeeringManager.bundle_acked_by_all` says when every peer has applied a sequence,
@@ -446,6 +450,12 @@ class PeeringManager:
         """True when every peer has applied our bundle at ``sequence`` or later (the CA waits
         for this before it issues leaves under a new root)."""
         return all(peer.acked_bundle >= sequence for peer in self._peers.values())
+
+    def bundle_acked(self, peer: str) -> int | None:
+        """The sequence of our bundle that ``peer`` last said it applied (0: none yet; None:
+        no such peer), for ``snapbright check``."""
+        entry = self._peers.get(peer)
+        return None if entry is None else entry.acked_bundle
 
     # -- the acceptor's side --
 

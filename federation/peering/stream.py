@@ -52,8 +52,10 @@ from federation.peering.wire import WireError, from_proto, to_proto
 
 DELETED_REASON = "peering deleted"
 """The Close reason the session sends when a peering is deleted (see ``core._deleted``)."""
-FLUSH_SECONDS = 1.0
-"""How long a closing stream may take to write what is queued (the Close, typically)."""
+FLUSH_SECONDS = 3.0
+"""How long a closing stream may take to deliver what is queued (the Close, typically): a
+Close that a reset overtakes is lost, and a peer that misses "peering deleted" keeps our
+mirrors as stale until its grace period ends."""
 
 _log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ class ClientStream:
             await self._call.done_writing()
         ended = asyncio.ensure_future(self._call.code())
         try:
-            await asyncio.wait([ended], timeout=FLUSH_SECONDS / 2)
+            await asyncio.wait([ended], timeout=FLUSH_SECONDS - 0.5)
         finally:
             ended.cancel()
             self._call.cancel()
