@@ -232,13 +232,13 @@ def _refuse_a_second_policy(directory: Path, ours: Path, service: str) -> None:
 
 
 def _knobs(app_url: str, body: dict[str, Any]) -> None:
-    """Set a demo app's runtime knobs (``POST /knobs``)."""
+    """Set a demo app's runtime knobs (``POST /_demo/knobs``)."""
     parts = urllib.parse.urlsplit(app_url)
     connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
     try:
         payload = json.dumps({k: v for k, v in body.items() if v is not None}).encode()
         connection.request(
-            "POST", "/knobs", body=payload, headers={"Content-Type": "application/json"}
+            "POST", "/_demo/knobs", body=payload, headers={"Content-Type": "application/json"}
         )
         response = connection.getresponse()
         answer = response.read()

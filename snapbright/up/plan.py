@@ -614,6 +614,8 @@ class _Planner:
             replica.service,
             "--cluster",
             replica.cluster,
+            "--replica",
+            str(replica.replica),
             "--host",
             HOST,
             "--port",
@@ -635,7 +637,7 @@ class _Planner:
                 cluster=replica.cluster,
                 argv=tuple(argv),
                 ports={"http": replica.app, "grpc": replica.grpc},
-                ready=TcpReady(HOST, replica.app),
+                ready=HttpReady(f"http://{HOST}:{replica.app}/healthz"),
                 after=(f"{replica.cluster}.gateway",),
             )
         )

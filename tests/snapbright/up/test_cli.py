@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from proxy.config.loader import load_file
 from proxy.policy.model import TrafficPolicy
 from snapbright.cli.app import app
 from snapbright.controlplane.model import EndpointsFile
+from snapbright.demo.core import Knobs
+from snapbright.demo.server import DemoApp, DemoSettings
 from snapbright.topology.files import default_topology
 from snapbright.up.endpoints import endpoints_document, format_table
 from snapbright.up.plan import Plan, ProcessStep, Role, build_plan, sequential_ports
@@ -211,3 +214,29 @@ def test_up_refuses_while_another_run_lives_in_the_state_directory(tmp_path: Pat
     result = runner.invoke(app, ["up", "--state-dir", str(tmp_path)])
     assert result.exit_code == 1
     assert "is already running from" in result.output
+
+
+async def test_without_sidecars_fault_set_turns_the_demo_apps_knobs(tmp_path: Path) -> None:
+    plan = _plan(tmp_path).without(Role.SIDECAR)
+    demos = [
+        await DemoApp(DemoSettings(name="payments", cluster="us-west", replica=str(i))).start()
+        for i in range(2)
+    ]
+    try:
+        document = endpoints_document(plan, {})
+        replicas = document["clusters"]["us-west"]["services"]["payments"]
+        for replica, demo in zip(replicas, demos, strict=True):
+            replica["app"] = f"http://127.0.0.1:{demo.port}"
+        (tmp_path / "endpoints.json").write_text(json.dumps(document))
+        base = ["--cluster", "us-west", "--service", "payments", "--state-dir", str(tmp_path)]
+        command = ["fault", "set", *base, "--latency", "400ms", "--error-rate", "20%"]
+        result = await asyncio.to_thread(runner.invoke, app, command)
+        assert result.exit_code == 0, result.output
+        assert "via the demo apps' knobs (2 replicas)" in result.output
+        assert [demo.knobs for demo in demos] == [Knobs(latency=0.4, error_rate=0.2)] * 2
+        result = await asyncio.to_thread(runner.invoke, app, ["fault", "clear", *base])
+        assert result.exit_code == 0, result.output
+        assert [demo.knobs for demo in demos] == [Knobs()] * 2
+    finally:
+        for demo in demos:
+            await demo.close()

@@ -128,8 +128,8 @@ def test_up_runs_the_default_mesh_and_ctrl_c_leaves_no_process(tmp_path: Path) -
                         assert _get(outbound, {"Host": "payments"})[0] == 200
         assert _get(f"{document['wan']['admin']}/healthz")[0] == 200
         _, body = _get(f"{document['clusters']['us-west']['admin']}/api/v1/peering")
-        peers = {p["peer"]: p["state"] for p in json.loads(body)["peers"]}
-        assert peers == {"ap-southeast": "ACTIVE"}
+        peers = {p["peer"]: p["state"].lower() for p in json.loads(body)["peers"]}
+        assert peers == {"ap-southeast": "active"}
         _, body = _get(f"{document['wan']['admin']}/links")
         carried = {
             (link["from"], link["to"]): link["deliveredBytes"] for link in json.loads(body)["links"]
