@@ -41,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
 
 from federation.catalog.model import (
+    Catalog,
     CatalogEntryError,
     Registration,
     Rejection,
@@ -171,9 +172,22 @@ def _peer_rows(plane: ControlPlane) -> list[dict[str, Any]]:
             "imported": s.imported,
             "exported": s.exported,
             "staleSince": s.stale_since,
+            **_peer_trust(plane, s.peer),
         }
         for s in plane.peering.list()
     ]
+
+
+def _peer_trust(plane: ControlPlane, peer: str) -> dict[str, Any]:
+    """Who the peer is to us, its gateways, its bundle as we hold it and ours as it acked it."""
+    view = plane.view.peers.get(peer)
+    bundle = plane.view.peer_bundles.get(peer)
+    return {
+        "trustDomain": None if view is None else view.trust_domain.name,
+        "gateways": [] if view is None else [f"{g.host}:{g.port}" for g in view.gateways],
+        "bundleAcked": plane.peering.bundle_acked(peer),
+        "bundle": None if bundle is None else _bundle(bundle),
+    }
 
 
 async def _delete_peering(request: web.Request) -> web.Response:
@@ -225,7 +239,14 @@ def _upstream(upstream: FederatedUpstream) -> dict[str, Any]:
 async def _explain(request: web.Request) -> web.Response:
     plane = request.app[PLANE]
     service = request.match_info["service"]
-    records = plane.journal.for_service(service, caller_cluster=plane.cluster)
+    try:
+        limit = int(request.query.get("limit", "0"))
+    except ValueError:
+        return _error("limit must be a whole number", 400)
+    if limit < 0:
+        return _error("limit must not be negative", 400)
+    # Oldest first; with a limit, the newest ``limit`` records.
+    records = plane.journal.for_service(service, caller_cluster=plane.cluster, limit=limit or None)
     live = plane.failover.last_decision(service, plane.cluster)
     known = any(key.name == service for key in plane.view.upstreams(time.time()))
     if not records and live is None and not known:
@@ -265,7 +286,10 @@ async def _status(request: web.Request) -> web.Response:
 
 
 def status(plane: ControlPlane) -> dict[str, Any]:
-    """Everything ``snapbright status`` and ``snapbright check`` look at, as JSON."""
+    """Everything ``snapbright status`` and ``snapbright check`` look at, as JSON: readiness,
+    policies, peers with their trust both ways, gateway probes, our CA and SVID, mirrors of
+    imported services, what we export and where its endpoints are, proxies' acks and nacks,
+    and the failover state per service."""
     now = time.time()
     probes = plane.prober.statuses() if plane.prober is not None else {}
     catalog = plane.catalog.current() if plane.catalog is not None else None
@@ -306,9 +330,11 @@ def status(plane: ControlPlane) -> dict[str, Any]:
         "certificates": {
             "controlPlane": {
                 "spiffeId": str(svid.spiffe_id),
+                "notBefore": svid.leaf.not_valid_before_utc.timestamp(),
                 "notAfter": svid.not_after.timestamp(),
                 "renewAt": svid.renew_at.timestamp(),
             },
+            "authorities": _authorities(plane),
         },
         "subscribers": [
             {
@@ -332,17 +358,123 @@ def status(plane: ControlPlane) -> dict[str, Any]:
             "lastSuccessAt": policies.last_success_at,
             "files": list(policies.files),
         },
+        "probeGateways": plane.config.spec.probe_gateways,
+        "staleGraceSeconds": plane.config.spec.stale_grace,
+        "mirrors": _mirrors(plane, now),
+        "exports": _exports(plane, catalog),
+        "failover": _failover(plane, now),
     }
 
 
+def _mirrors(plane: ControlPlane, now: float) -> list[dict[str, Any]]:
+    """Every service a peer exports to us, and the mirror target we route to (if any)."""
+    targets = {
+        (key.namespace, key.name, t.cluster): t
+        for key, upstream in plane.view.upstreams(now).items()
+        for t in upstream.targets
+    }
+    rows = []
+    for name, peer in sorted(plane.view.peers.items()):
+        for key in sorted(peer.imports, key=lambda k: (k.namespace, k.name)):
+            target = targets.get((key.namespace, key.name, name))
+            rows.append(
+                {
+                    "service": key.name,
+                    "namespace": key.namespace,
+                    "peer": name,
+                    "present": target is not None,
+                    "stale": target is not None and target.stale,
+                    "staleSince": peer.unreachable_since,
+                    "probeAlive": peer.probe_alive,
+                    "endpoints": 0 if target is None else len(target.endpoints),
+                    "healthyEndpoints": peer.imports[key].healthy_endpoints,
+                }
+            )
+    return rows
+
+
+def _exports(plane: ControlPlane, catalog: Catalog | None) -> list[dict[str, Any]]:
+    """Every service we export, to whom, and where its local endpoints are."""
+    peers_of: dict[tuple[str, str], list[str]] = {}
+    for status in plane.peering.list():
+        for service in plane.peering.book.exports_to(status.peer).snapshot().services:
+            peers_of.setdefault((service.key.namespace, service.key.name), []).append(status.peer)
+    return [
+        {
+            "service": name,
+            "namespace": namespace,
+            "peers": sorted(peers),
+            "endpoints": []
+            if catalog is None
+            else [f"{e.address}:{e.port}" for e in catalog.endpoints_of(name, namespace)],
+        }
+        for (namespace, name), peers in sorted(peers_of.items())
+    ]
+
+
+def _failover(plane: ControlPlane, now: float) -> list[dict[str, Any]]:
+    """The live failover state of every (service, caller) the loop decides for."""
+    pairs = dict.fromkeys(plane.health.pairs(now))
+    pairs.update(dict.fromkeys((service, plane.cluster) for service in plane.failover.policies))
+    rows = []
+    for service, caller in sorted(pairs):
+        live = plane.failover.last_decision(service, caller)
+        if live is None:
+            continue
+        policy = plane.failover.policies.get(service)
+        recorded = plane.journal.for_service(service, caller_cluster=caller, limit=1)
+        rows.append(
+            {
+                "service": service,
+                "caller": caller,
+                "policy": None if policy is None else policy.metadata.name,
+                "mode": live.state.mode.value,
+                "weights": dict(live.weights),
+                "rule": live.rule.value,
+                "at": live.at,
+                "lastRecord": None
+                if not recorded
+                else {
+                    "rule": recorded[-1].rule.value,
+                    "mode": recorded[-1].mode.value,
+                    "unixTime": recorded[-1].unix_time,
+                    "explanation": recorded[-1].explanation,
+                },
+            }
+        )
+    return rows
+
+
 def _bundle(bundle: TrustBundle) -> dict[str, Any]:
-    expiry = min((root.not_valid_after_utc for root in bundle.roots), default=None)
+    expiries = [root.not_valid_after_utc for root in bundle.roots]
     return {
         "trustDomain": bundle.trust_domain.name,
         "sequence": bundle.sequence,
         "roots": len(bundle.roots),
-        "notAfter": None if expiry is None else expiry.timestamp(),
+        "notAfter": min(expiries).timestamp() if expiries else None,
+        "latestNotAfter": max(expiries).timestamp() if expiries else None,
+        "refreshHintSeconds": bundle.refresh_hint_seconds,
     }
+
+
+def _authorities(plane: ControlPlane) -> list[dict[str, Any]]:
+    """Our CA's roots and intermediates, with their validity and when a retiring one leaves."""
+    rows = []
+    for authority in plane.ca().authorities:
+        retire_at = None if authority.retire_at is None else authority.retire_at.timestamp()
+        for kind, cert in (("root", authority.root), ("intermediate", authority.intermediate)):
+            if cert is None:
+                continue
+            rows.append(
+                {
+                    "kind": kind,
+                    "name": authority.name,
+                    "notBefore": cert.not_valid_before_utc.timestamp(),
+                    "notAfter": cert.not_valid_after_utc.timestamp(),
+                    "retireAt": retire_at,
+                }
+            )
+    return rows
 
 
 def _epoch(value: datetime | float) -> float:

@@ -166,3 +166,87 @@ async def test_the_dashboard_is_served_on_the_admin_port_with_this_cluster(
     assert status == 200
     assert state["cluster"] == "us-west"
     assert b"<html" in page.lower()
+
+
+async def test_status_reports_the_ca_the_failover_state_and_explain_honours_a_limit(
+    tmp_path: Path,
+) -> None:
+    async with control_plane(write_config(tmp_path, "us-west")) as plane:
+        body = registration("pay-1", "pay", 9001)
+        body["endpoint"]["health"] = "critical"
+        assert (await call("POST", f"{plane.admin_url}/api/v1/registrations", body))[0] == 200
+        await until(lambda: plane.failover.last_decision("pay", "us-west") is not None)
+        status, answer = await call("GET", f"{plane.admin_url}/api/v1/status")
+        limited = await call("GET", f"{plane.admin_url}/api/v1/explain/pay?limit=1")
+        bad = await call("GET", f"{plane.admin_url}/api/v1/explain/pay?limit=x")
+    assert status == 200
+    (root,) = answer["certificates"]["authorities"]
+    assert root["kind"] == "root"
+    assert root["notBefore"] < answer["now"] < root["notAfter"]
+    assert root["retireAt"] is None
+    svid = answer["certificates"]["controlPlane"]
+    assert svid["notBefore"] < svid["renewAt"] < svid["notAfter"]
+    assert (answer["probeGateways"], answer["staleGraceSeconds"]) == (False, 60.0)
+    assert answer["bundles"][0]["refreshHintSeconds"] == 300
+    assert (answer["mirrors"], answer["exports"]) == ([], [])
+    (pay,) = answer["failover"]
+    assert (pay["service"], pay["caller"], pay["mode"], pay["rule"]) == (
+        "pay",
+        "us-west",
+        "local-down",
+        "no-healthy-local",
+    )
+    assert pay["lastRecord"]["rule"] == "no-healthy-local"
+    assert limited[0] == 200
+    assert len(limited[1]["records"]) == 1
+    assert bad == (400, {"error": "limit must be a whole number"})
+
+
+async def test_status_shows_each_peers_trust_both_ways_mirrors_and_exports(
+    tmp_path: Path,
+) -> None:
+    west = write_config(tmp_path / "west", "us-west")
+    east = write_config(tmp_path / "east", "ap-southeast")
+    (tmp_path / "east" / "policies" / "exports.yaml").write_text(
+        EXPORT_PAY.replace("[ap-southeast, eu-central]", "[us-west]")
+    )
+    async with control_plane(east) as exporter, control_plane(west) as importer:
+        body = registration("pay-1", "pay", 9001)
+        assert (await call("POST", f"{exporter.admin_url}/api/v1/registrations", body))[0] == 200
+        token = (await call("POST", f"{exporter.admin_url}/api/v1/peering/token", {}))[1]
+        establish = {"token": token["token"]}
+        assert (await call("POST", f"{importer.admin_url}/api/v1/peering/establish", establish))[
+            0
+        ] == 200
+        await until(lambda: importer.peering.bundle_acked("ap-southeast") == 1)
+        await until(lambda: "ap-southeast" in importer.view.peer_bundles)
+        await until(lambda: "ap-southeast" in importer.view.peers)
+        await until(lambda: bool(importer.view.peers["ap-southeast"].imports))
+        _, imported = await call("GET", f"{importer.admin_url}/api/v1/status")
+        _, exported = await call("GET", f"{exporter.admin_url}/api/v1/status")
+    (peer,) = imported["peers"]
+    assert peer["trustDomain"] == "ap-southeast.acme"
+    assert peer["gateways"] == [f"127.0.0.1:{exporter.ports['peering']}"]
+    assert peer["bundleAcked"] == 1
+    assert (peer["bundle"]["trustDomain"], peer["bundle"]["sequence"]) == ("ap-southeast.acme", 1)
+    assert imported["mirrors"] == [
+        {
+            "service": "pay",
+            "namespace": "default",
+            "peer": "ap-southeast",
+            "present": True,
+            "stale": False,
+            "staleSince": None,
+            "probeAlive": True,
+            "endpoints": 1,
+            "healthyEndpoints": 1,
+        }
+    ]
+    assert exported["exports"] == [
+        {
+            "service": "pay",
+            "namespace": "default",
+            "peers": ["us-west"],
+            "endpoints": ["127.0.0.1:9001"],
+        }
+    ]
