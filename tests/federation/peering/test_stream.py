@@ -305,6 +305,59 @@ async def test_a_used_token_is_refused_at_the_handshake(clusters: dict[str, Clus
     assert [s.peer for s in a.manager.list()] == ["b"]
 
 
+@pytest.mark.parametrize(
+    ("opens_as", "words"),
+    [
+        (Open("b", MESH, TrustDomain("evil.acme")), "trust domain must be b.acme"),
+        (open_as("a"), "already peered with a"),
+    ],
+    ids=["a trust domain that is not <cluster>.<mesh>", "the acceptor's own name"],
+)
+async def test_a_first_establish_must_name_a_new_cluster_in_its_own_trust_domain(
+    clusters: dict[str, Cluster], opens_as: Open, words: str
+) -> None:
+    a = clusters["a"]
+    token = decode_token(a.manager.generate_token(), now=0)
+    credentials = bootstrap_channel_credentials(
+        token.secret, token.token_id, a.ca.bundle().roots, utcnow()
+    )
+    received, code = await raw_exchange(
+        a.port, credentials, replace(opens_as, establish_secret=token.secret)
+    )
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    assert words in received[0].close.reason
+    assert a.manager.list() == []
+
+
+async def test_an_expired_token_opens_nothing(clusters: dict[str, Cluster]) -> None:
+    a, b = clusters["a"], clusters["b"]
+    text = a.manager.generate_token(ttl_seconds=0.3)
+    token = decode_token(text, now=0)
+    await asyncio.sleep(0.4)
+    with pytest.raises(PeeringError, match="expired"):
+        await b.manager.establish(text)
+    credentials = bootstrap_channel_credentials(
+        token.secret, token.token_id, a.ca.bundle().roots, utcnow()
+    )
+    _, code = await raw_exchange(a.port, credentials, open_as("b", token.secret))
+    assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED)
+    assert a.manager.list() == []
+
+
+async def test_the_dialer_trusts_only_the_acceptor_the_token_names(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b, c = clusters["a"], clusters["b"], clusters["c"]
+    token = decode_token(a.manager.generate_token(), now=0)
+    # Someone sends a's token to c's address: c cannot prove it is a's control plane.
+    redirected = replace(token, gateways=(GatewayAddress("127.0.0.1", c.port),))
+    with pytest.raises(PeeringError, match="establish with a failed"):
+        await b.manager.establish(encode_token(redirected), within=1.0)
+    assert c.manager.list() == []
+    # The token was never spent: it still works at the right address.
+    assert await b.manager.establish(encode_token(token), within=3) == "a"
+
+
 # --- who may reconnect ---
 
 
