@@ -23,6 +23,12 @@ Then ``peering.<a>.<b>`` per peering, the way a person does it: a token from the
 cluster's admin API, established through the dialing cluster's admin API. The first cluster of
 ``between`` dials the second (write the calling cluster first: the dialer is the side that
 learns the other's gateways, so its callers can reach the other's services).
+
+The gateway addresses a token carries come from the accepting control plane's ``gateways``,
+one list per control plane: the plan writes its first dialer's view there. A cluster that
+accepts several peerings therefore hands every dialer that same WAN listener, so the later
+dialers reach it over the first dialer's link shape (still through the WAN, with the wrong
+latency). Per-dialer addresses need the token API to take them.
 """
 
 from __future__ import annotations
