@@ -21,6 +21,7 @@ from proxy.http.model import Failure
 __all__ = [
     "EndpointAddress",
     "Overloaded",
+    "RequestGate",
     "RoundRobinRoute",
     "Route",
     "Router",
@@ -74,6 +75,21 @@ class Route(Protocol):
         self, endpoint: EndpointAddress, failure: Failure, latency: float, now: float
     ) -> None:
         """The request picked for ``endpoint`` got no response, for the reason given."""
+        ...
+
+
+class RequestGate(Protocol):
+    """Per-connection admission on a listener that knows its peer (the inbound side).
+
+    Made once per accepted connection (after its TLS handshake); asked once per request.
+    """
+
+    def headers(self, hdr: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The request's header fields as forwarded (e.g. a caller's forged ones removed)."""
+        ...
+
+    def admit(self, method: bytes, path: bytes) -> str | None:
+        """``None`` to forward the request, or why it is refused (answered 403)."""
         ...
 
 

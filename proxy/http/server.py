@@ -21,14 +21,21 @@ import math
 import socket
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import httptools
 
-from proxy.http.core import EndpointAddress, Overloaded, Route, Router, StaticRouter
+from proxy.http.core import (
+    EndpointAddress,
+    Overloaded,
+    RequestGate,
+    Route,
+    Router,
+    StaticRouter,
+)
 from proxy.http.model import Failure, Limits, Timeouts
-from proxy.http.upstream import UpstreamConnection, UpstreamPool, connection_tokens
+from proxy.http.upstream import Connector, UpstreamConnection, UpstreamPool, connection_tokens
 
 __all__ = ["OutboundServer", "serve_outbound"]
 
@@ -64,6 +71,7 @@ _CONNECTION_TOKENS_REFUSED = frozenset({b"host", b"content-length", b"transfer-e
 _RETRYABLE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 _REASONS = {
     400: b"Bad Request",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
     408: b"Request Timeout",
@@ -150,6 +158,7 @@ class _Shared:
         "connections",
         "drained",
         "draining",
+        "gates",
         "limits",
         "loop",
         "pool",
@@ -170,6 +179,8 @@ class _Shared:
         self.connections: set[_Downstream] = set()
         self.draining = False
         self.drained: asyncio.Event | None = None
+        # Makes each connection's RequestGate; None refuses the connection (inbound side).
+        self.gates: Callable[[asyncio.BaseTransport], RequestGate | None] | None = None
 
 
 class _Downstream(asyncio.Protocol):
@@ -198,6 +209,7 @@ class _Downstream(asyncio.Protocol):
         self._t_idle = timeouts.idle
         self._parser: Any = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
+        self._gate: RequestGate | None = None
         self._state = _IDLE
         self.deadline = math.inf
         self._paused = 0
@@ -224,6 +236,7 @@ class _Downstream(asyncio.Protocol):
         self._picked: Route | None = None
         self._reported = True
         self._t0 = 0.0
+        self._attempts = 1
         self._request_deadline = math.inf
         self._req_head = b""
         self._retryable = False
@@ -244,6 +257,14 @@ class _Downstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         transport = cast(asyncio.Transport, transport)
+        gates = self._shared.gates
+        if gates is not None:
+            gate = gates(transport)
+            if gate is None:
+                self._state = _DEAD
+                transport.abort()
+                return
+            self._gate = gate
         self._transport = transport
         transport.set_write_buffer_limits(high=_WRITE_HIGH)
         sock = transport.get_extra_info("socket")
@@ -496,6 +517,9 @@ class _Downstream(asyncio.Protocol):
         coding: bytes | None = None
         listed: frozenset[bytes] | None = None
         upgrade_to: bytes | None = None
+        gate = self._gate
+        if gate is not None:
+            hdr = gate.headers(hdr)
         parts = [method, b" ", path, b" HTTP/1.1\r\n"]
         extend = parts.extend
         for name, value in hdr:
@@ -561,6 +585,10 @@ class _Downstream(asyncio.Protocol):
         self.keep_alive = keep_alive
         self.close_after = not keep_alive or upgrade or self._closing
         self.head_request = method == b"HEAD"
+        if gate is not None:
+            denied = gate.admit(method, path)
+            if denied is not None:
+                return self._local_reply(403, denied, has_body)
 
         if host == self._route_key:
             route = self._route
@@ -586,6 +614,7 @@ class _Downstream(asyncio.Protocol):
         self._endpoint = endpoint
         self._reported = False
         self._t0 = now
+        self._attempts = 1
         self._req_head = head = b"".join(parts)
         self._retryable = not has_body and method in _RETRYABLE_METHODS and not upgrade
         self._up_out.append(head)
@@ -681,7 +710,8 @@ class _Downstream(asyncio.Protocol):
             self._connect_task = None
             if self._state == _CONNECTING:
                 self._report_failure(Failure.CONNECT)
-                self._reply_error(502, "upstream connect failure")
+                if not self._retry_connect():
+                    self._reply_error(502, "upstream connect failure")
             return
         self._connect_task = None
         if self._state != _CONNECTING or self._endpoint is not endpoint:
@@ -693,6 +723,26 @@ class _Downstream(asyncio.Protocol):
         self._bind(conn)
         self._flush_up()
         self._resume(_P_CONNECTING)
+
+    def _retry_connect(self) -> bool:
+        """After a connect failure (nothing was sent): try the endpoint the route offers.
+
+        Only routes with a ``pick_retry(attempts, now)`` method retry; it returns ``None``
+        when the request may not be tried again.
+        """
+        pick_retry = getattr(self._picked, "pick_retry", None)
+        if pick_retry is None:
+            return False
+        self._attempts += 1
+        now = _monotonic()
+        endpoint: EndpointAddress | None = pick_retry(self._attempts, now)
+        if endpoint is None:
+            return False
+        self._endpoint = endpoint
+        self._reported = False
+        self._t0 = now
+        self._connect(endpoint)
+        return True
 
     def report_response(self, conn: UpstreamConnection, status: int) -> None:
         """Response headers arrived: tell the route (once per pick)."""
@@ -1033,16 +1083,28 @@ async def serve_outbound(
     limits: Limits | None = None,
     timeouts: Timeouts | None = None,
     backlog: int = 1024,
+    gates: Callable[[asyncio.BaseTransport], RequestGate | None] | None = None,
+    connector: Connector | None = None,
+    wrap_protocol: Callable[[Callable[[], asyncio.Protocol]], Callable[[], asyncio.Protocol]]
+    | None = None,
 ) -> OutboundServer:
     """Start the outbound HTTP/1.1 listener on ``host:port`` in the running loop.
 
     ``routes`` is a `Router`, or a mapping of service name to ``(host, port)`` endpoints
     served round robin. Close it with `OutboundServer.aclose`.
+
+    Hooks for the inbound side and for mTLS upstreams: ``gates`` makes a `RequestGate` per
+    accepted connection (``None`` refuses it); ``connector`` opens upstream connections in
+    place of plain TCP; ``wrap_protocol`` wraps the connection protocol factory (e.g. to run
+    a TLS handshake before the HTTP protocol sees the connection).
     """
     loop = asyncio.get_running_loop()
     router: Router = StaticRouter.from_endpoints(routes) if isinstance(routes, Mapping) else routes
     shared = _Shared(loop, router, limits or Limits(), timeouts or Timeouts())
-    server = await loop.create_server(
-        lambda: _Downstream(shared), host, port, backlog=backlog, reuse_address=True
-    )
+    shared.gates = gates
+    shared.pool.connector = connector
+    factory: Callable[[], asyncio.Protocol] = lambda: _Downstream(shared)  # noqa: E731
+    if wrap_protocol is not None:
+        factory = wrap_protocol(factory)
+    server = await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True)
     return OutboundServer(server, shared)

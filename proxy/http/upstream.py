@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import http
 import math
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
@@ -28,7 +29,13 @@ from proxy.http.model import Failure
 if TYPE_CHECKING:
     from proxy.http.server import _Downstream
 
-__all__ = ["UpstreamConnection", "UpstreamPool"]
+__all__ = ["Connector", "UpstreamConnection", "UpstreamPool"]
+
+Connector = Callable[
+    [Callable[[], "UpstreamConnection"], EndpointAddress],
+    Awaitable[tuple[asyncio.BaseTransport, "UpstreamConnection"]],
+]
+"""Opens a connection to an endpoint with the given protocol factory (raises OSError)."""
 
 _STATUS_LINES = {
     int(status): b"HTTP/1.1 %d %s\r\n" % (status, status.phrase.encode("ascii"))
@@ -465,7 +472,7 @@ def _without(
 class UpstreamPool:
     """Idle keep-alive connections per endpoint, most recently used first."""
 
-    __slots__ = ("_idle", "_loop", "_sweep", "_timeouts_idle", "connections")
+    __slots__ = ("_idle", "_loop", "_sweep", "_timeouts_idle", "connections", "connector")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, upstream_idle: float, sweep: Any) -> None:
         self._loop = loop
@@ -473,6 +480,8 @@ class UpstreamPool:
         self._sweep = sweep
         self._idle: dict[EndpointAddress, list[UpstreamConnection]] = {}
         self.connections: set[UpstreamConnection] = set()
+        # Opens connections instead of plain TCP (e.g. mTLS); raises OSError on failure.
+        self.connector: Connector | None = None
 
     def take(self, endpoint: EndpointAddress) -> UpstreamConnection | None:
         """An idle, open connection to ``endpoint``, or ``None``."""
@@ -489,9 +498,13 @@ class UpstreamPool:
 
     async def connect(self, endpoint: EndpointAddress) -> UpstreamConnection:
         """A new connection to ``endpoint`` (raises OSError when it cannot be made)."""
-        _, conn = await self._loop.create_connection(
-            lambda: UpstreamConnection(self, endpoint), endpoint.host, endpoint.port
-        )
+        connector = self.connector
+        if connector is None:
+            _, conn = await self._loop.create_connection(
+                lambda: UpstreamConnection(self, endpoint), endpoint.host, endpoint.port
+            )
+        else:
+            _, conn = await connector(lambda: UpstreamConnection(self, endpoint), endpoint)
         self.connections.add(conn)
         self._sweep.add(conn)
         return conn
