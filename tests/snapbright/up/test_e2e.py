@@ -118,12 +118,15 @@ def test_up_runs_the_default_mesh_and_ctrl_c_leaves_no_process(tmp_path: Path) -
         for cluster in ("us-west", "ap-southeast"):
             entry = document["clusters"][cluster]
             assert _get(f"{entry['admin']}/ready")[0] == 200
+            assert _get(entry["dashboard"])[0] == 200
+            assert b"snapbright_" in _get(entry["metrics"])[1]
             assert _get(f"{entry['gateway']['admin']}/ready")[0] == 200
             for replicas in entry["services"].values():
                 for replica in replicas:
                     if "app" in replica:
                         assert _get(replica["app"] + "/")[0] == 200
                     if "sidecar" in replica:
+                        assert _get(f"{replica['sidecar']['admin']}/ready")[0] == 200
                         outbound = f"http://{replica['sidecar']['outbound']}/"
                         assert _get(outbound, {"Host": "payments"})[0] == 200
         assert _get(f"{document['wan']['admin']}/healthz")[0] == 200
