@@ -17,6 +17,13 @@
   always travels with the full current content (a snapshot without upstreams would read as
   an empty configuration), under the current version; a proxy that sees a version again
   takes only the SVID from it.
+- :class:`UpstreamLog`: which upstreams changed since a revision, for deltas. Every put or
+  removal of one upstream is a new revision, logged in a bounded ring; a version remembers the
+  revision it was built at, so the delta from a version the proxy holds costs O(changes), and
+  a version older than the ring gets a complete snapshot. The log also keeps an
+  order-independent digest of the whole set, updated per change, so a version's digest costs
+  O(changes) too (while naming the content across restarts as before).
+- :func:`plan_delta`: a delta or a complete snapshot for one subscriber.
 - :func:`renewal_due`: an SVID is renewed two thirds into its lifetime.
 - :class:`NackLog` and :class:`StatsStore`: what the control plane remembers, bounded.
 """
@@ -197,6 +204,136 @@ def plan_push(
     if fresh or svid_due:
         return Push(current.version, svid_due)
     return None
+
+
+_DIGEST_MODULUS = 1 << 128
+
+
+def item_digest(key: str, serialized: bytes) -> int:
+    """The digest of one upstream (its key and deterministic serialization) as a number."""
+    return int.from_bytes(hashlib.sha256(key.encode() + b"\0" + serialized).digest()[:16])
+
+
+class UpstreamLog:
+    """Per-upstream digests, a set digest, and a bounded log of which key changed when.
+
+    Keys are opaque strings (``namespace/service``). A put of an unchanged digest is not a
+    change. ``capacity`` bounds the log: a revision older than what it holds has no delta.
+    """
+
+    __slots__ = ("_digests", "_floor", "_log", "_sum", "revision", "touched")
+
+    def __init__(self, capacity: int = 65_536) -> None:
+        if capacity < 1:
+            raise ValueError(f"the upstream log needs a capacity of at least 1, got {capacity}")
+        self._digests: dict[str, int] = {}
+        self._log: deque[tuple[int, str]] = deque(maxlen=capacity)
+        self._floor = 0
+        self._sum = 0
+        self.revision = 0
+        """Number of changes so far."""
+        self.touched = 0
+        """Puts and removals offered, changed or not: the work done on this log."""
+
+    def put(self, key: str, digest: int) -> bool:
+        """Record ``key``'s content digest; True if it was new or different."""
+        self.touched += 1
+        old = self._digests.get(key)
+        if old == digest:
+            return False
+        self._sum = (self._sum - (old or 0) + digest) % _DIGEST_MODULUS
+        self._digests[key] = digest
+        self._append(key)
+        return True
+
+    def remove(self, key: str) -> bool:
+        """Forget ``key``; True if it was there."""
+        self.touched += 1
+        old = self._digests.pop(key, None)
+        if old is None:
+            return False
+        self._sum = (self._sum - old) % _DIGEST_MODULUS
+        self._append(key)
+        return True
+
+    def _append(self, key: str) -> None:
+        self.revision += 1
+        if len(self._log) == self._log.maxlen:
+            self._floor = self._log[0][0]
+        self._log.append((self.revision, key))
+
+    def changed_since(self, revision: int) -> set[str] | None:
+        """The keys changed after ``revision``, or None when the log no longer reaches back
+        that far (or ``revision`` is from the future)."""
+        if revision < self._floor or revision > self.revision:
+            return None
+        changed: set[str] = set()
+        for logged, key in reversed(self._log):
+            if logged <= revision:
+                break
+            changed.add(key)
+        return changed
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._digests
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    @property
+    def digest(self) -> str:
+        """A digest of the whole set, whatever the order of its changes."""
+        return f"{self._sum:032x}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaPlan:
+    """Send a delta: these keys are upserted (present now) or removed (gone)."""
+
+    upserted: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+def plan_delta(
+    log: UpstreamLog, held_revision: int | None, accepts_deltas: bool, full_next: bool
+) -> DeltaPlan | None:
+    """A delta from the revision the proxy holds to now, or None for a complete snapshot.
+
+    A complete snapshot when the proxy does not take deltas, asked for one (it nacked a
+    delta), holds a version we cannot place, or the log does not reach back to it; also when
+    the delta would carry more than half of the upstreams (a snapshot is then no larger).
+    """
+    if not accepts_deltas or full_next or held_revision is None:
+        return None
+    changed = log.changed_since(held_revision)
+    if changed is None or len(changed) > max(len(log), 1):
+        return None
+    keys = sorted(changed)
+    return DeltaPlan(
+        tuple(k for k in keys if k in log),
+        tuple(k for k in keys if k not in log),
+    )
+
+
+class VersionRevisions:
+    """The log revision each recent version of one class was built at (``capacity`` kept)."""
+
+    __slots__ = ("_capacity", "_revisions")
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._capacity = capacity
+        self._revisions: OrderedDict[str, int] = OrderedDict()
+
+    def record(self, version: str, revision: int) -> None:
+        """``version`` holds the upstreams as they were at ``revision``."""
+        self._revisions[version] = revision
+        self._revisions.move_to_end(version)
+        while len(self._revisions) > self._capacity:
+            self._revisions.popitem(last=False)
+
+    def get(self, version: str) -> int | None:
+        """The revision of ``version``, if it is one we built recently."""
+        return self._revisions.get(version)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,17 @@ other content, never one it nacked, and nothing while its class is not ready (th
 returns ``None`` while a source is unreachable or syncing after a restart). Changes are
 announced with :meth:`Discovery.refresh`, coalesced over ``coalesce_s``.
 
+Deltas. A builder may return a :class:`ClassContent` instead of a snapshot: everything but
+the upstreams (small: policies, trust bundles), plus an :class:`UpstreamTable` the process
+keeps current one upstream at a time. The class's version is then digested in O(changes)
+(the table keeps a set digest), and a proxy that said ``accepts_deltas`` and holds a recent
+version of this server is sent only the upstreams changed since (``from_version`` ->
+``version``), with the rest complete. A proxy holding a version we cannot place (too old for
+the table's change log, or from before a restart with other content) gets a complete
+snapshot; so does a proxy that nacked a delta (it could not apply it), once, next. A builder
+that returns ``None`` (a source unreachable) stops all pushes, deltas included: nothing is
+ever withdrawn because a source went away.
+
 Stats. ``ReportStats`` keeps each proxy's windows in a bounded ring per (upstream, target
 cluster, proxy) in :attr:`Discovery.stats` for the failover controller.
 """
@@ -34,7 +45,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, cast
@@ -55,10 +67,14 @@ from federation.discovery.core import (
     ProxyClass,
     Role,
     StatsStore,
+    UpstreamLog,
+    VersionRevisions,
     authenticate_peer,
     check_identity,
     content_digest,
     digest_of_version,
+    item_digest,
+    plan_delta,
     plan_push,
     renew_at,
     renewal_due,
@@ -73,11 +89,128 @@ from proxy.identity.svid import SvidError
 
 _log = logging.getLogger(__name__)
 
-SnapshotBuilder = Callable[[ProxyClass], pb.Snapshot | None]
+
+def upstream_key(namespace: str, service: str) -> str:
+    """The key of an upstream in an :class:`UpstreamTable`."""
+    return f"{namespace}/{service}"
+
+
+class UpstreamTable:
+    """The upstreams sidecars receive, kept one at a time, with the log deltas are made from.
+
+    The process puts and removes upstreams as their sources change (one ``put`` costs one
+    upstream's serialization); an unchanged upstream is not a change. Share one table between
+    every class whose upstreams are the same.
+    """
+
+    __slots__ = ("_upstreams", "log")
+
+    def __init__(self, capacity: int = 65_536) -> None:
+        self._upstreams: dict[str, pb.Upstream] = {}
+        self.log = UpstreamLog(capacity)
+        """Which upstreams changed when; ``log.touched`` counts the work done."""
+
+    def put(self, upstream: pb.Upstream) -> bool:
+        """Add or replace ``upstream``; True if it differs from what was held."""
+        key = upstream_key(upstream.namespace, upstream.service)
+        digest = item_digest(key, upstream.SerializeToString(deterministic=True))
+        if not self.log.put(key, digest):
+            return False
+        self._upstreams[key] = upstream
+        return True
+
+    def remove(self, namespace: str, service: str) -> bool:
+        """Drop an upstream; True if it was held."""
+        key = upstream_key(namespace, service)
+        self._upstreams.pop(key, None)
+        return self.log.remove(key)
+
+    def replace_all(self, upstreams: Iterable[pb.Upstream]) -> int:
+        """Make the table hold exactly ``upstreams``; return how many changed (O(services):
+        for a first fill or a full resync, not for single changes)."""
+        seen = set()
+        changed = 0
+        for upstream in upstreams:
+            seen.add(upstream_key(upstream.namespace, upstream.service))
+            changed += self.put(upstream)
+        for key in [key for key in self._upstreams if key not in seen]:
+            namespace, _, service = key.partition("/")
+            changed += self.remove(namespace, service)
+        return changed
+
+    def get(self, key: str) -> pb.Upstream | None:
+        """The upstream held under ``key``."""
+        return self._upstreams.get(key)
+
+    def all(self) -> list[pb.Upstream]:
+        """Every upstream, ordered by key."""
+        return [self._upstreams[key] for key in sorted(self._upstreams)]
+
+    def __len__(self) -> int:
+        return len(self._upstreams)
+
+
+@dataclass(frozen=True, slots=True)
+class ClassContent:
+    """One class's content for deltas: ``rest`` is everything but the upstreams (it must not
+    set ``version``, ``svid`` or ``upstreams``), ``upstreams`` the table they come from."""
+
+    rest: pb.Snapshot
+    upstreams: UpstreamTable
+
+
+SnapshotBuilder = Callable[[ProxyClass], pb.Snapshot | ClassContent | None]
 """The content for one class of proxies, or ``None`` while it cannot be complete.
 
-The returned message must not set ``version`` or ``svid`` (the server does).
+A returned snapshot must not set ``version`` or ``svid`` (the server does).
 """
+
+_DELTA_CACHE = 16
+
+
+@dataclass(eq=False)
+class _Incremental:
+    """The current version of a class built from a :class:`ClassContent`."""
+
+    rest: pb.Snapshot
+    table: UpstreamTable
+    version: str
+    revision: int
+    history: VersionRevisions
+    full: pb.Snapshot | None = None
+    deltas: dict[str, pb.Snapshot] = field(default_factory=dict)
+
+    def complete(self) -> pb.Snapshot:
+        if self.full is None:
+            full = pb.Snapshot()
+            full.CopyFrom(self.rest)
+            full.upstreams.extend(self.table.all())
+            full.version = self.version
+            self.full = full
+        return self.full
+
+    def delta(
+        self, from_version: str, upserted: tuple[str, ...], removed: tuple[str, ...]
+    ) -> pb.Snapshot:
+        cached = self.deltas.get(from_version)
+        if cached is not None:
+            return cached
+        delta = pb.Snapshot()
+        delta.CopyFrom(self.rest)
+        delta.version = self.version
+        delta.from_version = from_version
+        for key in upserted:
+            upstream = self.table.get(key)
+            assert upstream is not None
+            delta.upstreams.append(upstream)
+        for key in removed:
+            namespace, _, service = key.partition("/")
+            delta.removed_upstreams.append(pb.UpstreamName(namespace=namespace, service=service))
+        if len(self.deltas) >= _DELTA_CACHE:
+            self.deltas.clear()
+        self.deltas[from_version] = delta
+        return delta
+
 
 _ROLES = {pb.ProxyIdentity.ROLE_SIDECAR: Role.SIDECAR, pb.ProxyIdentity.ROLE_GATEWAY: Role.GATEWAY}
 _SERVER_OPTIONS = [
@@ -112,6 +245,10 @@ class _Subscriber:
     cert_not_after: datetime
     csr_key: ec.EllipticCurvePublicKey | None
     connection_expires: datetime
+    accepts_deltas: bool = False
+    held_version: str = ""
+    full_next: bool = False
+    sent_as_delta: deque[str] = field(default_factory=lambda: deque(maxlen=16))
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
     sent_version: str = ""
@@ -152,6 +289,9 @@ class Discovery(pb_grpc.DiscoveryServicer):
         """Stats windows per (upstream, target cluster, proxy), for the failover controller."""
         self._versions = ContentVersions()
         self._snapshots: dict[ProxyClass, pb.Snapshot] = {}
+        self._incremental: dict[ProxyClass, _Incremental] = {}
+        # Kept when a class's last proxy leaves, so that it can resume with a delta.
+        self._histories: dict[ProxyClass, VersionRevisions] = {}
         self._ready: dict[ProxyClass, bool] = {}
         self._subscribers: dict[ProxyClass, set[_Subscriber]] = {}
         self._nacks = NackLog()
@@ -161,6 +301,11 @@ class Discovery(pb_grpc.DiscoveryServicer):
         registry = registry if registry is not None else CollectorRegistry()
         self._m_pushes = Counter(
             "snapbright_discovery_pushes_total", "Snapshots sent to proxies.", registry=registry
+        )
+        self._m_deltas = Counter(
+            "snapbright_discovery_deltas_total",
+            "Pushes that carried only the upstreams changed since the proxy's version.",
+            registry=registry,
         )
         self._m_nacks = Counter(
             "snapbright_discovery_nacks_total",
@@ -266,6 +411,8 @@ class Discovery(pb_grpc.DiscoveryServicer):
             cert_not_after=leaf.not_valid_after_utc,
             csr_key=csr_key,
             connection_expires=leaf.not_valid_after_utc,
+            accepts_deltas=hello.accepts_deltas,
+            held_version=hello.known_version,
         )
         if hello.known_version:
             subscriber.acked_version = hello.known_version
@@ -364,7 +511,7 @@ class Discovery(pb_grpc.DiscoveryServicer):
 
     def _join(self, subscriber: _Subscriber) -> None:
         members = self._subscribers.setdefault(subscriber.proxy_class, set())
-        if not members or subscriber.proxy_class not in self._snapshots:
+        if not members or subscriber.proxy_class not in self._versions_built():
             # Content is kept current only for classes with subscribers: build on arrival.
             self._build_class(subscriber.proxy_class)
         members.add(subscriber)
@@ -377,13 +524,23 @@ class Discovery(pb_grpc.DiscoveryServicer):
             if not members:
                 del self._subscribers[subscriber.proxy_class]
                 self._snapshots.pop(subscriber.proxy_class, None)
+                self._incremental.pop(subscriber.proxy_class, None)
                 self._ready.pop(subscriber.proxy_class, None)
         self._m_subscribers.dec()
+
+    def _versions_built(self) -> set[ProxyClass]:
+        return set(self._snapshots) | set(self._incremental)
 
     def _next_message(self, subscriber: _Subscriber) -> pb.Snapshot | None:
         now = self._clock()
         proxy_class = subscriber.proxy_class
-        nacked = self._nacks.last(subscriber.proxy)
+        state = self._incremental.get(proxy_class)
+        if state is not None and state.revision != state.table.log.revision:
+            # The shared table moved on (another class's build synced it): catch up first,
+            # so a version always names what it carries.
+            self._build_class(proxy_class)
+            state = self._incremental.get(proxy_class)
+        nacked = None if subscriber.full_next else self._nacks.last(subscriber.proxy)
         svid_due = subscriber.csr_key is not None and renewal_due(
             subscriber.cert_not_before, subscriber.cert_not_after, now
         )
@@ -396,7 +553,11 @@ class Discovery(pb_grpc.DiscoveryServicer):
         )
         if push is None:
             return None
-        content = self._snapshots[proxy_class]
+        if state is None:
+            content = self._snapshots[proxy_class]
+            delta = False
+        else:
+            content, delta = self._incremental_message(subscriber, state)
         message = content
         if push.svid:
             message = pb.Snapshot()
@@ -406,8 +567,27 @@ class Discovery(pb_grpc.DiscoveryServicer):
             ):
                 return None  # nothing new to say without the SVID
         subscriber.held_digest = digest_of_version(push.version)
+        subscriber.held_version = push.version
         subscriber.sent_version = push.version
+        subscriber.full_next = False
+        if delta:
+            subscriber.sent_as_delta.append(push.version)
+            self._m_deltas.inc()
         return message
+
+    def _incremental_message(
+        self, subscriber: _Subscriber, state: _Incremental
+    ) -> tuple[pb.Snapshot, bool]:
+        held = subscriber.held_version
+        plan = plan_delta(
+            state.table.log,
+            state.history.get(held) if held else None,
+            subscriber.accepts_deltas,
+            subscriber.full_next,
+        )
+        if plan is None:
+            return state.complete(), False
+        return state.delta(held, plan.upserted, plan.removed), True
 
     def _sign(self, subscriber: _Subscriber, message: pb.Snapshot, now: datetime) -> bool:
         assert subscriber.csr_key is not None
@@ -464,6 +644,21 @@ class Discovery(pb_grpc.DiscoveryServicer):
                         digest_of_version(request.ack.version)
                     ):
                         self._nacks.clear(subscriber.proxy)
+                elif kind == "nack" and request.nack.version in subscriber.sent_as_delta:
+                    # It could not apply a delta: it keeps what it had, which we no longer
+                    # know exactly. A complete snapshot next (a bad content is then nacked
+                    # again, as a snapshot, and recorded).
+                    _log.info(
+                        "discovery: %s could not apply delta %s: %s",
+                        subscriber.proxy,
+                        request.nack.version,
+                        request.nack.reason[:200],
+                    )
+                    subscriber.sent_as_delta.clear()
+                    subscriber.full_next = True
+                    subscriber.held_digest = ""
+                    subscriber.held_version = ""
+                    subscriber.wake.set()
                 elif kind == "nack":
                     self._record_nack(subscriber, request.nack)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -493,10 +688,13 @@ class Discovery(pb_grpc.DiscoveryServicer):
         """Rebuild one class's content; True if its subscribers may have something new."""
         was_ready = self._ready.get(proxy_class, False)
         try:
-            snapshot = self._build(proxy_class)
+            built = self._build(proxy_class)
         except Exception:
             _log.exception("discovery: building the snapshot for %s failed", proxy_class)
-            snapshot = None
+            built = None
+        if isinstance(built, ClassContent):
+            return self._build_incremental(proxy_class, built, was_ready)
+        snapshot = built
         if snapshot is not None and not snapshot.trust_bundles:
             # A snapshot without any trust bundle could not verify a single peer: it is
             # incomplete, whatever the builder thinks.
@@ -512,6 +710,35 @@ class Discovery(pb_grpc.DiscoveryServicer):
         if changed or proxy_class not in self._snapshots:
             snapshot.version = content.version
             self._snapshots[proxy_class] = snapshot
+        self._ready[proxy_class] = True
+        return changed or not was_ready
+
+    def _build_incremental(
+        self, proxy_class: ProxyClass, content: ClassContent, was_ready: bool
+    ) -> bool:
+        rest = content.rest
+        if not rest.trust_bundles:
+            _log.error("discovery: the content for %s has no trust bundle", proxy_class)
+            self._ready[proxy_class] = False
+            return False
+        for name in ("version", "svid", "upstreams", "from_version", "removed_upstreams"):
+            rest.ClearField(name)
+        table = content.upstreams
+        rest_digest = content_digest(rest.SerializeToString(deterministic=True))
+        digest = content_digest(f"{rest_digest}.{table.log.digest}".encode())
+        current, changed = self._versions.update(proxy_class, digest)
+        state = self._incremental.get(proxy_class)
+        revision = table.log.revision
+        if state is None or state.table is not table or changed:
+            history = self._histories.setdefault(proxy_class, VersionRevisions())
+            state = _Incremental(rest, table, current.version, revision, history)
+            self._incremental[proxy_class] = state
+        elif state.revision != revision:
+            # Same content at a later revision (changes that cancelled out): deltas from
+            # here on start at the later revision, so they carry less.
+            state.revision = revision
+            state.deltas.clear()
+        state.history.record(current.version, revision)
         self._ready[proxy_class] = True
         return changed or not was_ready
 

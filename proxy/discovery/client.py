@@ -11,6 +11,15 @@ and installed even when the rest of that snapshot is rejected: a certificate is 
 to a bad policy. A snapshot repeating a version already seen carries only a renewed SVID; the
 client answers it as it answered the version the first time.
 
+Deltas. The client says it takes deltas: after a complete snapshot the control plane may send
+only the upstreams changed since the version the client holds (``from_version``), with
+removed upstream names, and the other fields complete. A delta from a version the client does
+not hold, or removing an upstream it does not have, is nacked (the last good configuration
+stays, and the control plane sends a complete snapshot next); this is not a rejection of the
+content, so the complete snapshot of the same version is parsed, not refused. With
+``parse_delta`` the configuration is updated from the delta alone (O(changes)); without it,
+the client rebuilds the complete snapshot and calls ``parse`` (O(upstreams) per delta).
+
 When the control plane is away the client keeps the last good configuration (it never clears
 it), reconnects with jittered exponential backoff, and says which version it holds so that an
 unchanged configuration is not sent again.
@@ -122,7 +131,11 @@ def stats_window_from_wire(message: pb.StatsWindow) -> StatsWindow:
 
 
 def hello_request(
-    identity: pb.ProxyIdentity, known_version: str, key: ec.EllipticCurvePrivateKey
+    identity: pb.ProxyIdentity,
+    known_version: str,
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    accepts_deltas: bool = False,
 ) -> pb.SubscribeRequest:
     """The first request of a subscription: who we are, what we hold, and a CSR for ``key``.
 
@@ -138,8 +151,13 @@ def hello_request(
             identity=identity,
             known_version=known_version,
             csr_der=csr.public_bytes(serialization.Encoding.DER),
+            accepts_deltas=accepts_deltas,
         )
     )
+
+
+def _upstream_name(upstream: pb.Upstream | pb.UpstreamName) -> tuple[str, str]:
+    return upstream.namespace, upstream.service
 
 
 class DiscoveryClient(Generic[T]):
@@ -148,7 +166,8 @@ class DiscoveryClient(Generic[T]):
     ``svid`` is the proxy's current SVID (at first boot the one ``snapbright ca issue``
     wrote), ``bundle`` its own trust domain's bundle, ``target`` the control plane's
     ``host:port``. Run :meth:`run` as a task; :meth:`wait_ready` returns once a first
-    configuration is in force.
+    configuration is in force. ``parse_delta(previous, delta)`` (optional) returns the
+    configuration after a delta (see the module docstring).
     """
 
     def __init__(
@@ -159,6 +178,7 @@ class DiscoveryClient(Generic[T]):
         bundle: TrustBundle,
         parse: Callable[[pb.Snapshot], T],
         *,
+        parse_delta: Callable[[T, pb.Snapshot], T] | None = None,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], datetime] = _utcnow,
@@ -175,6 +195,8 @@ class DiscoveryClient(Generic[T]):
         self._svid = svid
         self._bundle = bundle
         self._parse = parse
+        self._parse_delta = parse_delta
+        self._upstreams: dict[tuple[str, str], pb.Upstream] = {}
         self._backoff = backoff or Backoff()
         self._rng = rng or random.Random()
         self._clock = clock
@@ -194,6 +216,8 @@ class DiscoveryClient(Generic[T]):
         self._closed = False
         self.reconnects = 0
         """Streams that ended and were retried."""
+        self.deltas = 0
+        """Deltas applied."""
         self.last_error = ""
         """Why the last stream ended, for ``snapbright check``."""
         registry = registry if registry is not None else CollectorRegistry()
@@ -317,7 +341,7 @@ class DiscoveryClient(Generic[T]):
         key = self._csr_key
         if key is None or key is self._svid.key:
             key = self._csr_key = ec.generate_private_key(ec.SECP256R1())
-        return hello_request(self._identity, self._version, key)
+        return hello_request(self._identity, self._version, key, accepts_deltas=True)
 
     def apply(self, snapshot: pb.Snapshot) -> pb.SubscribeRequest:
         """Take one snapshot of the stream and return the Ack or Nack to send for it.
@@ -341,10 +365,44 @@ class DiscoveryClient(Generic[T]):
             return pb.SubscribeRequest(ack=pb.Ack(version=version))
         if version == self._rejected_version:
             return pb.SubscribeRequest(nack=pb.Nack(version=version, reason=self._rejected_reason))
+        if snapshot.from_version:
+            return self._apply_delta(snapshot, bundle)
         try:
             value = self._parse(snapshot)
         except ConfigRejected as error:
             return self._reject(version, error.reason)
+        self._upstreams = {_upstream_name(u): u for u in snapshot.upstreams}
+        return self._install(value, version, bundle)
+
+    def _apply_delta(self, delta: pb.Snapshot, bundle: TrustBundle) -> pb.SubscribeRequest:
+        version = delta.version
+        problem = ""
+        if not self._has_value or delta.from_version != self._version:
+            problem = f"a delta from {delta.from_version}, but we hold {self._version or 'nothing'}"
+        else:
+            missing = [
+                n for n in delta.removed_upstreams if _upstream_name(n) not in self._upstreams
+            ]
+            if missing:
+                problem = f"the delta removes {missing[0].namespace}/{missing[0].service}, unknown"
+        if problem:
+            # Not a verdict on the content: the complete snapshot that follows is parsed.
+            self._m_reloads.labels("rejected").inc()
+            _log.info("discovery: cannot apply delta %s: %s", version, problem)
+            return pb.SubscribeRequest(nack=pb.Nack(version=version, reason=problem))
+        upstreams = self._upstreams if self._parse_delta is not None else dict(self._upstreams)
+        try:
+            if self._parse_delta is not None:
+                value = self._parse_delta(self._value, delta)  # type: ignore[arg-type]
+            else:
+                value = self._parse(_complete(delta, _patched(upstreams, delta)))
+        except ConfigRejected as error:
+            return self._reject(version, error.reason)
+        self._upstreams = _patched(upstreams, delta)
+        self.deltas += 1
+        return self._install(value, version, bundle)
+
+    def _install(self, value: T, version: str, bundle: TrustBundle) -> pb.SubscribeRequest:
         self._value = value
         self._has_value = True
         self._version = version
@@ -390,6 +448,28 @@ class DiscoveryClient(Generic[T]):
             if spiffe_id != self._svid.spiffe_id:
                 raise ValueError(f"svid: names {spiffe_id}, we are {self._svid.spiffe_id}")
         return X509Svid(self._svid.spiffe_id, tuple(chain), key)
+
+
+def _patched(
+    upstreams: dict[tuple[str, str], pb.Upstream], delta: pb.Snapshot
+) -> dict[tuple[str, str], pb.Upstream]:
+    """``upstreams`` with the delta applied (in place: pass a copy to keep the original)."""
+    for name in delta.removed_upstreams:
+        upstreams.pop(_upstream_name(name), None)
+    for upstream in delta.upstreams:
+        upstreams[_upstream_name(upstream)] = upstream
+    return upstreams
+
+
+def _complete(delta: pb.Snapshot, upstreams: dict[tuple[str, str], pb.Upstream]) -> pb.Snapshot:
+    """The complete snapshot a delta leads to, upstreams ordered by name."""
+    snapshot = pb.Snapshot()
+    snapshot.CopyFrom(delta)
+    snapshot.ClearField("upstreams")
+    snapshot.ClearField("removed_upstreams")
+    snapshot.ClearField("from_version")
+    snapshot.upstreams.extend(upstreams[name] for name in sorted(upstreams))
+    return snapshot
 
 
 class StatsReporter:

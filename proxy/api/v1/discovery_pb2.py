@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cproxy/api/v1/discovery.proto\x12\x13snapbright.proxy.v1\"\xe8\x01\n\rProxyIdentity\x12\x35\n\x04role\x18\x01 \x01(\x0e\x32\'.snapbright.proxy.v1.ProxyIdentity.Role\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x10\n\x08workload\x18\x05 \x01(\t\x12\x0f\n\x07service\x18\x06 \x01(\t\"@\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_SIDECAR\x10\x01\x12\x10\n\x0cROLE_GATEWAY\x10\x02\"\x9b\x01\n\x10SubscribeRequest\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.snapbright.proxy.v1.HelloH\x00\x12\'\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x18.snapbright.proxy.v1.AckH\x00\x12)\n\x04nack\x18\x03 \x01(\x0b\x32\x19.snapbright.proxy.v1.NackH\x00\x42\x06\n\x04kind\"e\n\x05Hello\x12\x34\n\x08identity\x18\x01 \x01(\x0b\x32\".snapbright.proxy.v1.ProxyIdentity\x12\x15\n\rknown_version\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_der\x18\x03 \x01(\x0c\"\x16\n\x03\x41\x63k\x12\x0f\n\x07version\x18\x01 \x01(\t\"\'\n\x04Nack\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa1\x02\n\x08Snapshot\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x30\n\tupstreams\x18\x02 \x03(\x0b\x32\x1d.snapbright.proxy.v1.Upstream\x12\x35\n\x08policies\x18\x03 \x03(\x0b\x32#.snapbright.proxy.v1.PolicyDocument\x12\x37\n\rtrust_bundles\x18\x04 \x03(\x0b\x32 .snapbright.proxy.v1.TrustBundle\x12\'\n\x04svid\x18\x05 \x01(\x0b\x32\x19.snapbright.proxy.v1.Svid\x12\x39\n\x0egateway_routes\x18\x06 \x03(\x0b\x32!.snapbright.proxy.v1.GatewayRoute\"\\\n\x08Upstream\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12,\n\x07targets\x18\x03 \x03(\x0b\x32\x1b.snapbright.proxy.v1.Target\"\x9b\x01\n\x06Target\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12\x30\n\tendpoints\x18\x04 \x03(\x0b\x32\x1d.snapbright.proxy.v1.Endpoint\x12\x0b\n\x03sni\x18\x05 \x01(\t\x12\x14\n\x0ctrust_domain\x18\x06 \x01(\t\x12\r\n\x05stale\x18\x07 \x01(\x08\"H\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\"M\n\x0ePolicyDocument\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04json\x18\x04 \x01(\t\"l\n\x0bTrustBundle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x1a\n\x12spiffe_bundle_json\x18\x03 \x01(\x0c\x12\x19\n\x11intermediates_der\x18\x04 \x03(\x0c\"M\n\x04Svid\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x01 \x01(\x0c\x12\x16\n\x0enot_after_unix\x18\x02 \x01(\x03\x12\x15\n\rrenew_at_unix\x18\x03 \x01(\x03\"b\n\x0cGatewayRoute\x12\x0b\n\x03sni\x18\x01 \x01(\t\x12\x30\n\tendpoints\x18\x02 \x03(\x0b\x32\x1d.snapbright.proxy.v1.Endpoint\x12\x13\n\x0b\x65xported_to\x18\x03 \x03(\t\"v\n\x0bStatsReport\x12\x34\n\x08identity\x18\x01 \x01(\x0b\x32\".snapbright.proxy.v1.ProxyIdentity\x12\x31\n\x07windows\x18\x02 \x03(\x0b\x32 .snapbright.proxy.v1.StatsWindow\"\x9c\x02\n\x0bStatsWindow\x12\x15\n\rstart_unix_ms\x18\x01 \x01(\x03\x12\x13\n\x0b\x64uration_ms\x18\x02 \x01(\r\x12\x10\n\x08upstream\x18\x03 \x01(\t\x12\x16\n\x0etarget_cluster\x18\x04 \x01(\t\x12\x15\n\rresponses_2xx\x18\x05 \x01(\x04\x12\x15\n\rresponses_3xx\x18\x06 \x01(\x04\x12\x15\n\rresponses_4xx\x18\x07 \x01(\x04\x12\x15\n\rresponses_5xx\x18\x08 \x01(\x04\x12\x18\n\x10\x63onnect_failures\x18\t \x01(\x04\x12\x10\n\x08timeouts\x18\n \x01(\x04\x12/\n\x07latency\x18\x0b \x01(\x0b\x32\x1e.snapbright.proxy.v1.Histogram\"A\n\tHistogram\x12\x0e\n\x06layout\x18\x01 \x01(\r\x12\x14\n\x0c\x66irst_bucket\x18\x02 \x01(\r\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x04\"\n\n\x08StatsAck2\xb4\x01\n\tDiscovery\x12U\n\tSubscribe\x12%.snapbright.proxy.v1.SubscribeRequest\x1a\x1d.snapbright.proxy.v1.Snapshot(\x01\x30\x01\x12P\n\x0bReportStats\x12 .snapbright.proxy.v1.StatsReport\x1a\x1d.snapbright.proxy.v1.StatsAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cproxy/api/v1/discovery.proto\x12\x13snapbright.proxy.v1\"\xe8\x01\n\rProxyIdentity\x12\x35\n\x04role\x18\x01 \x01(\x0e\x32\'.snapbright.proxy.v1.ProxyIdentity.Role\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x10\n\x08workload\x18\x05 \x01(\t\x12\x0f\n\x07service\x18\x06 \x01(\t\"@\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_SIDECAR\x10\x01\x12\x10\n\x0cROLE_GATEWAY\x10\x02\"\x9b\x01\n\x10SubscribeRequest\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.snapbright.proxy.v1.HelloH\x00\x12\'\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x18.snapbright.proxy.v1.AckH\x00\x12)\n\x04nack\x18\x03 \x01(\x0b\x32\x19.snapbright.proxy.v1.NackH\x00\x42\x06\n\x04kind\"}\n\x05Hello\x12\x34\n\x08identity\x18\x01 \x01(\x0b\x32\".snapbright.proxy.v1.ProxyIdentity\x12\x15\n\rknown_version\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_der\x18\x03 \x01(\x0c\x12\x16\n\x0e\x61\x63\x63\x65pts_deltas\x18\x04 \x01(\x08\"\x16\n\x03\x41\x63k\x12\x0f\n\x07version\x18\x01 \x01(\t\"\'\n\x04Nack\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xf5\x02\n\x08Snapshot\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x30\n\tupstreams\x18\x02 \x03(\x0b\x32\x1d.snapbright.proxy.v1.Upstream\x12\x35\n\x08policies\x18\x03 \x03(\x0b\x32#.snapbright.proxy.v1.PolicyDocument\x12\x37\n\rtrust_bundles\x18\x04 \x03(\x0b\x32 .snapbright.proxy.v1.TrustBundle\x12\'\n\x04svid\x18\x05 \x01(\x0b\x32\x19.snapbright.proxy.v1.Svid\x12\x39\n\x0egateway_routes\x18\x06 \x03(\x0b\x32!.snapbright.proxy.v1.GatewayRoute\x12\x14\n\x0c\x66rom_version\x18\x07 \x01(\t\x12<\n\x11removed_upstreams\x18\x08 \x03(\x0b\x32!.snapbright.proxy.v1.UpstreamName\"2\n\x0cUpstreamName\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\"\\\n\x08Upstream\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12,\n\x07targets\x18\x03 \x03(\x0b\x32\x1b.snapbright.proxy.v1.Target\"\x9b\x01\n\x06Target\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12\x30\n\tendpoints\x18\x04 \x03(\x0b\x32\x1d.snapbright.proxy.v1.Endpoint\x12\x0b\n\x03sni\x18\x05 \x01(\t\x12\x14\n\x0ctrust_domain\x18\x06 \x01(\t\x12\r\n\x05stale\x18\x07 \x01(\x08\"H\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\"M\n\x0ePolicyDocument\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04json\x18\x04 \x01(\t\"l\n\x0bTrustBundle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x1a\n\x12spiffe_bundle_json\x18\x03 \x01(\x0c\x12\x19\n\x11intermediates_der\x18\x04 \x03(\x0c\"M\n\x04Svid\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x01 \x01(\x0c\x12\x16\n\x0enot_after_unix\x18\x02 \x01(\x03\x12\x15\n\rrenew_at_unix\x18\x03 \x01(\x03\"b\n\x0cGatewayRoute\x12\x0b\n\x03sni\x18\x01 \x01(\t\x12\x30\n\tendpoints\x18\x02 \x03(\x0b\x32\x1d.snapbright.proxy.v1.Endpoint\x12\x13\n\x0b\x65xported_to\x18\x03 \x03(\t\"v\n\x0bStatsReport\x12\x34\n\x08identity\x18\x01 \x01(\x0b\x32\".snapbright.proxy.v1.ProxyIdentity\x12\x31\n\x07windows\x18\x02 \x03(\x0b\x32 .snapbright.proxy.v1.StatsWindow\"\x9c\x02\n\x0bStatsWindow\x12\x15\n\rstart_unix_ms\x18\x01 \x01(\x03\x12\x13\n\x0b\x64uration_ms\x18\x02 \x01(\r\x12\x10\n\x08upstream\x18\x03 \x01(\t\x12\x16\n\x0etarget_cluster\x18\x04 \x01(\t\x12\x15\n\rresponses_2xx\x18\x05 \x01(\x04\x12\x15\n\rresponses_3xx\x18\x06 \x01(\x04\x12\x15\n\rresponses_4xx\x18\x07 \x01(\x04\x12\x15\n\rresponses_5xx\x18\x08 \x01(\x04\x12\x18\n\x10\x63onnect_failures\x18\t \x01(\x04\x12\x10\n\x08timeouts\x18\n \x01(\x04\x12/\n\x07latency\x18\x0b \x01(\x0b\x32\x1e.snapbright.proxy.v1.Histogram\"A\n\tHistogram\x12\x0e\n\x06layout\x18\x01 \x01(\r\x12\x14\n\x0c\x66irst_bucket\x18\x02 \x01(\r\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x04\"\n\n\x08StatsAck2\xb4\x01\n\tDiscovery\x12U\n\tSubscribe\x12%.snapbright.proxy.v1.SubscribeRequest\x1a\x1d.snapbright.proxy.v1.Snapshot(\x01\x30\x01\x12P\n\x0bReportStats\x12 .snapbright.proxy.v1.StatsReport\x1a\x1d.snapbright.proxy.v1.StatsAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,35 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBSCRIBEREQUEST']._serialized_start=289
   _globals['_SUBSCRIBEREQUEST']._serialized_end=444
   _globals['_HELLO']._serialized_start=446
-  _globals['_HELLO']._serialized_end=547
-  _globals['_ACK']._serialized_start=549
-  _globals['_ACK']._serialized_end=571
-  _globals['_NACK']._serialized_start=573
-  _globals['_NACK']._serialized_end=612
-  _globals['_SNAPSHOT']._serialized_start=615
-  _globals['_SNAPSHOT']._serialized_end=904
-  _globals['_UPSTREAM']._serialized_start=906
-  _globals['_UPSTREAM']._serialized_end=998
-  _globals['_TARGET']._serialized_start=1001
-  _globals['_TARGET']._serialized_end=1156
-  _globals['_ENDPOINT']._serialized_start=1158
-  _globals['_ENDPOINT']._serialized_end=1230
-  _globals['_POLICYDOCUMENT']._serialized_start=1232
-  _globals['_POLICYDOCUMENT']._serialized_end=1309
-  _globals['_TRUSTBUNDLE']._serialized_start=1311
-  _globals['_TRUSTBUNDLE']._serialized_end=1419
-  _globals['_SVID']._serialized_start=1421
-  _globals['_SVID']._serialized_end=1498
-  _globals['_GATEWAYROUTE']._serialized_start=1500
-  _globals['_GATEWAYROUTE']._serialized_end=1598
-  _globals['_STATSREPORT']._serialized_start=1600
-  _globals['_STATSREPORT']._serialized_end=1718
-  _globals['_STATSWINDOW']._serialized_start=1721
-  _globals['_STATSWINDOW']._serialized_end=2005
-  _globals['_HISTOGRAM']._serialized_start=2007
-  _globals['_HISTOGRAM']._serialized_end=2072
-  _globals['_STATSACK']._serialized_start=2074
-  _globals['_STATSACK']._serialized_end=2084
-  _globals['_DISCOVERY']._serialized_start=2087
-  _globals['_DISCOVERY']._serialized_end=2267
+  _globals['_HELLO']._serialized_end=571
+  _globals['_ACK']._serialized_start=573
+  _globals['_ACK']._serialized_end=595
+  _globals['_NACK']._serialized_start=597
+  _globals['_NACK']._serialized_end=636
+  _globals['_SNAPSHOT']._serialized_start=639
+  _globals['_SNAPSHOT']._serialized_end=1012
+  _globals['_UPSTREAMNAME']._serialized_start=1014
+  _globals['_UPSTREAMNAME']._serialized_end=1064
+  _globals['_UPSTREAM']._serialized_start=1066
+  _globals['_UPSTREAM']._serialized_end=1158
+  _globals['_TARGET']._serialized_start=1161
+  _globals['_TARGET']._serialized_end=1316
+  _globals['_ENDPOINT']._serialized_start=1318
+  _globals['_ENDPOINT']._serialized_end=1390
+  _globals['_POLICYDOCUMENT']._serialized_start=1392
+  _globals['_POLICYDOCUMENT']._serialized_end=1469
+  _globals['_TRUSTBUNDLE']._serialized_start=1471
+  _globals['_TRUSTBUNDLE']._serialized_end=1579
+  _globals['_SVID']._serialized_start=1581
+  _globals['_SVID']._serialized_end=1658
+  _globals['_GATEWAYROUTE']._serialized_start=1660
+  _globals['_GATEWAYROUTE']._serialized_end=1758
+  _globals['_STATSREPORT']._serialized_start=1760
+  _globals['_STATSREPORT']._serialized_end=1878
+  _globals['_STATSWINDOW']._serialized_start=1881
+  _globals['_STATSWINDOW']._serialized_end=2165
+  _globals['_HISTOGRAM']._serialized_start=2167
+  _globals['_HISTOGRAM']._serialized_end=2232
+  _globals['_STATSACK']._serialized_start=2234
+  _globals['_STATSACK']._serialized_end=2244
+  _globals['_DISCOVERY']._serialized_start=2247
+  _globals['_DISCOVERY']._serialized_end=2427
 # @@protoc_insertion_point(module_scope)

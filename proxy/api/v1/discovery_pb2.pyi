@@ -113,10 +113,13 @@ class Hello(_message.Message):
     IDENTITY_FIELD_NUMBER: _builtins.int
     KNOWN_VERSION_FIELD_NUMBER: _builtins.int
     CSR_DER_FIELD_NUMBER: _builtins.int
+    ACCEPTS_DELTAS_FIELD_NUMBER: _builtins.int
     known_version: _builtins.str
     """The version the proxy already holds (after a reconnect), so an unchanged one is not resent."""
     csr_der: _builtins.bytes
     """A PKCS#10 request for the proxy's X.509-SVID. The private key never leaves the proxy."""
+    accepts_deltas: _builtins.bool
+    """The proxy applies deltas (Snapshot.from_version set); without it every push is complete."""
     @_builtins.property
     def identity(self) -> Global___ProxyIdentity: ...
     def __init__(
@@ -125,10 +128,11 @@ class Hello(_message.Message):
         identity: Global___ProxyIdentity | None = ...,
         known_version: _builtins.str = ...,
         csr_der: _builtins.bytes = ...,
+        accepts_deltas: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_der", b"csr_der", "identity", b"identity", "known_version", b"known_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_deltas", b"accepts_deltas", "csr_der", b"csr_der", "identity", b"identity", "known_version", b"known_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -177,6 +181,12 @@ Global___Nack: _TypeAlias = Nack  # noqa: Y015
 
 @_typing.final
 class Snapshot(_message.Message):
+    """A complete snapshot, or (from_version set) a delta against the version the proxy holds:
+    `upstreams` are then the upstreams added or changed, `removed_upstreams` those gone, and
+    every other field is complete as in a snapshot. A proxy that does not hold from_version
+    nacks the delta and is sent a complete snapshot next.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
@@ -185,8 +195,12 @@ class Snapshot(_message.Message):
     TRUST_BUNDLES_FIELD_NUMBER: _builtins.int
     SVID_FIELD_NUMBER: _builtins.int
     GATEWAY_ROUTES_FIELD_NUMBER: _builtins.int
+    FROM_VERSION_FIELD_NUMBER: _builtins.int
+    REMOVED_UPSTREAMS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """Opaque and monotonically ordered per control-plane incarnation."""
+    from_version: _builtins.str
+    """Set on a delta: the version it applies to."""
     @_builtins.property
     def upstreams(self) -> _containers.RepeatedCompositeFieldContainer[Global___Upstream]: ...
     @_builtins.property
@@ -201,6 +215,10 @@ class Snapshot(_message.Message):
     def gateway_routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GatewayRoute]:
         """Gateways only: names routed by SNI to local inbound ports or the control plane."""
 
+    @_builtins.property
+    def removed_upstreams(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpstreamName]:
+        """On a delta: upstreams the proxy must drop."""
+
     def __init__(
         self,
         *,
@@ -210,14 +228,38 @@ class Snapshot(_message.Message):
         trust_bundles: _abc.Iterable[Global___TrustBundle] | None = ...,
         svid: Global___Svid | None = ...,
         gateway_routes: _abc.Iterable[Global___GatewayRoute] | None = ...,
+        from_version: _builtins.str = ...,
+        removed_upstreams: _abc.Iterable[Global___UpstreamName] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["svid", b"svid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gateway_routes", b"gateway_routes", "policies", b"policies", "svid", b"svid", "trust_bundles", b"trust_bundles", "upstreams", b"upstreams", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_version", b"from_version", "gateway_routes", b"gateway_routes", "policies", b"policies", "removed_upstreams", b"removed_upstreams", "svid", b"svid", "trust_bundles", b"trust_bundles", "upstreams", b"upstreams", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Snapshot: _TypeAlias = Snapshot  # noqa: Y015
+
+@_typing.final
+class UpstreamName(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    service: _builtins.str
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        service: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpstreamName: _TypeAlias = UpstreamName  # noqa: Y015
 
 @_typing.final
 class Upstream(_message.Message):

@@ -10,6 +10,7 @@ from federation.discovery.core import (
     ClaimedIdentity,
     Content,
     ContentVersions,
+    DeltaPlan,
     IdentityRefused,
     NackLog,
     NackRecord,
@@ -17,9 +18,12 @@ from federation.discovery.core import (
     Push,
     Role,
     StatsStore,
+    UpstreamLog,
     authenticate_peer,
     check_identity,
     digest_of_version,
+    item_digest,
+    plan_delta,
     plan_push,
     renew_at,
     renewal_due,
@@ -203,3 +207,54 @@ def test_pruning_forgets_old_windows_and_empty_series() -> None:
     store.add("p", _window(5, "b"))
     store.prune(before=3)
     assert [key.upstream for key in store.series()] == ["b"]
+
+
+# -- the upstream change log behind deltas ------------------------------------------------
+
+
+def test_the_upstream_log_names_what_changed_since_a_revision() -> None:
+    log = UpstreamLog()
+    log.put("shop/pay", 1)
+    log.put("shop/cart", 2)
+    mark = log.revision
+    assert not log.put("shop/pay", 1)  # unchanged: not a change
+    log.put("shop/pay", 3)
+    log.remove("shop/cart")
+    assert log.changed_since(mark) == {"shop/pay", "shop/cart"}
+    assert log.changed_since(log.revision) == set()
+    assert log.touched == 5
+
+
+def test_the_set_digest_names_the_content_whatever_the_order_of_changes() -> None:
+    one, other = UpstreamLog(), UpstreamLog()
+    one.put("a", item_digest("a", b"1"))
+    one.put("b", item_digest("b", b"2"))
+    other.put("b", item_digest("b", b"2"))
+    other.put("c", item_digest("c", b"3"))
+    other.put("a", item_digest("a", b"1"))
+    assert one.digest != other.digest
+    other.remove("c")
+    assert one.digest == other.digest
+
+
+@pytest.mark.parametrize(
+    ("held", "accepts", "full_next", "expected"),
+    [
+        (None, True, False, None),  # a version we cannot place
+        (3, False, False, None),  # a proxy that takes no deltas
+        (3, True, True, None),  # it nacked a delta
+        (2, True, False, None),  # older than the log reaches
+        (99, True, False, None),  # from the future (another incarnation)
+        (3, True, False, DeltaPlan(("c", "d"), ("a",))),
+        (6, True, False, DeltaPlan((), ())),  # current: nothing (an SVID-only push)
+    ],
+)
+def test_plan_delta_sends_changes_only_from_a_revision_the_log_reaches(
+    held: int | None, accepts: bool, full_next: bool, expected: DeltaPlan | None
+) -> None:
+    log = UpstreamLog(capacity=3)
+    for key in ("a", "b", "c", "d"):
+        log.put(key, 1)  # revisions 1..4
+    log.remove("a")  # 5
+    log.put("c", 2)  # 6: the log now holds revisions 4..6, so it reaches back to 3
+    assert plan_delta(log, held, accepts, full_next) == expected
