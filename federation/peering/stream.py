@@ -13,10 +13,12 @@ Rules of the shell (the session's own rules are in ``core.py``):
 
 1. One stream at a time. A new stream for the same peer replaces the old one, which is
    closed; events from a stream that is no longer current are dropped.
-2. A message that fails validation (``WireError``), or that the owner's ``vet`` refuses (an
+2. A peer that stops reading is dropped once :data:`MAX_QUEUED` messages wait for it, rather
+   than queueing without bound; the session then reconnects or waits to be redialed.
+3. A message that fails validation (``WireError``), or that the owner's ``vet`` refuses (an
    unparseable trust bundle), is answered with a Close and ends the stream, as a protocol
    error in the session would.
-3. A Close whose reason is ``peering deleted`` means the peer deleted the peering: the link
+4. A Close whose reason is ``peering deleted`` means the peer deleted the peering: the link
    treats it as a local delete (``Deleted``), so our mirrors of the peer and our trust in it
    are withdrawn too, instead of being kept as stale while we redial in vain.
 """
@@ -52,6 +54,8 @@ from federation.peering.wire import WireError, from_proto, to_proto
 
 DELETED_REASON = "peering deleted"
 """The Close reason the session sends when a peering is deleted (see ``core._deleted``)."""
+MAX_QUEUED = 10_000
+"""Messages waiting for a peer that does not read: past this the stream is dropped."""
 FLUSH_SECONDS = 3.0
 """How long a closing stream may take to deliver what is queued (the Close, typically): a
 Close that a reset overtakes is lost, and a peer that misses "peering deleted" keeps our
@@ -125,13 +129,14 @@ class ServerStream:
 class _Attached:
     """One stream while it is the link's current one."""
 
-    __slots__ = ("done", "queue", "stream", "write_error")
+    __slots__ = ("done", "queue", "stream", "stuck", "write_error")
 
     def __init__(self, stream: MessageStream) -> None:
         self.stream = stream
         self.queue: asyncio.Queue[pb.PeeringMessage | None] = asyncio.Queue()
         self.done = asyncio.Event()
         self.write_error = ""
+        self.stuck = False
 
 
 class PeerLink:
@@ -152,6 +157,7 @@ class PeerLink:
         vet: Callable[[PeerLink, PeeringMessage], str | None],
         on_state: Callable[[PeerLink, PeerState], None] | None = None,
         name: str,
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         self.session = session
         self.name = name
@@ -159,6 +165,7 @@ class PeerLink:
         self._on_effect = on_effect
         self._vet = vet
         self._on_state = on_state
+        self._max_queued = max_queued
         self._current: _Attached | None = None
         self.received: Counter[str] = Counter()
         """Messages received, by body name (``services_snapshot``, ``heartbeat``…)."""
@@ -190,7 +197,7 @@ class PeerLink:
         """Send a message the session does not produce (health summaries); False if offline."""
         if self._current is None:
             return False
-        self._current.queue.put_nowait(to_proto(message))
+        self._enqueue(self._current, message)
         return True
 
     async def run(self, stream: MessageStream, first: pb.PeeringMessage | None = None) -> str:
@@ -221,7 +228,8 @@ class PeerLink:
                 self.handle(Disconnected(self._clock(), reason))
             # Give what is queued (a Close) a moment to reach the peer. (Not wait_for: on
             # Python 3.11 it loses a cancellation that lands as the writer finishes.)
-            await asyncio.wait([writer], timeout=FLUSH_SECONDS)
+            if not attached.stuck:
+                await asyncio.wait([writer], timeout=FLUSH_SECONDS)
         finally:
             tasks = [task for task in (reader, writer) if task is not None]
             for task in tasks:
@@ -293,6 +301,17 @@ class PeerLink:
         self._detach()
         self.handle(Disconnected(now, reason))
 
+    def _enqueue(self, attached: _Attached, message: PeeringMessage) -> None:
+        if attached.queue.qsize() < self._max_queued:
+            attached.queue.put_nowait(to_proto(message))
+            return
+        # The writer is stuck behind a peer that does not read: drop the stream at once.
+        self._current = None
+        attached.stuck = True
+        attached.done.set()
+        reason = f"the peer is not reading ({self._max_queued} messages wait for it)"
+        self.handle(Disconnected(self._clock(), reason))
+
     def _detach(self) -> None:
         attached, self._current = self._current, None
         if attached is not None:
@@ -304,7 +323,7 @@ class PeerLink:
             match effect:
                 case Send(message):
                     if self._current is not None:
-                        self._current.queue.put_nowait(to_proto(message))
+                        self._enqueue(self._current, message)
                 case CloseStream(reason):
                     _log.info("peering %s: closing the stream: %s", self.name, reason)
                     self._detach()
