@@ -373,7 +373,10 @@ async def start(mesh: Mesh, *, ready_timeout: float, concurrency: int, stop: asy
                 peer = await _establish(step, session, deadline)
                 mesh.report(f"  ✓ {step.dialing} peered with {peer}")
             else:
+                began = time.monotonic()
                 await _bring_up_process(mesh, step, session, deadline)
+                if not step.oneshot:
+                    mesh.report(f"  ✓ {step.name} ready ({time.monotonic() - began:.1f}s)")
         done[step.name].set()
 
     async with aiohttp.ClientSession() as session:
