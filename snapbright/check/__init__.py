@@ -1,0 +1,1 @@
+"""`snapbright check` and `snapbright status`: the status value, the pure checks, the shell."""
