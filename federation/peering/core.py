@@ -577,6 +577,10 @@ class PeeringSession:
     side waits to be dialed again. ``establish_secret`` (dialer only) is the token's secret,
     sent in Open until the first time the peering becomes ACTIVE; the accepting shell
     redeems it (``model.redeem``) before it creates a session for a new peer.
+
+    ``imports`` and ``imported_version`` restore what a previous run of the control plane
+    held from the peer (as persisted by the shell), so the first Open after a restart asks
+    for a delta from there instead of a full snapshot.
     """
 
     def __init__(
@@ -590,7 +594,12 @@ class PeeringSession:
         rng: random.Random,
         settings: SessionSettings | None = None,
         establish_secret: bytes = b"",
+        imports: Iterable[ExportedService] = (),
+        imported_version: int = 0,
     ) -> None:
+        restored = {service.key: service for service in imports}
+        if imported_version < 0 or (restored and imported_version == 0):
+            raise ValueError("restored imports need the positive version they were held at")
         self._local = local
         self._peer = peer
         self._exports = exports
@@ -600,8 +609,8 @@ class PeeringSession:
         self._settings = settings or SessionSettings()
         self._establish_secret = establish_secret
         self._state = PeerState.PENDING
-        self._imports: dict[ServiceKey, ExportedService] = {}
-        self._imported_version = 0
+        self._imports: dict[ServiceKey, ExportedService] = restored
+        self._imported_version = imported_version
         self._peer_bundle_sequence: int | None = None
         self._sent_version: int | None = None
         self._failures = 0
