@@ -15,7 +15,9 @@ How a connection is authenticated is in :mod:`federation.peering.credentials`; i
 
 Peer records (name, trust domain, bundle, gateway addresses, last versions) and issued tokens
 are persisted in the state directory, so a restarted control plane reconnects without a new
-token. Imports are not persisted: after a restart the peer sends a full snapshot.
+token. What each peer exports to us is saved too (at most once a second per peer, version and
+services together), so a restarted control plane keeps its mirrors while a peer is away and
+resyncs with a delta from the saved version.
 
 Delete is told to the peer with a Close("peering deleted"), and the peer withdraws too; a
 peer that was offline then is refused at its next handshake (its roots are gone here) and
@@ -97,7 +99,10 @@ from federation.peering.store import (
     PeeringState,
     PeerRecord,
     TokenRecord,
+    load_imports,
     load_state,
+    remove_imports,
+    save_imports,
     save_state,
 )
 from federation.peering.stream import ClientStream, PeerLink, ServerStream
@@ -114,6 +119,8 @@ from proxy.identity.model import SpiffeIdError, TrustDomain
 from proxy.identity.svid import Purpose, SvidError, X509Svid, validate_svid
 
 DEFAULT_TOKEN_TTL = 24 * 3600.0
+IMPORTS_SAVE_INTERVAL = 1.0
+"""Imports are written to the state directory at most this often per peer (seconds)."""
 OPEN_TIMEOUT = 10.0
 """How long an accepted stream may take to send its Open."""
 
@@ -157,6 +164,8 @@ class _Peer:
     """Dialer only, until the first ACTIVE: the token whose secret we still present."""
     acked_bundle: int = 0
     imports: dict[ServiceKey, ExportedService] = field(default_factory=dict)
+    imports_dirty: bool = False
+    imports_saved_at: float = 0.0
     dialer_task: asyncio.Task[None] | None = None
     last_error: str = ""
     activated: asyncio.Event = field(default_factory=asyncio.Event)
@@ -273,7 +282,11 @@ class PeeringManager:
         state = load_state(self._state_dir)
         self._tokens = {t.issued.token_id: t for t in state.tokens}
         for record in state.peers:
-            self._add_peer(record, token=None)
+            version, services = load_imports(self._state_dir, record.name)
+            peer = self._add_peer(record, token=None, imports=services, version=version)
+            if services:
+                change = ApplyImports(record.name, services, (), version)
+                self._callbacks.imports_changed(record.name, change, MappingProxyType(peer.imports))
         self._refresh_trust()
         self._ticker = asyncio.create_task(self._tick_all())
 
@@ -301,6 +314,7 @@ class PeeringManager:
         if self._ticker is not None:
             tasks.append(self._ticker)
         await _stop(tasks)
+        self._save_imports(force=True)
         self._save()
 
     # -- commands --
@@ -570,7 +584,14 @@ class PeeringManager:
 
     # -- effects and messages of every link --
 
-    def _add_peer(self, record: PeerRecord, *, token: PeeringToken | None) -> _Peer:
+    def _add_peer(
+        self,
+        record: PeerRecord,
+        *,
+        token: PeeringToken | None,
+        imports: tuple[ExportedService, ...] = (),
+        version: int = 0,
+    ) -> _Peer:
         bundle = None
         if record.bundle_json is not None:
             bundle = parse_bundle(record.trust_domain, record.bundle_json)
@@ -583,6 +604,8 @@ class PeeringManager:
             rng=self._rng,
             settings=self._settings,
             establish_secret=token.secret if token is not None else b"",
+            imports=imports,
+            imported_version=version if imports else 0,
         )
         link = PeerLink(
             session,
@@ -592,7 +615,7 @@ class PeeringManager:
             on_state=self._on_state,
             name=record.name,
         )
-        peer = _Peer(record, link, bundle, token)
+        peer = _Peer(record, link, bundle, token, imports={s.key: s for s in imports})
         self._peers[record.name] = peer
         if record.dialer:
             peer.dialer_task = asyncio.create_task(self._dial(peer))
@@ -657,8 +680,9 @@ class PeeringManager:
                     peer.imports[service.key] = service
                 for key in removed:
                     peer.imports.pop(key, None)
-                # Kept for the state file; saved with the next change that saves.
+                # Saved by the ticker, at most once a second (see _save_imports).
                 peer.record = replace(peer.record, services_version_seen=version)
+                peer.imports_dirty = True
                 self._callbacks.imports_changed(name, effect, MappingProxyType(peer.imports))
             case ApplyHealth(name, services, at_unix_ms):
                 self._callbacks.health(name, services, at_unix_ms)
@@ -680,6 +704,7 @@ class PeeringManager:
                 # Drop the peer's trust now; the dial loop is stopped by whoever deleted.
                 self._peers.pop(name, None)
                 self.book.remove_peer(name)
+                remove_imports(self._state_dir, name)
                 if peer.dialer_task is not None and peer.dialer_task is not _current_task():
                     peer.dialer_task.cancel()
                 self._save()
@@ -695,6 +720,7 @@ class PeeringManager:
             await asyncio.sleep(interval)
             for peer in list(self._peers.values()):
                 peer.link.tick()
+            self._save_imports(force=False)
 
     def _exports_changed(self, peers: Iterable[str]) -> None:
         now = self._clock()
@@ -724,6 +750,16 @@ class PeeringManager:
 
     def _refresh_trust(self) -> None:
         self._trust.update(server_configuration(self._svid, self._client_roots()))
+
+    def _save_imports(self, *, force: bool) -> None:
+        now = self._clock()
+        for name, peer in self._peers.items():
+            due = force or now - peer.imports_saved_at >= IMPORTS_SAVE_INTERVAL
+            if peer.imports_dirty and due:
+                version = peer.link.session.imported_version
+                save_imports(self._state_dir, name, version, peer.imports.values())
+                peer.imports_dirty = False
+                peer.imports_saved_at = now
 
     def _save(self) -> None:
         now = self._clock()

@@ -7,12 +7,18 @@ exchanged. Issued tokens are kept as their records (the secret's SHA-256, never 
 with the bootstrap root that the secret stands for (see :mod:`federation.peering.credentials`).
 The file is written with :func:`federation.trust.store.write_atomic`: a crash leaves the old
 file or the new one.
+
+What each peer exports to us is kept beside it, one file per peer
+(``<state-dir>/peering/imports/<peer>.json``: the version and the services at that version,
+written together), so a restarted control plane still has its mirrors while the peer is
+unreachable, and asks the peer for a delta from that version instead of a full snapshot.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,14 @@ from typing import Any
 from cryptography import x509
 
 from federation.peering.credentials import pem
-from federation.peering.model import GatewayAddress, IssuedToken, check_label, check_mesh
+from federation.peering.model import (
+    ExportedService,
+    GatewayAddress,
+    IssuedToken,
+    ServiceKey,
+    check_label,
+    check_mesh,
+)
 from federation.trust.store import KEY_MODE, write_atomic
 from proxy.identity.model import TrustDomain
 
@@ -150,3 +163,58 @@ def load_state(state_dir: Path) -> PeeringState:
     except (KeyError, TypeError, ValueError) as error:
         raise PeeringStoreError(f"{path}: damaged peering state ({error})") from None
     return PeeringState(peers, tokens)
+
+
+def imports_file(state_dir: Path, peer: str) -> Path:
+    """Where the imports from ``peer`` are kept."""
+    return state_dir / "peering" / "imports" / f"{check_label(peer, 'peer')}.json"
+
+
+def save_imports(
+    state_dir: Path, peer: str, version: int, services: Iterable[ExportedService]
+) -> None:
+    """Persist what ``peer`` exports to us at ``version``, atomically."""
+    document = {
+        "format": _FORMAT,
+        "version": version,
+        "services": [
+            {
+                "namespace": s.key.namespace,
+                "name": s.key.name,
+                "sni": s.sni,
+                "healthyEndpoints": s.healthy_endpoints,
+            }
+            for s in services
+        ],
+    }
+    write_atomic(imports_file(state_dir, peer), json.dumps(document).encode(), KEY_MODE)
+
+
+def load_imports(state_dir: Path, peer: str) -> tuple[int, tuple[ExportedService, ...]]:
+    """The version and services last saved for ``peer``; ``(0, ())`` when there are none."""
+    path = imports_file(state_dir, peer)
+    try:
+        document: Any = json.loads(path.read_text())
+    except FileNotFoundError:
+        return 0, ()
+    except (OSError, ValueError) as error:
+        raise PeeringStoreError(f"cannot read {path}: {error}") from None
+    try:
+        if document["format"] != _FORMAT:
+            raise PeeringStoreError(f"{path}: unknown format {document['format']!r}")
+        services = tuple(
+            ExportedService(
+                ServiceKey(s["namespace"], s["name"]), s["sni"], int(s["healthyEndpoints"])
+            )
+            for s in document["services"]
+        )
+        return int(document["version"]), services
+    except PeeringStoreError:
+        raise
+    except (KeyError, TypeError, ValueError) as error:
+        raise PeeringStoreError(f"{path}: damaged imports ({error})") from None
+
+
+def remove_imports(state_dir: Path, peer: str) -> None:
+    """Forget the imports of a deleted peer."""
+    imports_file(state_dir, peer).unlink(missing_ok=True)

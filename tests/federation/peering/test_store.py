@@ -10,13 +10,23 @@ from pathlib import Path
 import pytest
 
 from federation.peering.credentials import bootstrap_root
-from federation.peering.model import GatewayAddress, IssuedToken, secret_digest
+from federation.peering.model import (
+    ExportedService,
+    GatewayAddress,
+    IssuedToken,
+    ServiceKey,
+    secret_digest,
+)
 from federation.peering.store import (
     PeeringState,
     PeeringStoreError,
     PeerRecord,
     TokenRecord,
+    imports_file,
+    load_imports,
     load_state,
+    remove_imports,
+    save_imports,
     save_state,
     state_file,
 )
@@ -77,3 +87,22 @@ def test_a_damaged_state_file_is_refused_naming_the_file(tmp_path: Path, content
 def test_a_peer_we_dial_needs_gateway_addresses() -> None:
     with pytest.raises(PeeringStoreError, match="gateway"):
         PeerRecord(name="a", mesh="acme", trust_domain=TrustDomain("a.acme"), dialer=True)
+
+
+def test_imports_round_trip_with_their_version_and_are_removed_with_the_peer(
+    tmp_path: Path,
+) -> None:
+    pay = ExportedService(ServiceKey("shop", "pay"), "pay.shop.a.acme", 3)
+    assert load_imports(tmp_path, "a") == (0, ())
+    save_imports(tmp_path, "a", 1_800_000_000_042, [pay])
+    assert load_imports(tmp_path, "a") == (1_800_000_000_042, (pay,))
+    remove_imports(tmp_path, "a")
+    assert load_imports(tmp_path, "a") == (0, ())
+
+
+def test_damaged_imports_are_refused_naming_the_file(tmp_path: Path) -> None:
+    path = imports_file(tmp_path, "a")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"format": 1, "version": 3, "services": [{"name": "../x"}]}')
+    with pytest.raises(PeeringStoreError, match=r"a\.json"):
+        load_imports(tmp_path, "a")

@@ -433,8 +433,14 @@ async def test_a_restarted_dialer_reconnects_from_its_state_without_a_token(
     await b.manager.close()
     restarted = await start_cluster("b", b.ca, b.state_dir)
     clusters["b"] = restarted
+    # Its mirrors are back before any connection: the imports were saved with their version.
+    assert set(restarted.heard.imports["a"]) == {PAY}
     await eventually(lambda: state_of(restarted, "a") is PeerState.ACTIVE)
-    await eventually(lambda: PAY in restarted.heard.imports.get("a", {}))
+    a.manager.set_service(CART, healthy_endpoints=1, exported_to=POLICY.peers_of("cart"))
+    await eventually(lambda: CART in restarted.heard.imports["a"])
+    received = restarted.manager.messages_received("a")
+    assert received["services_delta"] == 1
+    assert "services_snapshot" not in received  # it asked for what changed since the save
 
 
 async def test_a_restarted_acceptor_takes_the_dialer_back_from_its_state(
