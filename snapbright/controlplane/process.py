@@ -18,8 +18,9 @@ Order, and why:
 6. The admin API and the dashboard share one aiohttp app on the admin socket, in the same
    event loop as grpc.aio; ``endpoints.json`` is written last, when everything answers.
 
-Every change of a source ends in ``changed()``: the snapshots are built anew (the upstreams
-once for every class of proxies) and the discovery server pushes only what differs.
+Every change of a source ends in ``changed()``: the view recomputes only the upstreams the
+change can affect (it was told which through its setters), and the discovery server pushes
+deltas of what differs.
 """
 
 from __future__ import annotations
@@ -171,8 +172,7 @@ class ControlPlane:
         return self.view.ready
 
     def changed(self) -> None:
-        """A source changed: snapshots are built anew and pushed where they differ."""
-        self.view.invalidate()
+        """A source changed (the view was told what): snapshots follow, pushed as deltas."""
         self.discovery.refresh()
 
 
@@ -213,10 +213,11 @@ async def running(
             lambda: ca.bundle(),
             AdmissionPolicy(allow_loopback=spec.admission.allow_loopback),
             clock=time.time,
+            registry=metrics,
         )
         discovery = Discovery(
             ca,
-            view.build,
+            view.content,
             cluster=spec.cluster,
             stats=_RegionalFeed(regional, spec.cluster),
             registry=metrics,
@@ -227,7 +228,6 @@ async def running(
         stack.push_async_callback(discovery_server.stop, 1.0)
 
         def changed() -> None:
-            view.invalidate()
             discovery.refresh()
 
         events = _PeerEvents(view, health, changed, state_dir / "peering")
@@ -613,6 +613,11 @@ class _PeerEvents:
             return
         if known.imports is not imports or peer not in self._view.peers:
             self._view.set_peer(replace(known, imports=imports))
+        else:
+            # Peering's live mapping changed in place: recompute only what the delta names.
+            self._view.imports_changed(
+                peer, [*change.removed, *(exported.key for exported in change.upserted)]
+            )
         for key in change.removed:
             self._health.remove_remote(key.name, peer)
         for exported in change.upserted:

@@ -3,7 +3,8 @@
 :class:`ClusterView` holds everything a snapshot depends on; the process's callbacks keep it
 current (the catalog source, the policy directory, the peerings' imports, trust and
 staleness, the failover loop's weights) and call ``discovery.refresh()`` after each change.
-:meth:`ClusterView.build` is the discovery server's ``SnapshotBuilder``:
+:meth:`ClusterView.content` is the discovery server's ``SnapshotBuilder`` (:meth:`build` the
+same as one complete snapshot):
 
 - nothing (``None``: not ready) until the catalog source is ready and a policy set was
   accepted: a control plane never pushes an empty or partial configuration;
@@ -15,6 +16,16 @@ staleness, the failover loop's weights) and call ``discovery.refresh()`` after e
   to the service's registered endpoints (the sidecars' inbound listeners), with the peers it
   is exported to, and ``controlplane.snapbright.<cluster>.<mesh>`` to the peering port.
 
+Cost O(changes). The federated upstreams live in an :class:`UpstreamTable` shared by every
+sidecar class, and each change recomputes only the upstreams it can affect (with
+:func:`~federation.mirror.core.federate_service`): a peer's import delta its keys; a peer's
+gateways, staleness or probe verdict (and the grace running out) that peer's imports; a
+failover decision the upstreams of that service; a catalog change the local services whose
+endpoints differ (the catalog is compared service by service). The table's change log then
+gives proxies deltas. :attr:`ClusterView.upstreams_federated` counts the upstreams
+recomputed (the work of an update, independent of the clock); ``invalidate()`` recomputes
+them all (a full resync, also the first fill).
+
 A peer's gateway address that our admission policy refuses (one of our own listeners, a
 metadata address) is dropped from its mirrors: a peer cannot make us route there.
 """
@@ -22,21 +33,27 @@ metadata address) is dropped from its mirrors: a peer cannot make us route there
 from __future__ import annotations
 
 import ipaddress
-import math
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
 from cryptography.hazmat.primitives.serialization import Encoding
+from prometheus_client import CollectorRegistry, Counter, Summary
 
 from federation.catalog.feed import CatalogSource
-from federation.catalog.model import AdmissionPolicy
+from federation.catalog.model import AdmissionPolicy, Catalog
 from federation.discovery.core import ProxyClass, Role
+from federation.discovery.server import ClassContent, UpstreamTable
 from federation.mirror.core import (
     FederatedUpstream,
+    LocalService,
     MirrorSettings,
+    MirrorState,
     PeerView,
     federate,
+    federate_service,
     local_services,
+    mirror_state,
     next_change_at,
 )
 from federation.mirror.wire import upstream_to_proto
@@ -60,6 +77,7 @@ class ClusterView:
         *,
         peering_endpoint: tuple[str, int] | None = None,
         clock: Callable[[], float],
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.catalog: CatalogSource | None = None
@@ -74,31 +92,67 @@ class ClusterView:
         self.peer_bundles: dict[str, TrustBundle] = {}
         self.weights: dict[str, dict[str, int]] = {}
         """Failover weights (basis points by target cluster) by service name."""
-        # Every class's snapshot of one rebuild shares the upstreams: built once per change.
-        self._cached: tuple[float, list[pb.Upstream]] | None = None
+        self.table = UpstreamTable()
+        """The federated upstreams as sidecars receive them, with their change log."""
+        self.upstreams_federated = 0
+        """Upstreams recomputed so far: the work of every update."""
+        self._everything = True
+        self._dirty: set[ServiceKey] = set()
+        self._dirty_names: set[str] = set()
+        self._keys_by_name: dict[str, set[ServiceKey]] = {}
+        self._local: dict[ServiceKey, LocalService] = {}
+        self._catalog_seen: Catalog | None = None
+        self._states: dict[str, MirrorState] = {}
+        registry = registry if registry is not None else CollectorRegistry()
+        self._m_federated = Counter(
+            "snapbright_controlplane_upstreams_federated_total",
+            "Federated upstreams recomputed after changes (the work of updates).",
+            registry=registry,
+        )
+        self._m_sync = Summary(
+            "snapbright_controlplane_upstream_sync_seconds",
+            "Time to bring the federated upstreams up to date after changes.",
+            registry=registry,
+        )
 
     def invalidate(self) -> None:
-        """A source changed (the catalog, a peer's imports, trust, policies): build anew."""
-        self._cached = None
+        """Recompute every upstream at the next build (a full resync; O(services))."""
+        self._everything = True
 
     # -- what the process's callbacks change --
 
     def set_weights(self, service: str, weights: Mapping[str, int]) -> None:
         """The failover loop's decision for callers in this cluster."""
-        self.weights[service] = dict(weights)
-        self.invalidate()
+        weights = dict(weights)
+        if self.weights.get(service) != weights:
+            self.weights[service] = weights
+            self._dirty_names.add(service)
 
     def set_peer(self, peer: PeerView) -> None:
-        """Replace what we know of one peer (its gateways are checked here)."""
+        """Replace what we know of one peer (its gateways are checked here): every upstream
+        it imports, before or now, is recomputed."""
         allowed = tuple(g for g in peer.gateways if self._gateway_allowed(g.host, g.port))
-        self.peers[peer.cluster] = replace(peer, gateways=allowed)
-        self.invalidate()
+        old = self.peers.get(peer.cluster)
+        new = replace(peer, gateways=allowed)
+        self.peers[peer.cluster] = new
+        if old is None or old.imports is not new.imports:
+            self._dirty.update(new.imports)
+            if old is not None:
+                self._dirty.update(old.imports)
+        elif old != new:
+            self._dirty.update(new.imports)
+
+    def imports_changed(self, peer: str, keys: Iterable[ServiceKey]) -> None:
+        """A peer's imports (the live mapping its view holds) changed for ``keys`` only."""
+        if peer in self.peers:
+            self._dirty.update(keys)
 
     def remove_peer(self, name: str) -> None:
         """A peer was deleted: its mirrors and trust go."""
-        self.peers.pop(name, None)
+        old = self.peers.pop(name, None)
+        if old is not None:
+            self._dirty.update(old.imports)
         self.peer_bundles.pop(name, None)
-        self.invalidate()
 
     # -- reading --
 
@@ -131,7 +185,17 @@ class ClusterView:
         return [self._own_bundle(), *(self.peer_bundles[p] for p in sorted(self.peer_bundles))]
 
     def build(self, proxy_class: ProxyClass) -> pb.Snapshot | None:
-        """The snapshot of one class of proxies, or None while it could not be complete."""
+        """The complete snapshot of one class of proxies, or None while it could not be
+        complete (O(services): the discovery server uses :meth:`content`)."""
+        content = self.content(proxy_class)
+        if not isinstance(content, ClassContent):
+            return content
+        content.rest.upstreams.extend(content.upstreams.all())
+        return content.rest
+
+    def content(self, proxy_class: ProxyClass) -> pb.Snapshot | ClassContent | None:
+        """What one class of proxies is sent: for sidecars everything but the upstreams plus
+        the (just synced) upstream table; for gateways a snapshot; None while incomplete."""
         policies = self._policies.current()
         if not self.ready or policies is None:
             return None
@@ -139,7 +203,7 @@ class ClusterView:
         if proxy_class.role is Role.GATEWAY:
             snapshot.gateway_routes.extend(self._gateway_routes(policies))
             return snapshot
-        snapshot.upstreams.extend(self._upstream_protos(self._clock()))
+        self.sync(self._clock())
         snapshot.policies.extend(_policy_to_proto(p) for p in policies.traffic)
         snapshot.policies.extend(
             _policy_to_proto(p)
@@ -147,17 +211,72 @@ class ClusterView:
             if p.spec.service == proxy_class.service
             and p.metadata.namespace == proxy_class.namespace
         )
-        return snapshot
+        return ClassContent(snapshot, self.table)
 
-    def _upstream_protos(self, now: float) -> list[pb.Upstream]:
-        if self._cached is not None and now < self._cached[0]:
-            return self._cached[1]
-        upstreams = self.upstreams(now)
-        protos = [upstream_to_proto(upstreams[key]) for key in sorted(upstreams)]
-        # Valid until a stale peer's mirrors are withdrawn by time, or the next change.
-        until = self.next_change_at(now)
-        self._cached = (math.inf if until is None else until, protos)
-        return protos
+    def sync(self, now: float) -> int:
+        """Recompute the upstreams that changes since the last sync can affect, into
+        :attr:`table`; return how many were recomputed."""
+        catalog = self.catalog.current() if self.catalog is not None else None
+        if catalog is None:
+            return 0
+        started = time.perf_counter()
+        dirty = self._dirty
+        self._dirty = set()
+        if catalog is not self._catalog_seen:
+            local = {service.key: service for service in local_services(catalog)}
+            previous = self._local
+            dirty.update(k for k, s in local.items() if previous.get(k) != s)
+            dirty.update(k for k in previous if k not in local)
+            self._local, self._catalog_seen = local, catalog
+        for name, peer in self.peers.items():
+            # A peer whose gateways we do not know (it dialed us; the peering protocol does
+            # not carry the dialer's gateways) cannot be routed to: no mirror, not an empty one.
+            state = (
+                mirror_state(peer, now, self.settings.stale_grace_seconds)
+                if peer.gateways
+                else MirrorState.WITHDRAWN
+            )
+            if self._states.get(name) is not state:
+                self._states[name] = state
+                dirty.update(peer.imports)
+        for name in [name for name in self._states if name not in self.peers]:
+            del self._states[name]
+        for name in self._dirty_names:
+            dirty.update(self._keys_by_name.get(name, ()))
+        self._dirty_names.clear()
+        if self._everything:
+            self._everything = False
+            dirty.update(self._local)
+            for peer in self.peers.values():
+                dirty.update(peer.imports)
+            for keys in self._keys_by_name.values():
+                dirty.update(keys)
+        if not dirty:
+            return 0
+        routable = [peer for peer in self.peers.values() if peer.gateways]
+        for key in dirty:
+            upstream = federate_service(
+                key,
+                self._local.get(key),
+                routable,
+                self.settings,
+                now,
+                weights=self.weights.get(key.name),
+            )
+            if upstream is None:
+                self.table.remove(key.namespace, key.name)
+                names = self._keys_by_name.get(key.name)
+                if names is not None:
+                    names.discard(key)
+                    if not names:
+                        del self._keys_by_name[key.name]
+            else:
+                self.table.put(upstream_to_proto(upstream))
+                self._keys_by_name.setdefault(key.name, set()).add(key)
+        self.upstreams_federated += len(dirty)
+        self._m_federated.inc(len(dirty))
+        self._m_sync.observe(time.perf_counter() - started)
+        return len(dirty)
 
     def _gateway_routes(self, policies: PolicySet) -> list[pb.GatewayRoute]:
         catalog = self.catalog.current() if self.catalog is not None else None

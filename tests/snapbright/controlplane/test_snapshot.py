@@ -20,6 +20,7 @@ from federation.catalog.model import (
     Service,
 )
 from federation.discovery.core import ProxyClass, Role
+from federation.discovery.server import ClassContent
 from federation.mirror.core import MirrorSettings, PeerView
 from federation.peering.model import ExportedService, GatewayAddress, ServiceKey
 from federation.trust.ca import create_ca
@@ -182,3 +183,115 @@ def test_a_change_announced_to_the_view_is_in_the_next_build(tmp_path: Path) -> 
     feed.publish(Catalog.of(2, services=[Service("cart")]))
     view.invalidate()
     assert [u.service for u in view.build(SIDECAR).upstreams] == ["cart"]  # type: ignore[union-attr]
+
+
+# -- updates cost O(changes) --------------------------------------------------------------
+
+
+def _peers(total: int, count: int = 10) -> list[PeerView]:
+    """``count`` peers exporting ``total`` services between them (distinct names)."""
+    per = total // count
+    peers = []
+    for p in range(count):
+        cluster = f"peer-{p}"
+        keys = [ServiceKey("default", f"svc-{p}-{i}") for i in range(per)]
+        imports = {k: ExportedService(k, f"{k.name}.default.{cluster}.acme", 1) for k in keys}
+        peers.append(
+            PeerView(
+                cluster,
+                "acme",
+                TrustDomain.for_cluster(cluster, "acme"),
+                (GatewayAddress("192.0.2.10", 15443 + p),),
+                imports=imports,
+            )
+        )
+    return peers
+
+
+def _upstream_names(view: ClusterView) -> list[str]:
+    content = view.content(SIDECAR)
+    assert isinstance(content, ClassContent)
+    return [u.service for u in content.upstreams.all()]
+
+
+@pytest.mark.parametrize("total", [1_000, 10_000])
+def test_one_peer_change_recomputes_one_upstream_whatever_the_catalog_size(
+    tmp_path: Path, total: int
+) -> None:
+    view, feed = _view(tmp_path)
+    feed.publish(_catalog())
+    peers = _peers(total)
+    for peer in peers:
+        view.set_peer(peer)
+    assert len(_upstream_names(view)) == total
+    work, log = view.upstreams_federated, view.table.log.touched
+    # A new service in peer-3, delivered as peering delivers it: the live mapping changes
+    # in place and the view is told which key.
+    key = ServiceKey("default", "brand-new")
+    imports = view.peers["peer-3"].imports
+    assert isinstance(imports, dict)
+    imports[key] = ExportedService(key, "brand-new.default.peer-3.acme", 2)
+    view.imports_changed("peer-3", [key])
+    assert "brand-new" in _upstream_names(view)
+    assert view.upstreams_federated - work == 1
+    assert view.table.log.touched - log == 1
+
+
+def test_a_failover_decision_recomputes_only_that_service(tmp_path: Path) -> None:
+    view, feed = _view(tmp_path)
+    feed.publish(_catalog(Endpoint("svc-0-1", "10.0.0.1", 8080, namespace="default")))
+    for peer in _peers(100):
+        view.set_peer(peer)
+    _upstream_names(view)
+    work = view.upstreams_federated
+    view.set_weights("svc-0-1", {"us-west": 5_000, "peer-0": 5_000})
+    content = view.content(SIDECAR)
+    assert isinstance(content, ClassContent)
+    assert view.upstreams_federated - work == 1
+    upstream = content.upstreams.get("default/svc-0-1")
+    assert upstream is not None
+    assert {t.cluster: t.weight for t in upstream.targets} == {"us-west": 5_000, "peer-0": 5_000}
+
+
+def test_a_catalog_change_recomputes_only_the_services_that_differ(tmp_path: Path) -> None:
+    view, feed = _view(tmp_path)
+    endpoints = [Endpoint(f"local-{i}", f"10.0.0.{i}", 8080) for i in range(20)]
+    feed.publish(_catalog(*endpoints))
+    _upstream_names(view)
+    work = view.upstreams_federated
+    endpoints[4] = Endpoint("local-4", "10.0.0.4", 8080, health=Health.CRITICAL)
+    feed.publish(
+        Catalog.of(2, services={Service(f"local-{i}") for i in range(20)}, endpoints=endpoints)
+    )
+    _upstream_names(view)
+    assert view.upstreams_federated - work == 1
+
+
+def test_incremental_updates_end_where_a_full_recompute_does(tmp_path: Path) -> None:
+    now = [100.0]
+    view, feed = _view(tmp_path, clock=lambda: now[0])
+    feed.publish(_catalog(Endpoint("svc-1-0", "10.0.0.1", 8080, namespace="default")))
+    peers = _peers(40, count=4)
+    for peer in peers:
+        view.set_peer(peer)
+    _upstream_names(view)
+    # A series of changes, each told to the view as the process tells it.
+    imports = view.peers["peer-2"].imports
+    assert isinstance(imports, dict)
+    gone = next(iter(imports))
+    del imports[gone]
+    view.imports_changed("peer-2", [gone])
+    view.set_peer(replace(view.peers["peer-1"], unreachable_since=95.0))
+    view.set_weights("svc-1-0", {"peer-1": 1})
+    view.remove_peer("peer-3")
+    _upstream_names(view)
+    now[0] = 200.0  # peer-1's grace ran out: withdrawn by time alone
+    incremental = view.build(SIDECAR)
+    view.invalidate()
+    full = view.build(SIDECAR)
+    assert incremental is not None
+    assert full is not None
+    assert list(incremental.upstreams) == list(full.upstreams)
+    expected = view.upstreams(now[0])
+    assert [u.service for u in full.upstreams] == [k.name for k in sorted(expected)]
+    assert "svc-1-1" not in [u.service for u in full.upstreams]
