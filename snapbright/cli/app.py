@@ -5,9 +5,11 @@ from __future__ import annotations
 import typer
 
 from snapbright.cli import ca, demo, fault, policy, wan
+from snapbright.cli.check import check
 from snapbright.cli.controlplane import controlplane
 from snapbright.cli.gateway import gateway
 from snapbright.cli.peering import app as peering_app
+from snapbright.cli.status import status
 from snapbright.cli.up import up
 
 app = typer.Typer(
@@ -26,6 +28,8 @@ app.command()(up)
 app.add_typer(fault.app, name="fault")
 app.add_typer(wan.app, name="wan")
 app.command(name="demo-app")(demo.demo_app)
+app.command()(check)
+app.command()(status)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -12,6 +13,10 @@ import typer
 from health.failover.core import simulate as simulate_trace
 from health.failover.model import Decision, FailoverPolicy, Trace
 from proxy.config.model import Document
+from snapbright.check.gather import Target
+from snapbright.check.gather import explain as ask
+from snapbright.cli.status import format_weights
+from snapbright.controlplane.client import AdminApiError, admin_url
 from snapbright.policy.kinds import KINDS, load_files, schema_text
 
 _D = TypeVar("_D", bound=Document)
@@ -140,3 +145,70 @@ def _summary(decisions: tuple[Decision, ...], caller: str) -> str:
         f"{len(decisions)} ticks, {changes} weight changes, {len(transitions)} transitions"
         f"{f' ({moves})' if moves else ''}; lowest share kept on {caller}: {lowest / 100:.2f}%"
     )
+
+
+@app.command()
+def explain(
+    service: Annotated[str, typer.Argument(help="The service whose decisions to show.")],
+    cluster: Annotated[
+        str | None, typer.Option("--cluster", help="Which cluster of endpoints.json to ask.")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", min=1, help="How many recorded decisions to show.")
+    ] = 10,
+    output: Annotated[
+        Output, typer.Option("--output", "-o", help="text, or json: the decisions as data.")
+    ] = Output.text,
+    state_dir: Annotated[
+        Path, typer.Option("--state-dir", help="Where endpoints.json is (from `snapbright up`).")
+    ] = Path(".snapbright"),
+    api: Annotated[
+        str | None, typer.Option("--api", help="The control plane's admin URL (http://host:port).")
+    ] = None,
+) -> None:
+    """Ask the running control plane why SERVICE's traffic goes where it goes.
+
+    Prints the current weights and mode, then the last decisions newest first: when, the
+    rule that fired, the weights before and after, and the explanation.
+    """
+    try:
+        answer = ask(Target(cluster or "", admin_url(api, cluster, state_dir)), service, limit)
+    except AdminApiError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    records = list(reversed(answer.get("records") or []))
+    if output is Output.json:
+        shown = {key: value for key, value in answer.items() if key != "records"}
+        typer.echo(json.dumps(shown | {"decisions": records}, indent=2, ensure_ascii=False))
+        return
+    caller = str(answer.get("cluster", ""))
+    policy = answer.get("policy")
+    said = f"policy {policy}" if policy else "no FailoverPolicy: default behaviour"
+    typer.echo(f"{service} called from {caller} ({said})")
+    live = answer.get("live")
+    if isinstance(live, dict):
+        typer.echo(
+            f"now: {format_weights(live.get('weights') or {}, caller)}  "
+            f"(mode {live.get('mode')}, rule {live.get('rule')})"
+        )
+        typer.echo(f"     {live.get('explanation', '')}")
+    else:
+        typer.echo("now: no live decision yet")
+    typer.echo("")
+    if not records:
+        typer.echo("no recorded decisions yet")
+        return
+    typer.echo(f"decisions, newest first ({len(records)}):")
+    for record in records:
+        at = _when(record.get("unixTime"))
+        typer.echo(f"{at}  {record.get('rule')}  (mode {record.get('mode')})")
+        before = format_weights(record.get("previousWeights") or {}, caller)
+        after = format_weights(record.get("weights") or {}, caller)
+        typer.echo(f"    {before} → {after}")
+        typer.echo(f"    {record.get('explanation', '')}")
+
+
+def _when(unix_time: object) -> str:
+    if not isinstance(unix_time, int | float):
+        return "?"
+    return datetime.fromtimestamp(unix_time, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
