@@ -105,7 +105,7 @@ from federation.peering.store import (
     save_imports,
     save_state,
 )
-from federation.peering.stream import ClientStream, PeerLink, ServerStream
+from federation.peering.stream import FLUSH_SECONDS, ClientStream, PeerLink, ServerStream
 from federation.peering.token import decode_token, encode_token
 from federation.peering.wire import WireError, from_proto, to_proto
 from proxy.identity.bundle import (
@@ -170,6 +170,7 @@ class _Peer:
     last_error: str = ""
     activated: asyncio.Event = field(default_factory=asyncio.Event)
     refused: asyncio.Event = field(default_factory=asyncio.Event)
+    deleted: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class _Refused(Exception):
@@ -395,8 +396,9 @@ class PeeringManager:
             raise PeeringError(f"no peering with {peer!r}")
         task = entry.dialer_task
         entry.link.handle(Deleted(self._clock()))
-        # The Withdraw effect forgot the peer and cancelled its dial loop; let that finish.
+        # The Withdraw effect forgot the peer; its dial loop delivers our Close, then ends.
         if task is not None:
+            await asyncio.wait([task], timeout=FLUSH_SECONDS + 1)
             await _stop([task])
 
     def messages_received(self, peer: str) -> Mapping[str, int]:
@@ -559,7 +561,7 @@ class PeeringManager:
         server_name = control_plane_server_name(record.name, record.mesh)
         options = [("grpc.ssl_target_name_override", server_name)]
         attempt = 0
-        while True:
+        while not peer.deleted.is_set():
             address = record.gateways[attempt % len(record.gateways)]
             attempt += 1
             roots = peer.bundle.roots if peer.bundle is not None else ()
@@ -580,7 +582,12 @@ class PeeringManager:
             delay = peer.link.reconnect_after
             if delay is None:
                 return  # deleted: no reconnect
-            await asyncio.sleep(delay)
+            # Sleep the backoff, unless the peering is deleted meanwhile.
+            waiter = asyncio.ensure_future(peer.deleted.wait())
+            try:
+                await asyncio.wait([waiter], timeout=delay)
+            finally:
+                waiter.cancel()
 
     # -- effects and messages of every link --
 
@@ -696,17 +703,24 @@ class PeeringManager:
                     self._save()
                     self._refresh_trust()
                     self._callbacks.trust_changed(name, peer.bundle)
+                else:
+                    _log.warning(
+                        "peering %s: bundle sequence %d is below the %s we hold; kept ours",
+                        name,
+                        update.sequence,
+                        None if peer.bundle is None else peer.bundle.sequence,
+                    )
             case MarkStale(name, since):
                 self._callbacks.stale(name, since)
             case MarkFresh(name):
                 self._callbacks.stale(name, None)
             case Withdraw(name, trust_domain, _):
-                # Drop the peer's trust now; the dial loop is stopped by whoever deleted.
+                # Drop the peer's trust now. The dial loop is not cancelled: it is still
+                # delivering our Close, and it ends by itself once that is done.
                 self._peers.pop(name, None)
                 self.book.remove_peer(name)
                 remove_imports(self._state_dir, name)
-                if peer.dialer_task is not None and peer.dialer_task is not _current_task():
-                    peer.dialer_task.cancel()
+                peer.deleted.set()
                 self._save()
                 self._refresh_trust()
                 self._callbacks.trust_changed(name, None)
@@ -808,13 +822,6 @@ async def _stop(tasks: Iterable[asyncio.Task[None]]) -> None:
 
 def _utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
-
-
-def _current_task() -> asyncio.Task[object] | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:
-        return None
 
 
 def _is_refusal(reason: str) -> bool:

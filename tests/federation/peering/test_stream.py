@@ -490,6 +490,22 @@ async def test_delete_withdraws_imports_and_trust_on_both_sides_within_5_s(
     assert code is grpc.StatusCode.UNAVAILABLE
 
 
+async def test_delete_while_the_peer_is_unreachable_withdraws_here_and_stops_redialing(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = await peer_b_with_a(clusters)
+    await a.manager.stop_serving()
+    await eventually(lambda: state_of(b, "a") is not PeerState.ACTIVE)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await b.manager.delete("a")
+    assert loop.time() - started < 1.0  # the backoff sleep does not hold the delete up
+    assert b.heard.withdrawn == ["a"]
+    assert b.manager.list() == []
+    # a never heard of it: it keeps b, disconnected with stale mirrors, until a deletes b too.
+    assert state_of(a, "b") is PeerState.DISCONNECTED
+
+
 # --- trust federation ---
 
 
