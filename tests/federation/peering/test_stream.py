@@ -518,6 +518,8 @@ async def test_a_rotated_bundle_reaches_the_peer_and_its_ack_comes_back(
     a.manager.set_local_bundle(rotated.bundle())
     assert not a.manager.bundle_acked_by_all(2)
     await eventually(lambda: a.manager.bundle_acked_by_all(2))
+    assert a.manager.bundle_acked("b") == 2
+    assert a.manager.bundle_acked("nobody") is None
     peer, bundle = b.heard.bundles[-1]
     assert peer == "a"
     assert bundle is not None
