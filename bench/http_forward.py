@@ -14,6 +14,11 @@ and haproxy, interleaved A B A B for ``--rounds`` rounds; medians are compared. 
 wrk with 1 connection against the backend directly, the forwarder and haproxy, interleaved;
 the added p50 of each proxy is its p50 minus the direct p50. The last line printed is one
 JSON object with ``l7_rps_ratio`` (target ≥ 0.75) and ``l7_added_p50_ratio`` (target ≤ 1.5).
+
+On a shared machine wall-clock figures move with other load, so each throughput run also
+reads the proxy process's CPU time (user + system, from /proc) and reports CPU microseconds
+per request: ``l7_cpu_ratio`` is haproxy's over the sidecar's, the throughput ratio to expect
+when the proxy has a core to itself.
 """
 
 from __future__ import annotations
@@ -110,8 +115,16 @@ def _wait_listening(port: int, seconds: float = 10.0) -> None:
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-def _wrk(port: int, connections: int, seconds: float) -> tuple[float, float]:
-    """Requests per second and p50 latency (seconds) of one wrk run."""
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    # Fields 14 and 15 of stat (utime, stime), counted after the command's closing paren.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wrk(port: int, connections: int, seconds: float) -> tuple[float, float, int]:
+    """Requests per second, p50 latency (seconds) and request count of one wrk run."""
     out = subprocess.run(
         [
             "wrk",
@@ -129,12 +142,13 @@ def _wrk(port: int, connections: int, seconds: float) -> tuple[float, float]:
     ).stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     p50 = re.search(r"\s50%\s+([\d.]+)(us|ms|s)\b", out)
+    count = re.search(r"(\d+) requests in", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
-    if rps is None or p50 is None:
+    if rps is None or p50 is None or count is None:
         raise RuntimeError(f"cannot read wrk output:\n{out}")
     if errors is not None:
         raise RuntimeError(f"wrk saw errors:\n{out}")
-    return float(rps[1]), float(p50[1]) * _UNITS[p50[2]]
+    return float(rps[1]), float(p50[1]) * _UNITS[p50[2]], int(count[1])
 
 
 def _main(argv: list[str]) -> int:
@@ -188,16 +202,24 @@ def _main(argv: list[str]) -> int:
             _wrk(haproxy_port, args.connections, 1)
 
             rps: dict[str, list[float]] = {"sidecar": [], "haproxy": []}
+            cpu: dict[str, list[float]] = {"sidecar": [], "haproxy": []}
+            pids = {"sidecar": procs[1].pid, "haproxy": procs[2].pid}
             p50: dict[str, list[float]] = {"direct": [], "sidecar": [], "haproxy": []}
             ports = {"direct": backend_port, "sidecar": sidecar_port, "haproxy": haproxy_port}
             for round_ in range(args.rounds):
                 for name in ("sidecar", "haproxy"):
-                    value, _ = _wrk(ports[name], args.connections, args.seconds)
+                    before = _cpu_seconds(pids[name])
+                    value, _, count = _wrk(ports[name], args.connections, args.seconds)
+                    per_request = (_cpu_seconds(pids[name]) - before) / count
                     rps[name].append(value)
-                    print(f"round {round_ + 1} c{args.connections} {name:8} {value:10.0f} req/s")
+                    cpu[name].append(per_request)
+                    print(
+                        f"round {round_ + 1} c{args.connections} {name:8} {value:10.0f} req/s"
+                        f"  {per_request * 1e6:6.1f} µs CPU/request"
+                    )
             for round_ in range(args.rounds):
                 for name in ("direct", "sidecar", "haproxy"):
-                    _, value = _wrk(ports[name], 1, args.latency_seconds)
+                    _, value, _ = _wrk(ports[name], 1, args.latency_seconds)
                     p50[name].append(value)
                     print(f"round {round_ + 1} c1  {name:8} p50 {value * 1e6:8.1f} µs")
         finally:
@@ -211,24 +233,30 @@ def _main(argv: list[str]) -> int:
 
     med_rps = {name: statistics.median(values) for name, values in rps.items()}
     med_p50 = {name: statistics.median(values) for name, values in p50.items()}
+    med_cpu = {name: statistics.median(values) for name, values in cpu.items()}
+    cpu_ratio = med_cpu["haproxy"] / med_cpu["sidecar"]
     added = {name: med_p50[name] - med_p50["direct"] for name in ("sidecar", "haproxy")}
     rps_ratio = med_rps["sidecar"] / med_rps["haproxy"]
     p50_ratio = added["sidecar"] / added["haproxy"] if added["haproxy"] > 0 else float("inf")
     print()
-    print(f"{'':10}{'req/s (median)':>16}{'p50 c1':>12}{'added p50':>12}")
+    print(f"{'':10}{'req/s (median)':>16}{'p50 c1':>12}{'added p50':>12}{'CPU/req':>10}")
     print(f"{'direct':10}{'':>16}{med_p50['direct'] * 1e6:>10.1f}µs")
     for name in ("sidecar", "haproxy"):
         print(
             f"{name:10}{med_rps[name]:>16.0f}{med_p50[name] * 1e6:>10.1f}µs"
-            f"{added[name] * 1e6:>10.1f}µs"
+            f"{added[name] * 1e6:>10.1f}µs{med_cpu[name] * 1e6:>8.1f}µs"
         )
     print(f"l7_rps_ratio {rps_ratio:.3f} (target >= 0.75)")
     print(f"l7_added_p50_ratio {p50_ratio:.3f} (target <= 1.5)")
+    print(f"l7_cpu_ratio {cpu_ratio:.3f} (haproxy CPU per request / sidecar's)")
     print(
         json.dumps(
             {
                 "l7_rps_ratio": round(rps_ratio, 3),
                 "l7_added_p50_ratio": round(p50_ratio, 3),
+                "l7_cpu_ratio": round(cpu_ratio, 3),
+                "sidecar_cpu_us_per_request": round(med_cpu["sidecar"] * 1e6, 2),
+                "haproxy_cpu_us_per_request": round(med_cpu["haproxy"] * 1e6, 2),
                 "sidecar_rps": round(med_rps["sidecar"]),
                 "haproxy_rps": round(med_rps["haproxy"]),
                 "direct_p50_us": round(med_p50["direct"] * 1e6, 1),

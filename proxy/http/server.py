@@ -35,7 +35,13 @@ from proxy.http.core import (
     StaticRouter,
 )
 from proxy.http.model import Failure, Limits, Timeouts
-from proxy.http.upstream import Connector, UpstreamConnection, UpstreamPool, connection_tokens
+from proxy.http.upstream import (
+    Connector,
+    UpstreamConnection,
+    UpstreamPool,
+    connection_tokens,
+    write_out,
+)
 
 __all__ = ["OutboundServer", "serve_outbound"]
 
@@ -66,6 +72,7 @@ _REQUEST_SPECIAL = frozenset(
         b"upgrade",
     }
 )
+_SPECIAL_LENGTHS = frozenset(len(name) for name in _REQUEST_SPECIAL)
 _CONNECTION_TOKENS_KEPT = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
 _CONNECTION_TOKENS_REFUSED = frozenset({b"host", b"content-length", b"transfer-encoding"})
 _RETRYABLE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
@@ -311,11 +318,9 @@ class _Downstream(asyncio.Protocol):
             if up is not None:
                 transport = up.transport
                 if transport is not None:
-                    if len(out) == 1:
-                        transport.write(out[0])
-                    else:
-                        transport.writelines(out)
-                out.clear()
+                    write_out(transport, out)
+                else:
+                    out.clear()
 
     def eof_received(self) -> bool | None:
         state = self._state
@@ -441,7 +446,7 @@ class _Downstream(asyncio.Protocol):
             parser.get_method(),
             self._url,
             hdr,
-            parser.get_http_version(),
+            None,
             parser.should_keep_alive(),
             parser.should_upgrade(),
             stall,
@@ -476,15 +481,16 @@ class _Downstream(asyncio.Protocol):
         method: bytes,
         url: bytes,
         hdr: list[tuple[bytes, bytes]],
-        version: str,
+        version: str | None,
         keep_alive: bool,
         upgrade: bool,
         read: int,
     ) -> bool:
         """Check one request head and send it upstream; ``False`` when it was refused.
 
-        ``read`` bounds the head's size (the bytes read since the last message event): when
-        it is within the limit, the exact size need not be summed.
+        ``version`` is ``None`` for the request the parser has just read (asked only when
+        needed). ``read`` bounds the head's size (the bytes read since the last message
+        event): when it is within the limit, the exact size need not be summed.
         """
         if read > self._quick_limit:
             # Only a head this large can break a limit: count and size it exactly.
@@ -492,10 +498,6 @@ class _Downstream(asyncio.Protocol):
                 return self._bad_input(431, "too many header fields")
             if sum(len(name) + len(value) for name, value in hdr) > self._max_header_bytes:
                 return self._bad_input(431, "header section too large")
-        http11 = version == "1.1"
-        if not http11 and version != "1.0":
-            return self._bad_input(505 if version[:1] != "0" else 400, "unsupported version")
-        self.http11 = http11
         if method == b"CONNECT":
             return self._bad_input(405, "CONNECT is not supported")
         path = url
@@ -523,8 +525,8 @@ class _Downstream(asyncio.Protocol):
         parts = [method, b" ", path, b" HTTP/1.1\r\n"]
         extend = parts.extend
         for name, value in hdr:
-            lname = name.lower()
-            if lname in _REQUEST_SPECIAL:
+            # Most names cannot be special by their length alone: no lowercased copy then.
+            if len(name) in _SPECIAL_LENGTHS and (lname := name.lower()) in _REQUEST_SPECIAL:
                 if lname == b"host":
                     if host is not None:
                         return self._bad_input(400, "repeated Host")
@@ -545,6 +547,13 @@ class _Downstream(asyncio.Protocol):
                     upgrade_to = value
                 continue
             extend((name, b": ", value, b"\r\n"))
+        if version is None:
+            # llhttp accepts 0.9, 1.0, 1.1 and 2.0; only 1.1 keeps alive with no Connection.
+            version = "1.1" if keep_alive and listed is None else self._parser.get_http_version()
+        http11 = version == "1.1"
+        if not http11 and version != "1.0":
+            return self._bad_input(505 if version[:1] != "0" else 400, "unsupported version")
+        self.http11 = http11
         if listed is not None and not listed <= _CONNECTION_TOKENS_KEPT:
             if listed & _CONNECTION_TOKENS_REFUSED:
                 return self._bad_input(400, "Connection names a framing header")
@@ -688,11 +697,7 @@ class _Downstream(asyncio.Protocol):
         if transport is None:
             out.clear()
             return
-        if len(out) == 1:
-            transport.write(out[0])
-        else:
-            transport.writelines(out)
-        out.clear()
+        write_out(transport, out)
 
     def _connect(self, endpoint: EndpointAddress) -> None:
         self._state = _CONNECTING
@@ -750,10 +755,7 @@ class _Downstream(asyncio.Protocol):
             return
         self._reported = True
         now = _monotonic()
-        route = self._picked
-        assert route is not None
-        assert self._endpoint is not None
-        route.on_response(self._endpoint, status, now - self._t0, now)
+        self._picked.on_response(self._endpoint, status, now - self._t0, now)  # type: ignore[union-attr, arg-type]
 
     def _report_failure(self, failure: Failure) -> None:
         if self._reported:

@@ -29,7 +29,7 @@ from proxy.http.model import Failure
 if TYPE_CHECKING:
     from proxy.http.server import _Downstream
 
-__all__ = ["Connector", "UpstreamConnection", "UpstreamPool"]
+__all__ = ["Connector", "UpstreamConnection", "UpstreamPool", "connection_tokens", "write_out"]
 
 Connector = Callable[
     [Callable[[], "UpstreamConnection"], EndpointAddress],
@@ -53,10 +53,13 @@ _HOP_BY_HOP = frozenset(
         b"content-length",
     }
 )
+_HOP_LENGTHS = frozenset(len(name) for name in _HOP_BY_HOP)
 _CONNECTION_TOKENS_KEPT = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
 
 # An upstream response head (with any 1xx before it) larger than this is refused.
 _MAX_RESPONSE_HEAD = 256 * 1024
+
+_JOIN_MAX = 32 * 1024
 
 # Body modes of the response as written downstream.
 _NONE = 0  # no body (HEAD, 204, 304)
@@ -74,6 +77,22 @@ def _status_line(status: int) -> bytes:
     if line is None:
         line = b"HTTP/1.1 %d Unknown\r\n" % status
     return line
+
+
+def write_out(transport: asyncio.Transport, out: list[bytes]) -> None:
+    """Write and clear ``out``: small pieces joined into one buffer, large ones as they are.
+
+    uvloop writes a single buffer with one ``write`` call at once, but several buffers
+    through a write context it allocates each time; joining is cheaper until copying costs
+    more than that (a few tens of KiB).
+    """
+    if len(out) == 1:
+        transport.write(out[0])
+    elif sum(map(len, out)) <= _JOIN_MAX:
+        transport.write(b"".join(out))
+    else:
+        transport.writelines(out)
+    out.clear()
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
@@ -228,11 +247,7 @@ class UpstreamConnection(asyncio.Protocol):
         if out:
             down = self._down
             assert down is not None
-            if len(out) == 1:
-                down.write(out[0])
-            else:
-                down.writelines(out)
-            out.clear()
+            write_out(down, out)
             self._flushed = self._responded
         if self._upgraded:
             self._pipe = True
@@ -268,8 +283,7 @@ class UpstreamConnection(asyncio.Protocol):
             out = self._out
             down = self._down
             if out and down is not None:
-                down.writelines(out)
-                out.clear()
+                write_out(down, out)
             self._complete()
             return
         self._fail(Failure.RESET, "upstream closed the connection")
@@ -298,8 +312,8 @@ class UpstreamConnection(asyncio.Protocol):
         parts = [_STATUS_LINES.get(status) or _status_line(status)]
         extend = parts.extend
         for name, value in hdr:
-            lname = name.lower()
-            if lname in _HOP_BY_HOP:
+            # Most names cannot be hop-by-hop by their length alone: no lowercased copy then.
+            if len(name) in _HOP_LENGTHS and (lname := name.lower()) in _HOP_BY_HOP:
                 if lname == b"content-length":
                     if length is not None or not value.isdigit():
                         raise _BadResponse("bad Content-Length")

@@ -105,6 +105,13 @@ CORPUS: list[tuple[str, bytes, int]] = [
     ("missing Host", b"GET / HTTP/1.1\r\nX-A: 1\r\n\r\n", 400),
     ("HTTP/0.9 request", b"GET /\r\n\r\n", 400),
     ("unknown HTTP version", b"GET / HTTP/1.2\r\nHost: svc\r\n\r\n", 400),
+    ("HTTP/2.0 in an HTTP/1 request line", b"GET / HTTP/2.0\r\nHost: svc\r\n\r\n", 505),
+    (
+        "HTTP/1.0 asking keep-alive with Transfer-Encoding",
+        b"POST / HTTP/1.0\r\nHost: svc\r\nConnection: keep-alive\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
     (
         "upgrade with a body",
         H + b"Connection: Upgrade\r\nUpgrade: ws\r\nContent-Length: 3\r\n\r\nabc",
