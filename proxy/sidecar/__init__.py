@@ -1,0 +1,1 @@
+"""The sidecar: outbound and inbound listeners, mesh routing, mTLS, admin, wiring."""

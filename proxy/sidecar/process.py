@@ -1,0 +1,165 @@
+"""One sidecar process: the listeners, the router and the TLS material, kept in step with
+its config source, and the control-plane registration.
+
+`Sidecar.start` builds everything from the source's current `SidecarState`; each later
+state is applied in place: new contexts for new connections (`TlsHolder`), new plans swapped
+into the router's routes, new authorization policies for the inbound gate. Nothing open is
+dropped. `Sidecar.aclose` drains the listeners (requests in flight finish within the grace
+period), deregisters and stops the admin listener last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.config.source import ConfigSource
+from proxy.http.model import Limits, Timeouts
+from proxy.http.server import OutboundServer, serve_outbound
+from proxy.sidecar.admin import bound_port, start_admin
+from proxy.sidecar.inbound import Inbound
+from proxy.sidecar.metrics import SidecarMetrics
+from proxy.sidecar.model import SidecarConfig, SidecarState
+from proxy.sidecar.outbound import MeshConnector, TcpServer, serve_tcp
+from proxy.sidecar.router import MeshRoute, MeshRouter
+from proxy.sidecar.tls import ALPN_TCP, MeshTls, TlsHolder
+
+__all__ = ["Sidecar"]
+
+_log = logging.getLogger(__name__)
+
+
+class Sidecar:
+    """A running sidecar (start it with :meth:`start`, stop it with :meth:`aclose`)."""
+
+    def __init__(
+        self,
+        config: SidecarConfig,
+        source: ConfigSource[SidecarState],
+        *,
+        metrics: SidecarMetrics | None = None,
+        limits: Limits | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> None:
+        self.config = config
+        self.source = source
+        spec = config.spec
+        self.metrics = metrics or SidecarMetrics(spec.identity.cluster)
+        self.router = MeshRouter(metrics=self.metrics)
+        self._limits = limits
+        self._timeouts = timeouts
+        self.tls: TlsHolder | None = None
+        self.outbound: OutboundServer | None = None
+        self.inbound: Inbound | None = None
+        self.tcp: dict[str, TcpServer] = {}
+        self.admin: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready = False
+        self.state: SidecarState | None = None
+
+    @property
+    def admin_port(self) -> int:
+        """The admin listener's bound port."""
+        assert self.admin is not None
+        return bound_port(self.admin)
+
+    def ready(self) -> bool:
+        """A configuration is in force and the listeners are up."""
+        return self._ready
+
+    async def start(self) -> None:
+        """Bind every listener and start following the config source."""
+        spec = self.config.spec
+        listeners = spec.listeners
+        state = self.source.current()
+        self.tls = TlsHolder(MeshTls(state.svid, state.bundles))
+        self.admin = await start_admin(
+            listeners.admin.address, listeners.admin.port, self.metrics, self.ready
+        )
+        self.apply(state)
+        metrics = self.metrics
+        connector = MeshConnector(self.tls, on_reject=metrics.outbound_rejected)
+        self.outbound = await serve_outbound(
+            listeners.outbound.address,
+            listeners.outbound.port,
+            self.router,
+            limits=self._limits,
+            timeouts=self._timeouts,
+            connector=connector,
+        )
+        inbound = Inbound(
+            self.tls,
+            (spec.app.address, spec.app.port),
+            state.trust_domain,
+            on_reject=metrics.inbound_rejected,
+        )
+        inbound.set_policies(state.trust_domain, state.authorization_for(state.service))
+        await inbound.serve(
+            listeners.inbound.address,
+            listeners.inbound.port,
+            limits=self._limits,
+            timeouts=self._timeouts,
+        )
+        self.inbound = inbound
+        tcp_connector = MeshConnector(self.tls, alpn=ALPN_TCP, on_reject=metrics.outbound_rejected)
+        for service, upstream in state.upstreams.items():
+            if upstream.tcp_port is not None:
+                self.tcp[service] = await serve_tcp(
+                    listeners.outbound.address,
+                    upstream.tcp_port,
+                    _route_of(self.router, service),
+                    tcp_connector,
+                )
+        self._tasks.append(asyncio.get_running_loop().create_task(self._follow()))
+        self._ready = True
+
+    def apply(self, state: SidecarState) -> None:
+        """Put ``state`` in force: TLS for new connections, routes, authorization."""
+        self.state = state
+        if self.tls is not None:
+            self.tls.update(state.svid, state.bundles)
+        self.router.apply(state)
+        if self.inbound is not None:
+            self.inbound.set_policies(state.trust_domain, state.authorization_for(state.service))
+        self.metrics.cert_expiry.set(state.svid.not_after.timestamp())
+
+    async def _follow(self) -> None:
+        async for state in self.source.updates():
+            try:
+                self.apply(state)
+            except Exception:
+                # A state the data plane cannot use (e.g. an unbuildable context): keep the
+                # one in force, as for a rejected file.
+                _log.exception("sidecar: could not apply configuration %s", state.version)
+                self.metrics.reload_rejected()
+            else:
+                self.metrics.reload_ok()
+
+    async def aclose(self, grace: float | None = None) -> None:
+        """Drain and stop: not ready at once, requests in flight finish within ``grace``."""
+        self._ready = False
+        grace = self.config.spec.drain_timeout if grace is None else grace
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        closing: list[Awaitable[None]] = [server.aclose() for server in self.tcp.values()]
+        if self.outbound is not None:
+            closing.append(self.outbound.aclose(grace))
+        if self.inbound is not None:
+            closing.append(self.inbound.aclose(grace))
+        await asyncio.gather(*closing)
+        if self.admin is not None:
+            await self.admin.cleanup()
+
+
+def _route_of(router: MeshRouter, service: str) -> Callable[[], MeshRoute | None]:
+    return lambda: router.upstream(service)

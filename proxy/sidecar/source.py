@@ -1,0 +1,266 @@
+"""Where a sidecar's `SidecarState` comes from: its config file, or the control plane.
+
+Both are `proxy.config.source.ConfigSource[SidecarState]`:
+
+- `SidecarFileSource`: the SidecarConfig file with its static ``upstreams`` and
+  ``policies``, plus the SVID and bundle files it names. Any of them changing (checked every
+  ``poll_interval``) re-reads them all; a bad set keeps the last good state
+  (`ConfigRejected` says why, ``file:line:col`` for the config).
+- `proxy.discovery.client.DiscoveryClient` with `state_from_snapshot` as its parser: the
+  control plane's snapshots (upstreams with weighted targets, policies, trust bundles, the
+  SVID it signed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import ValidationError
+
+from proxy.api.v1 import discovery_pb2 as pb
+from proxy.config.loader import load_file
+from proxy.config.source import ConfigRejected, ReloadResult
+from proxy.identity.bundle import BundleError, TrustBundleSet, parse_bundle
+from proxy.identity.model import SpiffeId, SpiffeIdError, TrustDomain
+from proxy.identity.svid import SvidError, X509Svid, spiffe_id_of
+from proxy.policy.model import AuthorizationPolicy, TrafficPolicy
+from proxy.sidecar.model import (
+    SidecarConfig,
+    SidecarState,
+    TargetState,
+    UpstreamState,
+    sni_of,
+    target_name,
+    upstreams_of,
+)
+
+__all__ = [
+    "SidecarFileSource",
+    "load_sidecar_config",
+    "load_svid",
+    "state_from_config",
+    "state_from_snapshot",
+]
+
+_REGISTRY = {SidecarConfig.KIND: SidecarConfig}
+
+
+def load_sidecar_config(path: str | Path) -> SidecarConfig:
+    """The one SidecarConfig in ``path``; :class:`ConfigRejected` lists every error otherwise."""
+    result = load_file(path, _REGISTRY)
+    documents = result.raise_for_errors()
+    if len(documents) != 1 or not isinstance(documents[0], SidecarConfig):
+        raise ConfigRejected(f"{result.source}:1:1: a sidecar file holds one SidecarConfig")
+    return documents[0]
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigRejected(f"{path}: {error.strerror or error}") from None
+
+
+def load_svid(certificate: str, key: str) -> X509Svid:
+    """The SVID in a PEM chain file (leaf first) and its EC key file."""
+    try:
+        chain = tuple(x509.load_pem_x509_certificates(_read(certificate)))
+    except ValueError as error:
+        raise ConfigRejected(f"{certificate}: {error}") from None
+    try:
+        private = serialization.load_pem_private_key(_read(key), password=None)
+    except (ValueError, TypeError) as error:
+        raise ConfigRejected(f"{key}: {error}") from None
+    if not isinstance(private, ec.EllipticCurvePrivateKey):
+        raise ConfigRejected(f"{key}: an SVID key must be an EC key")
+    if private.public_key() != chain[0].public_key():
+        raise ConfigRejected(f"{key}: this key does not belong to the certificate {certificate}")
+    try:
+        return X509Svid(spiffe_id_of(chain[0]), chain, private)
+    except SvidError as error:
+        raise ConfigRejected(f"{certificate}: {error}") from None
+
+
+def state_from_config(config: SidecarConfig) -> SidecarState:
+    """The state a static config describes, its SVID and bundles read from their files."""
+    spec = config.spec
+    identity = spec.identity
+    local = SpiffeId.workload(
+        TrustDomain.for_cluster(identity.cluster, identity.mesh),
+        identity.namespace,
+        identity.service_account,
+    )
+    svid = load_svid(spec.tls.certificate, spec.tls.key)
+    if svid.spiffe_id != local:
+        raise ConfigRejected(
+            f"{spec.tls.certificate}: the SVID is {svid.spiffe_id}, but the identity is {local}"
+        )
+    bundles = []
+    for entry in spec.tls.bundles:
+        try:
+            bundles.append(parse_bundle(TrustDomain.parse(entry.trust_domain), _read(entry.path)))
+        except (BundleError, SpiffeIdError) as error:
+            raise ConfigRejected(f"{entry.path}: {error}") from None
+    traffic = {}
+    authorization = []
+    for policy in spec.policies or ():
+        if isinstance(policy, TrafficPolicy):
+            traffic[policy.spec.service] = policy
+        else:
+            authorization.append(policy)
+    return SidecarState(
+        local=local,
+        service=identity.service,
+        upstreams=upstreams_of(spec),
+        traffic=traffic,
+        authorization=tuple(a for a in authorization if a.spec.service == identity.service),
+        bundles=TrustBundleSet(bundles),
+        svid=svid,
+    )
+
+
+def state_from_snapshot(
+    config: SidecarConfig, svid: Callable[[], X509Svid]
+) -> Callable[[pb.Snapshot], SidecarState]:
+    """A DiscoveryClient parser: snapshots into states (``svid`` is the client's current)."""
+    identity = config.spec.identity
+    local = SpiffeId.workload(
+        TrustDomain.for_cluster(identity.cluster, identity.mesh),
+        identity.namespace,
+        identity.service_account,
+    )
+
+    def parse(snapshot: pb.Snapshot) -> SidecarState:
+        try:
+            bundles = TrustBundleSet(
+                parse_bundle(TrustDomain.parse(b.trust_domain), b.spiffe_bundle_json)
+                for b in snapshot.trust_bundles
+            )
+            upstreams = {}
+            for upstream in snapshot.upstreams:
+                targets = tuple(
+                    TargetState(
+                        name=t.name or target_name(upstream.service, t.cluster, identity.cluster),
+                        cluster=t.cluster,
+                        weight=t.weight / 10_000,
+                        endpoints=tuple((e.address, e.port) for e in t.endpoints),
+                        sni=t.sni
+                        or sni_of(upstream.service, upstream.namespace, t.cluster, identity.mesh),
+                        trust_domain=TrustDomain.parse(t.trust_domain)
+                        if t.trust_domain
+                        else TrustDomain.for_cluster(t.cluster, identity.mesh),
+                    )
+                    for t in upstream.targets
+                )
+                upstreams[upstream.service] = UpstreamState(
+                    upstream.service, upstream.namespace or "default", targets
+                )
+            traffic = {}
+            authorization = []
+            for document in snapshot.policies:
+                body = json.loads(document.json)
+                if document.kind == TrafficPolicy.KIND:
+                    policy = TrafficPolicy.model_validate(body, strict=False)
+                    traffic[policy.spec.service] = policy
+                elif document.kind == AuthorizationPolicy.KIND:
+                    authz = AuthorizationPolicy.model_validate(body, strict=False)
+                    if authz.spec.service == identity.service:
+                        authorization.append(authz)
+        except (BundleError, SpiffeIdError, ValueError, ValidationError) as error:
+            raise ConfigRejected(f"snapshot {snapshot.version}: {error}") from None
+        return SidecarState(
+            local=local,
+            service=identity.service,
+            upstreams=upstreams,
+            traffic=traffic,
+            authorization=tuple(authorization),
+            bundles=bundles,
+            svid=svid(),
+            version=snapshot.version,
+        )
+
+    return parse
+
+
+class SidecarFileSource:
+    """A `ConfigSource[SidecarState]` over a SidecarConfig file and the files it names."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        poll_interval: float = 1.0,
+        on_reload: Callable[[ReloadResult], None] | None = None,
+    ) -> None:
+        self._path = path
+        self._poll_interval = poll_interval
+        self._on_reload = on_reload
+        self.config = load_sidecar_config(path)
+        self._value = state_from_config(self.config)
+        self._stamp = self._stat()
+        self._changed = asyncio.Event()
+        self._version = 0
+        self._closed = False
+
+    def current(self) -> SidecarState:
+        """The last good state."""
+        return self._value
+
+    def reload(self) -> ReloadResult:
+        """Re-read everything now; keep the last good state if any file is refused."""
+        self._stamp = self._stat()
+        try:
+            config = load_sidecar_config(self._path)
+            value = state_from_config(config)
+        except ConfigRejected as error:
+            result = ReloadResult(ok=False, reason=error.reason)
+        else:
+            self.config = config
+            self._value = value
+            self._version += 1
+            self._changed.set()
+            result = ReloadResult(ok=True)
+        if self._on_reload is not None:
+            self._on_reload(result)
+        return result
+
+    def close(self) -> None:
+        """End every :meth:`updates` iterator."""
+        self._closed = True
+        self._changed.set()
+
+    async def updates(self) -> AsyncIterator[SidecarState]:
+        """Yield each new good state; poll the files for changes meanwhile."""
+        seen = self._version
+        while not self._closed:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=self._poll_interval)
+            except TimeoutError:
+                if self._stat() != self._stamp:
+                    self.reload()
+            if self._version != seen and not self._closed:
+                seen = self._version
+                self._changed.clear()
+                yield self._value
+            elif self._changed.is_set():
+                self._changed.clear()
+
+    def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
+        tls = self.config.spec.tls
+        paths = [str(self._path), tls.certificate, tls.key, *(b.path for b in tls.bundles)]
+        return tuple(_stat(path) for path in paths)
+
+
+def _stat(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
