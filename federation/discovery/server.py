@@ -56,7 +56,7 @@ import grpc.aio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Summary
 
 from federation.discovery.core import (
     ClaimedIdentity,
@@ -305,6 +305,11 @@ class Discovery(pb_grpc.DiscoveryServicer):
         self._m_deltas = Counter(
             "snapbright_discovery_deltas_total",
             "Pushes that carried only the upstreams changed since the proxy's version.",
+            registry=registry,
+        )
+        self._m_rebuild = Summary(
+            "snapbright_discovery_rebuild_seconds",
+            "Time to bring every subscribed class's content up to date after changes.",
             registry=registry,
         )
         self._m_nacks = Counter(
@@ -679,10 +684,11 @@ class Discovery(pb_grpc.DiscoveryServicer):
 
     def _rebuild_all(self) -> None:
         self._rebuild = None
-        for proxy_class, members in self._subscribers.items():
-            if self._build_class(proxy_class):
-                for subscriber in members:
-                    subscriber.wake.set()
+        with self._m_rebuild.time():
+            for proxy_class, members in self._subscribers.items():
+                if self._build_class(proxy_class):
+                    for subscriber in members:
+                        subscriber.wake.set()
 
     def _build_class(self, proxy_class: ProxyClass) -> bool:
         """Rebuild one class's content; True if its subscribers may have something new."""

@@ -605,19 +605,15 @@ class _PeerEvents:
         """The peer's exports to us changed: mirrors follow (``imports`` is peering's live,
         read-only view, so nothing is copied), and the health view learns what changed."""
         self._imports[peer] = imports
-        known = self._view.peers.get(peer)
-        if known is None:
+        # A known peer: only what the delta names is recomputed (``imports`` is the same live
+        # mapping as before, in a new read-only wrapper).
+        keys = [*change.removed, *(exported.key for exported in change.upserted)]
+        if not self._view.imports_changed(peer, imports, keys):
             known = self._peer_view(peer)
-        if known is None:
-            _log.warning("peering: imports from %s, which has no peer record yet", peer)
-            return
-        if known.imports is not imports or peer not in self._view.peers:
+            if known is None:
+                _log.warning("peering: imports from %s, which has no peer record yet", peer)
+                return
             self._view.set_peer(replace(known, imports=imports))
-        else:
-            # Peering's live mapping changed in place: recompute only what the delta names.
-            self._view.imports_changed(
-                peer, [*change.removed, *(exported.key for exported in change.upserted)]
-            )
         for key in change.removed:
             self._health.remove_remote(key.name, peer)
         for exported in change.upserted:

@@ -58,7 +58,7 @@ from federation.mirror.core import (
 )
 from federation.mirror.wire import upstream_to_proto
 from federation.peering.credentials import control_plane_server_name
-from federation.peering.model import ServiceKey, sni_name
+from federation.peering.model import ExportedService, ServiceKey, sni_name
 from proxy.api.v1 import discovery_pb2 as pb
 from proxy.config.model import Document
 from proxy.identity.bundle import TrustBundle, format_bundle
@@ -142,10 +142,19 @@ class ClusterView:
         elif old != new:
             self._dirty.update(new.imports)
 
-    def imports_changed(self, peer: str, keys: Iterable[ServiceKey]) -> None:
-        """A peer's imports (the live mapping its view holds) changed for ``keys`` only."""
-        if peer in self.peers:
-            self._dirty.update(keys)
+    def imports_changed(
+        self, peer: str, imports: Mapping[ServiceKey, ExportedService], keys: Iterable[ServiceKey]
+    ) -> bool:
+        """A known peer's imports are now ``imports``, which differ from what the view held
+        only for ``keys`` (peering's delta): only those are recomputed. False (nothing done)
+        for a peer the view does not know: :meth:`set_peer` it."""
+        known = self.peers.get(peer)
+        if known is None:
+            return False
+        if known.imports is not imports:
+            self.peers[peer] = replace(known, imports=imports)
+        self._dirty.update(keys)
+        return True
 
     def remove_peer(self, name: str) -> None:
         """A peer was deleted: its mirrors and trust go."""

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -231,7 +232,7 @@ def test_one_peer_change_recomputes_one_upstream_whatever_the_catalog_size(
     imports = view.peers["peer-3"].imports
     assert isinstance(imports, dict)
     imports[key] = ExportedService(key, "brand-new.default.peer-3.acme", 2)
-    view.imports_changed("peer-3", [key])
+    view.imports_changed("peer-3", MappingProxyType(imports), [key])
     assert "brand-new" in _upstream_names(view)
     assert view.upstreams_federated - work == 1
     assert view.table.log.touched - log == 1
@@ -280,7 +281,7 @@ def test_incremental_updates_end_where_a_full_recompute_does(tmp_path: Path) -> 
     assert isinstance(imports, dict)
     gone = next(iter(imports))
     del imports[gone]
-    view.imports_changed("peer-2", [gone])
+    view.imports_changed("peer-2", MappingProxyType(imports), [gone])
     view.set_peer(replace(view.peers["peer-1"], unreachable_since=95.0))
     view.set_weights("svc-1-0", {"peer-1": 1})
     view.remove_peer("peer-3")
