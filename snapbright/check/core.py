@@ -131,7 +131,7 @@ def _unreachable(status: Unreachable) -> Check:
     return Check(
         _CP,
         Level.FAIL,
-        f"cannot reach the control plane: {status.reason}",
+        status.reason,
         hint="is it running? `snapbright up` starts a local mesh, "
         "`snapbright controlplane --config FILE` one control plane",
         see="--api URL, or --state-dir DIR where endpoints.json is",
@@ -212,13 +212,22 @@ def _gateways(status: ClusterStatus, _now: float) -> list[Check]:
     checks = []
     for peer in peers:
         probe = probes.get(peer.peer)
-        if probe is None:
+        if probe is None and peer.imported == 0:
+            # Probes follow mirrors: a peer that exports nothing to us has no target to probe.
+            checks.append(
+                Check(
+                    "gateways",
+                    Level.OK,
+                    f"{peer.peer}'s gateway is not probed: {peer.peer} exports nothing to us",
+                )
+            )
+        elif probe is None:
             checks.append(
                 Check(
                     "gateways",
                     Level.WARN,
                     f"{peer.peer}'s gateway is not probed",
-                    hint="probes start once the peer's gateway address is known (its token)",
+                    hint="a probe starts with the first service the peer exports to us",
                 )
             )
         elif probe.alive:
@@ -271,7 +280,7 @@ def _peer(peer: Peer, now: float) -> Check:
             return Check(
                 "peering",
                 Level.OK,
-                f"{name} connected (heard {silent:.1f}s ago, rtt {_ms(peer.rtt_seconds)})",
+                f"{name} connected (last heard {silent:.1f}s ago)",
             )
         return Check(
             "peering",

@@ -9,7 +9,7 @@ Two plain, aligned tables per cluster, like `linkerd multicluster gateways`::
     pay      us-west  shifting  us-west 2% · ap-southeast 98%   ramp-step  4s ago
 
 ALIVE is the gateway probe's verdict (the peering's state when probes are off), SERVICES how
-many services the cluster exports to us, RTT the probe's (else the peering heartbeat's).
+many services the cluster exports to us, RTT the probe's EWMA ("-" when not probed).
 LAST-RULE is the last rule that changed something, SINCE how long ago. ``-o json`` prints the
 same rows; ``--all`` every cluster of ``endpoints.json``.
 """
@@ -100,9 +100,10 @@ def _gateways(answer: ClusterStatus) -> list[tuple[str, str, int, float | None, 
             alive = "yes" if probe.alive else ("no" if probe.state == "down" else "unknown")
             rtt = probe.rtt_seconds
         else:
-            # Probes are off: the peering's own state and heartbeat RTT say what we know.
+            # Not probed (probes off, or nothing imported from it): the peering stream, which
+            # runs through its gateway, says whether it is alive; RTT is the probe's only.
             alive = "yes" if peer.state == "active" else "no"
-            rtt = peer.rtt_seconds
+            rtt = None
         rows.append((peer.peer, alive, peer.imported, rtt, peer.state))
     return rows
 

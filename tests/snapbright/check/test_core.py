@@ -221,7 +221,7 @@ CASES: list[tuple[str, list[Edit], str, Level, str, str]] = [
         "gateways",
         Level.WARN,
         "ap-southeast's gateway is not probed",
-        "gateway address",
+        "first service the peer exports",
     ),
     (
         "probes switched off with peers is a warning",
@@ -431,6 +431,12 @@ OK_CASES: list[tuple[str, list[Edit], str, str]] = [
         [_set("peers", []), _set("gateways", []), _set("mirrors", []), _set("exports", [])],
         "gateways",
         "no peers: no gateway to probe",
+    ),
+    (
+        "a peer that exports nothing to us needs no gateway probe",
+        [_set("gateways", []), _set("peers.0.imported", 0)],
+        "gateways",
+        "ap-southeast's gateway is not probed: ap-southeast exports nothing to us",
     ),
     (
         "a deleted peer is no longer checked",
