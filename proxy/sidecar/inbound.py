@@ -52,6 +52,9 @@ def handshake_failure_reason(error: BaseException) -> str:
             return "expired"
         if error.verify_code == 9:
             return "not-yet-valid"
+        # X509_V_ERR_INVALID_PURPOSE: no clientAuth EKU, or no digitalSignature usage.
+        if error.verify_code == 26:
+            return "invalid-purpose"
         return "untrusted-chain"
     if isinstance(error, ssl.SSLError):
         reason = (error.reason or "").upper()
