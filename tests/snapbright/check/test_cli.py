@@ -195,3 +195,49 @@ async def test_all_checks_every_cluster_of_endpoints_json_grouped_by_cluster(
     ]
     assert both.exit_code == 1
     assert "--all takes every cluster of endpoints.json" in both.output
+
+
+async def test_a_mirror_registered_and_exported_again_is_flagged_as_a_daisy_chain(
+    tmp_path: Path,
+) -> None:
+    west, east = _peered_configs(tmp_path)
+    (tmp_path / "west" / "policies" / "exports.yaml").write_text(
+        EXPORT_PAY.replace("[us-west]", "[ap-southeast]")
+    )
+    async with control_plane(east) as exporter, control_plane(west) as importer:
+        await _peer(exporter, importer)
+        # Someone registers ap-southeast's gateway as a local endpoint of pay in us-west,
+        # which exports pay: ap-southeast's own service comes back to it through us-west.
+        gateway = registration("pay-via-east", "pay", exporter.ports["peering"])
+        assert (await call("POST", f"{importer.admin_url}/api/v1/registrations", gateway))[0] == 200
+        await until(
+            lambda: bool(importer.peering.book.exports_to("ap-southeast").snapshot().services)
+        )
+        result = await _cli("check", "--api", importer.admin_url)
+    assert result.exit_code == 1, result.output
+    lines = _lines(result)
+    assert (
+        "× pay is exported to ap-southeast, but its endpoints are ap-southeast's gateway: "
+        "a mirror re-exported (daisy chain)"
+    ) in lines
+
+
+async def test_all_reports_a_cluster_that_is_down_and_still_checks_the_others(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    async with control_plane(write_config(tmp_path / "west", "us-west")) as plane:
+        endpoints = {
+            "version": 1,
+            "clusters": {"eu-central": {"admin": dead}, "us-west": {"admin": plane.admin_url}},
+        }
+        (tmp_path / "endpoints.json").write_text(json.dumps(endpoints))
+        result = await _cli("check", "--all", "--state-dir", str(tmp_path), "-o", "json")
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert [(c["cluster"], c["failures"]) for c in report["clusters"]] == [
+        ("eu-central", 1),
+        ("us-west", 0),
+    ]
