@@ -15,9 +15,9 @@ How a connection is authenticated is in :mod:`federation.peering.credentials`; i
 
 Peer records (name, trust domain, bundle, gateway addresses, last versions) and issued tokens
 are persisted in the state directory, so a restarted control plane reconnects without a new
-token. What each peer exports to us is saved too (at most once a second per peer, version and
-services together), so a restarted control plane keeps its mirrors while a peer is away and
-resyncs with a delta from the saved version.
+token. What each peer exports to us is saved too (every few seconds per peer, off the event
+loop, version and services together), so a restarted control plane keeps its mirrors while a
+peer is away and resyncs with a delta from the saved version.
 
 Delete is told to the peer with a Close("peering deleted"), and the peer withdraws too; a
 peer that was offline then is refused at its next handshake (its roots are gone here) and
@@ -119,8 +119,10 @@ from proxy.identity.model import SpiffeIdError, TrustDomain
 from proxy.identity.svid import Purpose, SvidError, X509Svid, validate_svid
 
 DEFAULT_TOKEN_TTL = 24 * 3600.0
-IMPORTS_SAVE_INTERVAL = 1.0
-"""Imports are written to the state directory at most this often per peer (seconds)."""
+IMPORTS_SAVE_INTERVAL = 5.0
+"""Imports are written to the state directory at most this often per peer (seconds). Losing
+the last few seconds to a crash costs only a larger delta: the saved version always matches
+the saved services."""
 OPEN_TIMEOUT = 10.0
 """How long an accepted stream may take to send its Open."""
 
@@ -315,7 +317,7 @@ class PeeringManager:
         if self._ticker is not None:
             tasks.append(self._ticker)
         await _stop(tasks)
-        self._save_imports(force=True)
+        await self._save_imports(force=True)
         self._save()
 
     # -- commands --
@@ -687,7 +689,7 @@ class PeeringManager:
                     peer.imports[service.key] = service
                 for key in removed:
                     peer.imports.pop(key, None)
-                # Saved by the ticker, at most once a second (see _save_imports).
+                # Saved by the ticker every few seconds (see _save_imports).
                 peer.record = replace(peer.record, services_version_seen=version)
                 peer.imports_dirty = True
                 self._callbacks.imports_changed(name, effect, MappingProxyType(peer.imports))
@@ -734,7 +736,7 @@ class PeeringManager:
             await asyncio.sleep(interval)
             for peer in list(self._peers.values()):
                 peer.link.tick()
-            self._save_imports(force=False)
+            await self._save_imports(force=False)
 
     def _exports_changed(self, peers: Iterable[str]) -> None:
         now = self._clock()
@@ -765,15 +767,24 @@ class PeeringManager:
     def _refresh_trust(self) -> None:
         self._trust.update(server_configuration(self._svid, self._client_roots()))
 
-    def _save_imports(self, *, force: bool) -> None:
+    async def _save_imports(self, *, force: bool) -> None:
         now = self._clock()
-        for name, peer in self._peers.items():
+        for name, peer in list(self._peers.items()):
             due = force or now - peer.imports_saved_at >= IMPORTS_SAVE_INTERVAL
-            if peer.imports_dirty and due:
-                version = peer.link.session.imported_version
-                save_imports(self._state_dir, name, version, peer.imports.values())
-                peer.imports_dirty = False
-                peer.imports_saved_at = now
+            if not (peer.imports_dirty and due):
+                continue
+            version = peer.link.session.imported_version
+            services = tuple(peer.imports.values())  # a copy: the thread must not see changes
+            peer.imports_dirty = False
+            peer.imports_saved_at = now
+            try:
+                # Encoding and fsync of thousands of services must not stall heartbeats.
+                await asyncio.to_thread(save_imports, self._state_dir, name, version, services)
+            except BaseException:
+                peer.imports_dirty = True  # not saved (cancelled by close): the next try will
+                raise
+            if self._peers.get(name) is not peer:
+                remove_imports(self._state_dir, name)  # deleted while we wrote
 
     def _save(self) -> None:
         now = self._clock()
