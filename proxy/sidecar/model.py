@@ -44,7 +44,7 @@ from proxy.config.model import Document, FieldError, Name, Share, Spec
 from proxy.identity.bundle import TrustBundleSet
 from proxy.identity.model import SpiffeId, TrustDomain
 from proxy.identity.svid import X509Svid
-from proxy.policy.model import AuthorizationPolicy, Port, TrafficPolicy
+from proxy.policy.model import AuthorizationPolicy, Port, PositiveDuration, TrafficPolicy
 
 __all__ = [
     "SidecarConfig",
@@ -204,7 +204,7 @@ class SidecarSpec(Spec):
     upstreams: tuple[Upstream, ...] | None = None
     policies: tuple[Policy, ...] | None = None
     control_plane: ControlPlane | None = None
-    drain_timeout: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    drain_timeout: PositiveDuration = 5.0
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:

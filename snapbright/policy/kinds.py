@@ -21,6 +21,7 @@ from health.failover.model import FailoverPolicy, Trace
 from proxy.config.loader import LoadResult, load_file
 from proxy.config.model import API_VERSION, Document
 from proxy.policy.model import AuthorizationPolicy, TrafficPolicy
+from proxy.sidecar.model import SidecarConfig
 from snapbright.controlplane.model import ControlPlaneConfig
 from snapbright.topology.model import LocalMesh
 
@@ -35,6 +36,7 @@ KINDS: Mapping[str, type[Document]] = {
         LocalMesh,
         ControlPlaneConfig,
         GatewayConfig,
+        SidecarConfig,
     )
 }
 """Every document kind, by its ``kind``."""
