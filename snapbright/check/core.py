@@ -18,6 +18,9 @@ failure. Items, in the order they print:
 - proxies: no proxy rejected its config (nacks with their reason), every one acked the
   latest version.
 
+With every cluster's status (``--all``), :func:`check_across` also compares what each cluster
+holds of its peers' bundles with what those peers publish.
+
 Nothing here reads a clock or the network: the shell (``gather.py``) fetches the status.
 """
 
@@ -112,6 +115,41 @@ def summary(reports: Iterable[ClusterReport]) -> tuple[Level, str]:
     if warnings:
         return Level.WARN, f"all checks passed, with {warnings} warning(s) worth a look"
     return Level.OK, "all checks passed: the mesh is healthy"
+
+
+def check_across(statuses: Iterable[ClusterStatus]) -> ClusterReport:
+    """With every cluster's status at hand (``--all``): does each cluster hold every peer's
+    *current* bundle? A cluster that holds an older sequence than the peer now publishes has
+    not heard of a rotation yet, and will refuse the peer's SVIDs under the new root."""
+    by_cluster = {s.cluster: s for s in statuses}
+    checks = []
+    for holder in sorted(by_cluster):
+        for peer in _live_peers(by_cluster[holder]):
+            publisher = by_cluster.get(peer.peer)
+            own = publisher.own_bundle if publisher is not None else None
+            if own is None or peer.bundle is None:
+                continue  # not checked here (the per-cluster checks say what is missing)
+            if peer.bundle.sequence == own.sequence:
+                checks.append(
+                    Check(
+                        "trust bundles match",
+                        Level.OK,
+                        f"{holder} holds {peer.peer}'s current bundle (sequence {own.sequence})",
+                    )
+                )
+            else:
+                checks.append(
+                    Check(
+                        "trust bundles match",
+                        Level.WARN,
+                        f"{holder} holds {peer.peer}'s bundle at sequence {peer.bundle.sequence}"
+                        f", but {peer.peer} publishes sequence {own.sequence}",
+                        hint=f"{holder} gets it over the peering stream; do not retire "
+                        f"{peer.peer}'s old root until it has",
+                        see=f"snapbright check --cluster {holder}",
+                    )
+                )
+    return ClusterReport("across clusters", "", tuple(checks))
 
 
 # --- Control plane ---
@@ -603,16 +641,12 @@ def _proxies(status: ClusterStatus, _now: float) -> list[Check]:
                 hint="a proxy acks within a second; one that does not may be stuck",
             )
         )
-    acked = len(status.subscribers) - len(lagging) - len(nacked & _proxy_names(status))
+    acked = sum(1 for s in status.subscribers if s.proxy not in nacked and s not in lagging)
     if not status.subscribers:
         checks.insert(0, Check("proxies", Level.OK, "no proxies subscribed"))
     elif acked:
         checks.insert(0, Check("proxies", Level.OK, f"{acked} proxies acked the latest config"))
     return checks
-
-
-def _proxy_names(status: ClusterStatus) -> set[str]:
-    return {s.proxy for s in status.subscribers}
 
 
 # --- Small pieces ---

@@ -3,7 +3,8 @@
 Groups of lines, each ✓ (ok), ‼ (warning) or × (failure); every warning and failure has a
 hint (``    hint: …``) and often a pointer (``    see: …``); the last line says whether all
 is well. ``-o json`` prints the same content as one JSON object. Exit status 1 on any ×.
-``--all`` checks every cluster of ``endpoints.json``, grouped by cluster.
+``--all`` checks every cluster of ``endpoints.json``, grouped by cluster, and then whether each
+cluster holds its peers' current trust bundles.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from snapbright.check.core import (
     ClusterReport,
     Level,
     Unreachable,
+    check_across,
     check_cluster,
     summary,
 )
 from snapbright.check.gather import fetch, targets
+from snapbright.check.model import ClusterStatus
 from snapbright.cli.peering import ApiOption, ClusterOption, StateDirOption
 from snapbright.controlplane.client import DEFAULT_STATE_DIR, AdminApiError
 
@@ -75,7 +78,14 @@ def run(
     except AdminApiError as error:
         # Not even an address: the first check (control plane reachable) fails, with why.
         return [check_cluster(cluster or "", api or "", Unreachable(api or "", str(error)), 0.0)]
-    return [check_cluster(t.cluster, t.api, fetch(t), clock()) for t in found]
+    answers = [(t, fetch(t)) for t in found]
+    now = clock()
+    reports = [check_cluster(t.cluster, t.api, answer, now) for t, answer in answers]
+    if every:
+        across = check_across(a for _, a in answers if isinstance(a, ClusterStatus))
+        if across.checks:
+            reports.append(across)
+    return reports
 
 
 def to_text(reports: list[ClusterReport], *, headings: bool) -> list[str]:
@@ -83,7 +93,7 @@ def to_text(reports: list[ClusterReport], *, headings: bool) -> list[str]:
     lines: list[str] = []
     for report in reports:
         if headings:
-            title = f"{report.cluster or '?'}  {report.api}"
+            title = f"{report.cluster or '?'}" + (f"  {report.api}" if report.api else "")
             lines += [title, "=" * len(title), ""]
         group = None
         for check in report.checks:

@@ -97,8 +97,18 @@ async def test_status_of_a_control_plane_that_does_not_answer_exits_1(tmp_path: 
     assert "endpoints.json: is a control plane running?" in result.output
 
 
+FAILOVER_PAY = (
+    (Path(__file__).parents[2] / "deploy" / "examples" / "failover-payments.yaml")
+    .read_text()
+    .replace("name: payments", "name: pay-failover")
+    .replace("service: payments", "service: pay")
+)
+
+
 async def test_explain_prints_the_decision_chain_newest_first(tmp_path: Path) -> None:
-    async with control_plane(write_config(tmp_path, "us-west")) as plane:
+    config = write_config(tmp_path, "us-west")
+    (tmp_path / "policies" / "failover.yaml").write_text(FAILOVER_PAY)
+    async with control_plane(config) as plane:
         body = registration("pay-1", "pay", 9001)
         body["endpoint"]["health"] = "critical"
         assert (await call("POST", f"{plane.admin_url}/api/v1/registrations", body))[0] == 200
@@ -111,7 +121,7 @@ async def test_explain_prints_the_decision_chain_newest_first(tmp_path: Path) ->
         unknown = await _cli("policy", "explain", "nothing", "--api", plane.admin_url)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0] == "pay called from us-west (no FailoverPolicy: default behaviour)"
+    assert lines[0] == "pay called from us-west (policy pay-failover)"
     assert lines[1].startswith("now: us-west 0%") or lines[1].startswith("now: us-west 100%")
     assert "(mode local-down, rule no-healthy-local)" in lines[1]
     assert lines[2].strip()  # the live explanation
@@ -124,6 +134,7 @@ async def test_explain_prints_the_decision_chain_newest_first(tmp_path: Path) ->
     answer = json.loads(as_json.output)
     assert answer["service"] == "pay"
     assert answer["live"]["rule"] == "no-healthy-local"
+    assert answer["policy"] == "pay-failover"
     times = [d["unixTime"] for d in answer["decisions"]]
     assert times == sorted(times, reverse=True)
     assert len(json.loads(limited.output)["decisions"]) == 1

@@ -189,9 +189,17 @@ async def test_all_checks_every_cluster_of_endpoints_json_grouped_by_cluster(
     ]
     assert "✓ us-west holds our bundle (sequence 1)" in lines
     assert "✓ ap-southeast holds our bundle (sequence 1)" in lines
+    across = lines.index("across clusters")
+    assert lines[across + 3 : across + 6] == [
+        "trust bundles match",
+        "-------------------",
+        "✓ ap-southeast holds us-west's current bundle (sequence 1)",
+    ]
+    assert "✓ us-west holds ap-southeast's current bundle (sequence 1)" in lines
     assert [c["cluster"] for c in json.loads(report.output)["clusters"]] == [
         "ap-southeast",
         "us-west",
+        "across clusters",
     ]
     assert both.exit_code == 1
     assert "--all takes every cluster of endpoints.json" in both.output

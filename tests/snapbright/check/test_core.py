@@ -12,6 +12,7 @@ from snapbright.check.core import (
     Check,
     Level,
     Unreachable,
+    check_across,
     check_cluster,
     summary,
 )
@@ -509,3 +510,36 @@ def _edited(*edits: Edit) -> dict[str, Any]:
     for edit in edits:
         edit(raw)
     return raw
+
+
+def _exporter(sequence: int) -> dict[str, Any]:
+    """ap-southeast's own status, publishing its bundle at ``sequence``."""
+    raw = _healthy()
+    raw |= {"cluster": "ap-southeast", "trustDomain": "ap-southeast.acme", "peers": []}
+    raw["bundles"] = [{"trustDomain": "ap-southeast.acme", "sequence": sequence, "roots": 1}]
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("published", "level", "message"),
+    [
+        (1, Level.OK, "us-west holds ap-southeast's current bundle (sequence 1)"),
+        (
+            2,
+            Level.WARN,
+            "us-west holds ap-southeast's bundle at sequence 1, but ap-southeast publishes "
+            "sequence 2",
+        ),
+    ],
+)
+def test_across_clusters_each_holds_its_peers_current_bundle(
+    published: int, level: Level, message: str
+) -> None:
+    statuses = [ClusterStatus.model_validate(r) for r in (_healthy(), _exporter(published))]
+    (check,) = check_across(statuses).checks
+    assert (check.level, check.message) == (level, message)
+    assert (check.hint != "") is (level is Level.WARN)
+
+
+def test_across_clusters_skips_peers_whose_status_is_missing() -> None:
+    assert check_across([ClusterStatus.model_validate(_healthy())]).checks == ()
