@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -75,6 +76,9 @@ class MeshConnector:
             )
         except TimeoutError:
             raise ConnectionError("TLS handshake timed out") from None
+        except ssl.SSLCertVerificationError as error:
+            # The server's chain does not end at a root of the target's trust domain.
+            raise self._reject("untrusted-chain", str(error)) from None
         ssl_object = transport.get_extra_info("ssl_object")
         try:
             verify_peer(
