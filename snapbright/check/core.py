@@ -259,6 +259,18 @@ def _gateways(status: ClusterStatus, _now: float) -> list[Check]:
                     f"{peer.peer}'s gateway is not probed: {peer.peer} exports nothing to us",
                 )
             )
+        elif probe is None and not peer.gateways:
+            checks.append(
+                Check(
+                    "gateways",
+                    Level.FAIL,
+                    f"no gateway address is known for {peer.peer}: nothing it exports to us "
+                    "can be reached",
+                    hint=f"{peer.peer} dialed us, and a peering learns gateways only from "
+                    "its token, which carries the accepting side's alone",
+                    see="snapbright peering list",
+                )
+            )
         elif probe is None:
             checks.append(
                 Check(

@@ -225,6 +225,14 @@ CASES: list[tuple[str, list[Edit], str, Level, str, str]] = [
         "first service the peer exports",
     ),
     (
+        "a peer exporting to us whose gateway address is unknown is a failure",
+        [_set("gateways", []), _set("peers.0.gateways", [])],
+        "gateways",
+        Level.FAIL,
+        "no gateway address is known for ap-southeast",
+        "learns gateways only from its token",
+    ),
+    (
         "probes switched off with peers is a warning",
         [_set("probeGateways", False)],
         "gateways",
