@@ -302,8 +302,9 @@ class MeshRouter:
         for key, target in self._targets.items():
             if key not in targets:
                 target.drop_metrics()
-        for name, route in self._routes.items():
-            if name not in routes:
+        kept = {id(route) for route in routes.values()}
+        for route in self._routes.values():
+            if id(route) not in kept:
                 # Connections that cached it now get 503 (no target) until they ask again.
                 route.plan = _EMPTY
         aliases = dict(routes)
