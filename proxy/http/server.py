@@ -73,6 +73,8 @@ _REQUEST_SPECIAL = frozenset(
     }
 )
 _SPECIAL_LENGTHS = frozenset(len(name) for name in _REQUEST_SPECIAL)
+# Header blocks up to this size are remembered per connection (see `_Downstream._start`).
+_BLOCK_CACHE_MAX = 4096
 _CONNECTION_TOKENS_KEPT = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
 _CONNECTION_TOKENS_REFUSED = frozenset({b"host", b"content-length", b"transfer-encoding"})
 _RETRYABLE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
@@ -217,6 +219,8 @@ class _Downstream(asyncio.Protocol):
         self._parser: Any = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._gate: RequestGate | None = None
+        self._last_hdr: list[tuple[bytes, bytes]] | None = None
+        self._last_block: tuple[Any, ...] = ()
         self._state = _IDLE
         self.deadline = math.inf
         self._paused = 0
@@ -522,31 +526,42 @@ class _Downstream(asyncio.Protocol):
         gate = self._gate
         if gate is not None:
             hdr = gate.headers(hdr)
-        parts = [method, b" ", path, b" HTTP/1.1\r\n"]
+        if hdr == self._last_hdr:
+            # The same header fields as this client's previous request: same checks, same
+            # result (clients tend to send one set of headers over and over).
+            block, host, length, coding, listed, upgrade_to = self._last_block
+        else:
+            block_parts: list[bytes] = []
+            extend = block_parts.extend
+            for name, value in hdr:
+                # Most names cannot be special by their length alone: no lowercased copy.
+                if len(name) in _SPECIAL_LENGTHS and (lname := name.lower()) in _REQUEST_SPECIAL:
+                    if lname == b"host":
+                        if host is not None:
+                            return self._bad_input(400, "repeated Host")
+                        host = value
+                        extend((name, b": ", value, b"\r\n"))
+                    elif lname == b"content-length":
+                        if length is not None or not value.isdigit():
+                            return self._bad_input(400, "bad Content-Length")
+                        length = value
+                    elif lname == b"transfer-encoding":
+                        if coding is not None:
+                            return self._bad_input(400, "repeated Transfer-Encoding")
+                        coding = value
+                    elif lname == b"connection":
+                        tokens = connection_tokens(value)
+                        listed = tokens if listed is None else listed | tokens
+                    elif lname == b"upgrade":
+                        upgrade_to = value
+                    continue
+                extend((name, b": ", value, b"\r\n"))
+            block = b"".join(block_parts)
+            if len(block) <= _BLOCK_CACHE_MAX:
+                self._last_hdr = hdr
+                self._last_block = (block, host, length, coding, listed, upgrade_to)
+        parts = [method, b" ", path, b" HTTP/1.1\r\n", block]
         extend = parts.extend
-        for name, value in hdr:
-            # Most names cannot be special by their length alone: no lowercased copy then.
-            if len(name) in _SPECIAL_LENGTHS and (lname := name.lower()) in _REQUEST_SPECIAL:
-                if lname == b"host":
-                    if host is not None:
-                        return self._bad_input(400, "repeated Host")
-                    host = value
-                    extend((name, b": ", value, b"\r\n"))
-                elif lname == b"content-length":
-                    if length is not None or not value.isdigit():
-                        return self._bad_input(400, "bad Content-Length")
-                    length = value
-                elif lname == b"transfer-encoding":
-                    if coding is not None:
-                        return self._bad_input(400, "repeated Transfer-Encoding")
-                    coding = value
-                elif lname == b"connection":
-                    tokens = connection_tokens(value)
-                    listed = tokens if listed is None else listed | tokens
-                elif lname == b"upgrade":
-                    upgrade_to = value
-                continue
-            extend((name, b": ", value, b"\r\n"))
         if version is None:
             # llhttp accepts 0.9, 1.0, 1.1 and 2.0; only 1.1 keeps alive with no Connection.
             version = "1.1" if keep_alive and listed is None else self._parser.get_http_version()

@@ -60,6 +60,8 @@ _CONNECTION_TOKENS_KEPT = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
 _MAX_RESPONSE_HEAD = 256 * 1024
 
 _JOIN_MAX = 32 * 1024
+# Header blocks up to this size are remembered per connection (see `on_headers_complete`).
+_BLOCK_CACHE_MAX = 4096
 
 # Body modes of the response as written downstream.
 _NONE = 0  # no body (HEAD, 204, 304)
@@ -112,6 +114,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_head_read",
         "_info",
         "_keep_alive",
+        "_last_block",
+        "_last_hdr",
         "_mode",
         "_out",
         "_parser",
@@ -139,6 +143,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.holder: _Downstream | None = None
         self._down: asyncio.Transport | None = None
         self._hdr: list[tuple[bytes, bytes]] = []
+        self._last_hdr: list[tuple[bytes, bytes]] | None = None
+        self._last_block: tuple[Any, ...] = ()
         self._out: list[bytes] = []
         self._mode = _NONE
         self._keep_alive = False
@@ -309,24 +315,34 @@ class UpstreamConnection(asyncio.Protocol):
         length: bytes | None = None
         coding: bytes | None = None
         listed: frozenset[bytes] | None = None
-        parts = [_STATUS_LINES.get(status) or _status_line(status)]
+        if hdr == self._last_hdr:
+            # The same header fields as this connection's previous response.
+            block, length, coding, listed = self._last_block
+        else:
+            block_parts: list[bytes] = []
+            extend = block_parts.extend
+            for name, value in hdr:
+                # Most names cannot be hop-by-hop by their length alone: no lowercased copy.
+                if len(name) in _HOP_LENGTHS and (lname := name.lower()) in _HOP_BY_HOP:
+                    if lname == b"content-length":
+                        if length is not None or not value.isdigit():
+                            raise _BadResponse("bad Content-Length")
+                        length = value
+                    elif lname == b"transfer-encoding":
+                        if coding is not None:
+                            raise _BadResponse("repeated Transfer-Encoding")
+                        coding = value
+                    elif lname == b"connection":
+                        tokens = connection_tokens(value)
+                        listed = tokens if listed is None else listed | tokens
+                    continue
+                extend((name, b": ", value, b"\r\n"))
+            block = b"".join(block_parts)
+            if len(block) <= _BLOCK_CACHE_MAX:
+                self._last_hdr = hdr
+                self._last_block = (block, length, coding, listed)
+        parts = [_STATUS_LINES.get(status) or _status_line(status), block]
         extend = parts.extend
-        for name, value in hdr:
-            # Most names cannot be hop-by-hop by their length alone: no lowercased copy then.
-            if len(name) in _HOP_LENGTHS and (lname := name.lower()) in _HOP_BY_HOP:
-                if lname == b"content-length":
-                    if length is not None or not value.isdigit():
-                        raise _BadResponse("bad Content-Length")
-                    length = value
-                elif lname == b"transfer-encoding":
-                    if coding is not None:
-                        raise _BadResponse("repeated Transfer-Encoding")
-                    coding = value
-                elif lname == b"connection":
-                    tokens = connection_tokens(value)
-                    listed = tokens if listed is None else listed | tokens
-                continue
-            extend((name, b": ", value, b"\r\n"))
         if listed is not None and not listed <= _CONNECTION_TOKENS_KEPT:
             parts = _without(parts, hdr, listed)
             extend = parts.extend

@@ -434,3 +434,22 @@ async def test_upgrade_refused_by_the_upstream_is_answered_then_closed(
     assert answer.header(b"connection") == b"close"
     assert await client.closed()
     await client.close()
+
+
+async def test_changing_headers_on_one_connection_are_each_checked_afresh(
+    backend: Backend, sidecar: OutboundServer
+) -> None:
+    client = await Client.open(sidecar.port)
+    plain = b"POST /p HTTP/1.1\r\nHost: svc\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nab"
+    for _ in range(2):
+        await client.send(plain)
+        assert (await client.read()).body == b"/p|ab"
+    await client.send(b"POST /p HTTP/1.1\r\nHost: svc\r\nX-A: 1\r\nContent-Length: 3\r\n\r\nabc")
+    assert (await client.read()).body == b"/p|abc"
+    await client.send(plain)
+    assert (await client.read()).body == b"/p|ab"
+    await client.send(b"POST /p HTTP/1.1\r\nHost: svc\r\nHost: svc\r\nContent-Length: 2\r\n\r\nab")
+    assert (await client.read()).status == 400
+    assert await client.closed()
+    assert [r.body for r in backend.requests] == [b"ab", b"ab", b"abc", b"ab"]
+    await client.close()
