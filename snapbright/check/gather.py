@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from pydantic import ValidationError
@@ -65,9 +66,7 @@ def fetch(target: Target, *, timeout: float = 10.0) -> ClusterStatus | Unreachab
         return Unreachable(target.api, f"{where}: {first['msg']}", unreadable=True)
 
 
-def explain(
-    target: Target, service: str, limit: int, *, timeout: float = 10.0
-) -> dict[str, object]:
+def explain(target: Target, service: str, limit: int, *, timeout: float = 10.0) -> dict[str, Any]:
     """The live decision chain of ``service`` (``GET /api/v1/explain/{service}``)."""
     path = f"/api/v1/explain/{quote(service, safe='')}" + (f"?limit={limit}" if limit > 0 else "")
     return request(target.api, "GET", path, timeout=timeout)
