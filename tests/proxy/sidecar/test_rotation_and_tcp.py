@@ -197,7 +197,7 @@ def grpc_app() -> Iterator[int]:
 
 def _call(port: int) -> bytes:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        say = channel.unary_unary("/echo.Echo/Say")
+        say: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/echo.Echo/Say")
         answer: bytes = say(b"hello", timeout=5.0, metadata=(("x-caller", "checkout"),))
         return answer
 
