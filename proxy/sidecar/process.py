@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import signal
+import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import uvloop
 from aiohttp import web
 
-from proxy.config.source import ConfigSource
+from proxy.api.v1 import discovery_pb2 as pb
+from proxy.config.source import ConfigSource, ReloadResult
+from proxy.discovery.client import DiscoveryClient
 from proxy.http.model import Limits, Timeouts
 from proxy.http.server import OutboundServer, serve_outbound
 from proxy.sidecar.admin import bound_port, start_admin
@@ -25,10 +32,18 @@ from proxy.sidecar.inbound import Inbound
 from proxy.sidecar.metrics import SidecarMetrics
 from proxy.sidecar.model import SidecarConfig, SidecarState
 from proxy.sidecar.outbound import MeshConnector, TcpServer, serve_tcp
+from proxy.sidecar.registration import Registration
 from proxy.sidecar.router import MeshRoute, MeshRouter
+from proxy.sidecar.source import (
+    SidecarFileSource,
+    load_own_bundle,
+    load_sidecar_config,
+    load_svid,
+    state_from_snapshot,
+)
 from proxy.sidecar.tls import ALPN_TCP, MeshTls, TlsHolder
 
-__all__ = ["Sidecar"]
+__all__ = ["Sidecar", "run", "serve"]
 
 _log = logging.getLogger(__name__)
 
@@ -163,3 +178,112 @@ class Sidecar:
 
 def _route_of(router: MeshRouter, service: str) -> Callable[[], MeshRoute | None]:
     return lambda: router.upstream(service)
+
+
+def _registration(config: SidecarConfig, inbound_port: int) -> Registration | None:
+    spec = config.spec
+    plane = spec.control_plane
+    if plane is None or plane.admin_url is None:
+        return None
+    identity = spec.identity
+    address = spec.listeners.inbound.address
+    if ipaddress.ip_address(address).is_unspecified:
+        # Listening on every address: callers on this host can reach loopback.
+        address = "127.0.0.1"
+    body = {
+        "id": f"{identity.service}-{identity.namespace}-{socket.gethostname()}-{inbound_port}",
+        "workload": {
+            "name": identity.service,
+            "namespace": identity.namespace,
+            "serviceAccount": identity.service_account,
+        },
+        "endpoint": {
+            "service": identity.service,
+            "namespace": identity.namespace,
+            "address": address,
+            "port": inbound_port,
+        },
+    }
+    return Registration(plane.admin_url, body)
+
+
+async def _discovery(
+    config: SidecarConfig, metrics: SidecarMetrics
+) -> tuple[DiscoveryClient[SidecarState], asyncio.Task[None]]:
+    spec = config.spec
+    plane = spec.control_plane
+    assert plane is not None
+    identity = spec.identity
+    svid = load_svid(spec.tls.certificate, spec.tls.key)
+    bundle = load_own_bundle(config)
+    holder: list[DiscoveryClient[SidecarState]] = []
+    client: DiscoveryClient[SidecarState] = DiscoveryClient(
+        f"{plane.address}:{plane.port}",
+        pb.ProxyIdentity(
+            role=pb.ProxyIdentity.ROLE_SIDECAR,
+            cluster=identity.cluster,
+            namespace=identity.namespace,
+            service_account=identity.service_account,
+            workload=f"{identity.service}-{socket.gethostname()}",
+            service=identity.service,
+        ),
+        svid,
+        bundle,
+        state_from_snapshot(config, lambda: holder[0].svid if holder else svid),
+        registry=metrics.registry,
+    )
+    holder.append(client)
+    return client, asyncio.get_running_loop().create_task(client.run())
+
+
+async def serve(config_path: Path) -> None:
+    """Run one sidecar until SIGTERM or SIGINT, then drain and stop."""
+    config = load_sidecar_config(config_path)
+    discovery = config.spec.control_plane is not None
+    metrics = SidecarMetrics(config.spec.identity.cluster, reloads=not discovery)
+    task: asyncio.Task[None] | None = None
+    source: ConfigSource[SidecarState]
+    if discovery:
+        client, task = await _discovery(config, metrics)
+        _log.info("sidecar: waiting for a first configuration from the control plane")
+        await client.wait_ready()
+        source = client
+    else:
+
+        def counted(result: ReloadResult) -> None:
+            (metrics.reload_ok if result.ok else metrics.reload_rejected)()
+            if not result.ok:
+                _log.warning("sidecar: config refused, the last good one stays: %s", result.reason)
+
+        file_source = SidecarFileSource(config_path, on_reload=counted)
+        file_source.watch_sighup()
+        source = file_source
+    sidecar = Sidecar(config, source, metrics=metrics)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    registration: Registration | None = None
+    try:
+        await sidecar.start()
+        assert sidecar.inbound is not None
+        registration = _registration(config, sidecar.inbound.port)
+        if registration is not None:
+            registration.start()
+        _log.info("sidecar: ready")
+        await stop.wait()
+        _log.info("sidecar: draining for up to %gs", config.spec.drain_timeout)
+    finally:
+        if registration is not None:
+            await registration.stop()
+        await sidecar.aclose()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def run(config_path: Path) -> int:
+    """Run :func:`serve` on uvloop; the process exit code."""
+    uvloop.run(serve(config_path))
+    return 0

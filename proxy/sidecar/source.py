@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from pydantic import ValidationError
 from proxy.api.v1 import discovery_pb2 as pb
 from proxy.config.loader import load_file
 from proxy.config.source import ConfigRejected, ReloadResult
-from proxy.identity.bundle import BundleError, TrustBundleSet, parse_bundle
+from proxy.identity.bundle import BundleError, TrustBundle, TrustBundleSet, parse_bundle
 from proxy.identity.model import SpiffeId, SpiffeIdError, TrustDomain
 from proxy.identity.svid import SvidError, X509Svid, spiffe_id_of
 from proxy.policy.model import AuthorizationPolicy, TrafficPolicy
@@ -43,6 +44,7 @@ from proxy.sidecar.model import (
 
 __all__ = [
     "SidecarFileSource",
+    "load_own_bundle",
     "load_sidecar_config",
     "load_svid",
     "state_from_config",
@@ -86,6 +88,19 @@ def load_svid(certificate: str, key: str) -> X509Svid:
         return X509Svid(spiffe_id_of(chain[0]), chain, private)
     except SvidError as error:
         raise ConfigRejected(f"{certificate}: {error}") from None
+
+
+def load_own_bundle(config: SidecarConfig) -> TrustBundle:
+    """The bundle file of the sidecar's own trust domain (the discovery client needs it)."""
+    spec = config.spec
+    own = TrustDomain.for_cluster(spec.identity.cluster, spec.identity.mesh)
+    for entry in spec.tls.bundles:
+        try:
+            if TrustDomain.parse(entry.trust_domain) == own:
+                return parse_bundle(own, _read(entry.path))
+        except (BundleError, SpiffeIdError) as error:
+            raise ConfigRejected(f"{entry.path}: {error}") from None
+    raise ConfigRejected(f"spec.tls.bundles: no bundle of the sidecar's own domain {own}")
 
 
 def state_from_config(config: SidecarConfig) -> SidecarState:
@@ -230,6 +245,10 @@ class SidecarFileSource:
         if self._on_reload is not None:
             self._on_reload(result)
         return result
+
+    def watch_sighup(self) -> None:
+        """Reload on SIGHUP (the loop must be running in the main thread)."""
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
 
     def close(self) -> None:
         """End every :meth:`updates` iterator."""

@@ -9,6 +9,7 @@ from snapbright.cli.check import check
 from snapbright.cli.controlplane import controlplane
 from snapbright.cli.gateway import gateway
 from snapbright.cli.peering import app as peering_app
+from snapbright.cli.sidecar import sidecar
 from snapbright.cli.status import status
 from snapbright.cli.up import up
 
@@ -22,6 +23,7 @@ app = typer.Typer(
 app.add_typer(ca.app, name="ca")
 app.add_typer(policy.app, name="policy")
 app.command()(gateway)
+app.command()(sidecar)
 app.command()(controlplane)
 app.add_typer(peering_app, name="peering")
 app.command()(up)
