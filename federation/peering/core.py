@@ -25,6 +25,9 @@ Rules it keeps:
    peer what we hold, so it sends the right delta or a full snapshot.
 4. Anything heard from the peer proves it alive; nothing for ``missed_heartbeats`` intervals
    means DISCONNECTED. Imports are kept (the mirror core decides how long they stay).
+5. A heartbeat (``sequence`` > 0) is answered at once with an echo (``sequence`` 0, naming
+   it in ``echo_sequence``), which is not answered. The RTT is the time from our heartbeat
+   to its echo: the channel's round trip, not the peer's heartbeat interval.
 """
 
 from __future__ import annotations
@@ -559,6 +562,8 @@ class PeerStatus:
 
 
 _CONNECTED = (PeerState.ESTABLISHING, PeerState.ACTIVE)
+_ECHO_WINDOW = 16
+"""Our heartbeats still awaiting an echo, at most (older ones no longer count for RTT)."""
 _MESSAGE_EVENTS = (
     Opened,
     ServicesSnapshotReceived,
@@ -618,7 +623,6 @@ class PeeringSession:
         self._next_heartbeat = 0.0
         self._heartbeat_sequence = 0
         self._sent_heartbeats: dict[int, float] = {}
-        self._peer_heartbeat: Heartbeat | None = None
         self._rtt: float | None = None
         self._stale_since: float | None = None
 
@@ -803,14 +807,22 @@ class PeeringSession:
         if self._state is not PeerState.ACTIVE:
             return []
         self._last_heard = now
-        self._peer_heartbeat = heartbeat
         sent_at = self._sent_heartbeats.pop(heartbeat.echo_sequence, None)
         if sent_at is not None and now >= sent_at:
             self._rtt = now - sent_at
-        # Older unanswered heartbeats will not be echoed any more.
-        for sequence in [s for s in self._sent_heartbeats if s < heartbeat.echo_sequence]:
-            del self._sent_heartbeats[sequence]
-        return []
+        if heartbeat.sequence == 0:
+            return []  # an echo (rule 5): answering it would ping-pong forever
+        # Answered at once (rule 5), so the peer measures the channel, not our interval.
+        return [
+            Send(
+                Heartbeat(
+                    sequence=0,
+                    sent_unix_ms=round(now * 1000),
+                    echo_sequence=heartbeat.sequence,
+                    echo_sent_unix_ms=heartbeat.sent_unix_ms,
+                )
+            )
+        ]
 
     def _tick(self, now: float) -> list[Effect]:
         settings = self._settings
@@ -872,18 +884,10 @@ class PeeringSession:
     def _send_heartbeat(self, now: float) -> list[Effect]:
         self._heartbeat_sequence += 1
         self._sent_heartbeats[self._heartbeat_sequence] = now
+        # A heartbeat the peer never echoed is forgotten after a while (kept bounded).
+        self._sent_heartbeats.pop(self._heartbeat_sequence - _ECHO_WINDOW, None)
         self._next_heartbeat = now + self._settings.heartbeat_interval
-        echo = self._peer_heartbeat
-        return [
-            Send(
-                Heartbeat(
-                    sequence=self._heartbeat_sequence,
-                    sent_unix_ms=round(now * 1000),
-                    echo_sequence=echo.sequence if echo else 0,
-                    echo_sent_unix_ms=echo.sent_unix_ms if echo else 0,
-                )
-            )
-        ]
+        return [Send(Heartbeat(sequence=self._heartbeat_sequence, sent_unix_ms=round(now * 1000)))]
 
     def _applied(
         self, upserted: tuple[ExportedService, ...], removed: tuple[ServiceKey, ...]

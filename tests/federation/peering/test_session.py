@@ -373,19 +373,47 @@ def test_heartbeats_go_out_every_interval_while_active() -> None:
         link.feed(link.us, Tick(now), now)
         link.feed(link.ap, Tick(now), now)
     assert link.us.session.state is PeerState.ACTIVE
-    beats = [m for m in link.us.sent() if isinstance(m, Heartbeat)]
+    beats = [m for m in link.us.sent() if isinstance(m, Heartbeat) and m.sequence > 0]
     assert len(beats) == 10
     assert [b.sequence for b in beats] == list(range(2, 12))
 
 
-def test_the_rtt_is_measured_from_the_peers_echo() -> None:
+def test_a_heartbeat_is_answered_at_once_by_an_echo_which_is_not_answered() -> None:
     link = Link()
     link.connect(T0)
-    beat = next(m for m in link.us.sent() if isinstance(m, Heartbeat))
-    echo = Heartbeat(sequence=5, sent_unix_ms=0, echo_sequence=beat.sequence)
-    link.us.session.handle(HeartbeatReceived(echo, T0 + 0.08))
-    rtt = link.us.session.status().rtt_seconds
-    assert rtt == pytest.approx(0.08)
+    link.up = False  # deliver by hand
+    beat = Heartbeat(sequence=7, sent_unix_ms=123)
+    effects = link.ap.session.handle(HeartbeatReceived(beat, T0 + 0.5))
+    assert effects == [Send(Heartbeat(0, round((T0 + 0.5) * 1000), 7, 123))]
+    echo = Heartbeat(sequence=0, sent_unix_ms=1, echo_sequence=99)
+    assert link.ap.session.handle(HeartbeatReceived(echo, T0 + 0.6)) == []
+
+
+def test_the_rtt_is_the_round_trip_to_the_echo_not_the_peers_heartbeat_interval() -> None:
+    link = Link()
+    link.connect(T0)
+    link.up = False  # deliver by hand, 4 ms each way; the peer's own heartbeat is 1 s away
+    (send,) = link.us.session.handle(Tick(T0 + 1.0))
+    assert isinstance(send, Send)
+    (echo,) = link.ap.session.handle(received(send.message, T0 + 1.004))
+    assert isinstance(echo, Send)
+    assert link.us.session.handle(received(echo.message, T0 + 1.008)) == []
+    assert link.us.session.status().rtt_seconds == pytest.approx(0.008, abs=1e-6)
+
+
+def test_an_echo_of_a_heartbeat_long_forgotten_does_not_count_for_rtt() -> None:
+    link = Link()
+    link.connect(T0)
+    link.up = False
+    first = link.us.session.handle(Tick(T0 + 1.0))[0]
+    assert isinstance(first, Send)
+    assert isinstance(first.message, Heartbeat)
+    for step in range(2, 40):  # the peer hears nothing, and we keep sending
+        link.us.session.handle(HeartbeatReceived(Heartbeat(0, 0), T0 + step * 0.5))
+        link.us.session.handle(Tick(T0 + step * 0.5))
+    late = Heartbeat(sequence=0, sent_unix_ms=0, echo_sequence=first.message.sequence)
+    link.us.session.handle(HeartbeatReceived(late, T0 + 20.0))
+    assert link.us.session.status().rtt_seconds == pytest.approx(0.0)  # from the Open's echo
 
 
 def test_a_silent_peer_is_disconnected_after_the_missed_heartbeats_and_marked_stale() -> None:

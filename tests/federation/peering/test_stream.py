@@ -254,7 +254,7 @@ async def test_heartbeats_measure_rtt_and_list_shows_it(clusters: dict[str, Clus
     await eventually(rtt_known)
     (status,) = b.manager.list()
     assert status.rtt_seconds is not None
-    assert 0 <= status.rtt_seconds < 0.5
+    assert 0 <= status.rtt_seconds < 0.1  # the echo is immediate: milliseconds on loopback
     lines = format_status(b.manager.list(), now=status.last_heard_at or 0.0)
     assert lines[0].split() == ["PEER", "STATE", "LAST-HEARTBEAT", "RTT", "IMPORTED", "EXPORTED"]
     assert lines[1].split()[:2] == ["a", "ACTIVE"]
