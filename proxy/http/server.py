@@ -20,7 +20,6 @@ import contextlib
 import math
 import socket
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -195,6 +194,70 @@ class _Shared:
 class _Downstream(asyncio.Protocol):
     """One client connection: parses, checks and forwards its requests one at a time."""
 
+    __slots__ = (
+        "_attempts",
+        "_blocked",
+        "_body_seen",
+        "_chunked_up",
+        "_client_eof",
+        "_closing",
+        "_connect_task",
+        "_endpoint",
+        "_gate",
+        "_hdr",
+        "_held",
+        "_last_block",
+        "_last_hdr",
+        "_local",
+        "_loop",
+        "_max_body",
+        "_max_header_bytes",
+        "_max_headers",
+        "_max_line",
+        "_max_stall",
+        "_parse_dead",
+        "_parser",
+        "_paused",
+        "_picked",
+        "_pool",
+        "_queue",
+        "_quick_limit",
+        "_rec",
+        "_reported",
+        "_req_head",
+        "_request_deadline",
+        "_resp_done",
+        "_retryable",
+        "_route",
+        "_route_key",
+        "_router",
+        "_shared",
+        "_stall",
+        "_state",
+        "_sweep",
+        "_t0",
+        "_t_connect",
+        "_t_header",
+        "_t_idle",
+        "_t_request",
+        "_time",
+        "_transport",
+        "_up",
+        "_up_idle",
+        "_up_out",
+        "_upgrade_buf",
+        "_url",
+        "close_after",
+        "deadline",
+        "head_request",
+        "http11",
+        "keep_alive",
+        "request_done",
+        "response_close",
+        "upgrading",
+        "write_paused",
+    )
+
     def __init__(self, shared: _Shared) -> None:
         self._shared = shared
         self._loop = shared.loop
@@ -229,7 +292,8 @@ class _Downstream(asyncio.Protocol):
         self._url = b""
         self._hdr: list[tuple[bytes, bytes]] = []
         self._rec: _Pending | None = None
-        self._queue: deque[_Pending] = deque()
+        # Pipelined requests read ahead (rare and short: a list is smaller than a deque).
+        self._queue: list[_Pending] = []
         self._route_key: bytes | None = None
         self._route: Route | None = None
         self._upgrade_buf: list[bytes] | None = None
@@ -887,7 +951,7 @@ class _Downstream(asyncio.Protocol):
                 if self._paused:
                     self._resume(_P_QUEUED)
                 return
-            rec = queue.popleft()
+            rec = queue.pop(0)
             if rec.error is not None:
                 status, reason = rec.error
                 self._bad_input(status, reason)
