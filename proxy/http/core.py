@@ -20,6 +20,7 @@ from proxy.http.model import Failure
 
 __all__ = [
     "EndpointAddress",
+    "InjectedFault",
     "Overloaded",
     "RequestGate",
     "RoundRobinRoute",
@@ -53,6 +54,32 @@ class Overloaded(Exception):
             raise ValueError(f"overload reason must be printable ASCII, not {reason!r}")
         super().__init__(reason)
         self.reason = reason
+
+
+class InjectedFault(Exception):
+    """Raised by `Route.pick` to inject a fault (TrafficPolicy fault injection).
+
+    With ``status``: the request is answered with it at once, never sent (abort). Without:
+    it is sent to ``endpoint`` (picked, and reported like any pick) after ``delay`` seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        status: int | None = None,
+        delay: float = 0.0,
+        endpoint: EndpointAddress | None = None,
+    ) -> None:
+        if status is None and endpoint is None:
+            raise ValueError("a fault either aborts with a status or delays an endpoint")
+        if status is not None and not 200 <= status <= 599:
+            raise ValueError(f"fault status must be in 200..599, not {status!r}")
+        if not 0.0 <= delay < float("inf"):
+            raise ValueError(f"fault delay must be finite and >= 0, not {delay!r}")
+        super().__init__(status, delay)
+        self.status = status
+        self.delay = delay
+        self.endpoint = endpoint
 
 
 class Route(Protocol):

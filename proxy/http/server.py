@@ -27,6 +27,7 @@ import httptools
 
 from proxy.http.core import (
     EndpointAddress,
+    InjectedFault,
     Overloaded,
     RequestGate,
     Route,
@@ -687,8 +688,13 @@ class _Downstream(asyncio.Protocol):
         if route is None:
             return self._local_reply(404, "no route for this host", has_body)
         now = _monotonic()
+        delay = 0.0
         try:
             endpoint = route.pick(now)
+        except InjectedFault as fault:
+            if fault.status is not None:
+                return self._local_reply(fault.status, "fault injected", has_body)
+            endpoint, delay = fault.endpoint, fault.delay
         except Overloaded as overloaded:
             return self._local_reply(
                 503,
@@ -706,6 +712,10 @@ class _Downstream(asyncio.Protocol):
         self._req_head = head = b"".join(parts)
         self._retryable = not has_body and method in _RETRYABLE_METHODS and not upgrade
         self._up_out.append(head)
+        if delay:
+            self._release_held()
+            self._connect(endpoint, delay)
+            return True
         conn = self._held
         if conn is not None:
             # The connection kept from this client's previous request, if it goes there.
@@ -778,18 +788,23 @@ class _Downstream(asyncio.Protocol):
             return
         write_out(transport, out)
 
-    def _connect(self, endpoint: EndpointAddress) -> None:
+    def _connect(self, endpoint: EndpointAddress, delay: float = 0.0) -> None:
         self._state = _CONNECTING
         now = self._time()
         if self._request_deadline == math.inf:
             self._request_deadline = now + self._t_request
-        self.deadline = min(now + self._t_connect, self._request_deadline)
+        self.deadline = min(now + delay + self._t_connect, self._request_deadline)
         self._pause(_P_CONNECTING)
-        self._connect_task = self._loop.create_task(self._connect_to(endpoint))
+        self._connect_task = self._loop.create_task(self._connect_to(endpoint, delay))
 
-    async def _connect_to(self, endpoint: EndpointAddress) -> None:
+    async def _connect_to(self, endpoint: EndpointAddress, delay: float = 0.0) -> None:
         try:
-            conn = await self._pool.connect(endpoint)
+            if delay:
+                # An injected delay: then a pooled connection if there is one.
+                await asyncio.sleep(delay)
+                conn = self._pool.take(endpoint) or await self._pool.connect(endpoint)
+            else:
+                conn = await self._pool.connect(endpoint)
         except OSError:
             self._connect_task = None
             if self._state == _CONNECTING:
