@@ -1,6 +1,8 @@
 """The mesh router: proxy/http's `Router` seam, fed by a `SidecarState`.
 
-Per request, on the Host the app called: the upstream's `WeightedTargets` picks a target
+Per request, on the Host the app called: TrafficPolicy fault injection first (an abort is
+answered at once, a delay holds the request before it is sent), then the upstream's
+`WeightedTargets` picks a target
 cluster, `p2c_pick` an endpoint of it (peak-EWMA × outstanding), the target's circuit breaker
 takes a request slot (refused: 503 with ``x-snapbright-overload``), and the retry budget
 counts the request. Each pick is reported back once (`on_response` / `on_failure`): the
@@ -23,15 +25,17 @@ from random import Random
 from typing import Protocol
 
 from proxy.balance.core import Endpoint, WeightedTargets, p2c_pick
-from proxy.http.core import Overloaded, Route, normalise_authority
+from proxy.http.core import InjectedFault, Overloaded, Route, normalise_authority
 from proxy.http.model import Failure
 from proxy.policy.model import TrafficPolicy, TrafficPolicySpec
 from proxy.resilience.core import (
     CircuitBreaker,
     FailureClass,
+    FaultSpec,
     OutlierDetector,
     RetryBudget,
     RetryPolicy,
+    decide_fault,
 )
 from proxy.sidecar.model import SidecarState, TargetState, UpstreamState
 from proxy.stats.core import Outcome, Series, StatsRecorder, outcome_of_status
@@ -140,7 +144,7 @@ def _nothing() -> None:
 class _Plan:
     """An upstream's configuration as one value: swapped whole on each update."""
 
-    __slots__ = ("budget", "retry", "targets", "weighted")
+    __slots__ = ("budget", "fault", "retry", "targets", "weighted")
 
     def __init__(
         self,
@@ -148,11 +152,13 @@ class _Plan:
         targets: Mapping[str, TargetRuntime],
         retry: RetryPolicy,
         budget: RetryBudget,
+        fault: FaultSpec | None = None,
     ) -> None:
         self.weighted = weighted
         self.targets = targets
         self.retry = retry
         self.budget = budget
+        self.fault = fault
 
 
 _EMPTY = _Plan(WeightedTargets({}), {}, RetryPolicy(), RetryBudget())
@@ -173,9 +179,30 @@ class MeshRoute:
     def pick(self, now: float) -> MeshEndpoint | None:
         """A target by weight, an endpoint by P2C, a breaker slot; ``None`` if none."""
         plan = self.plan
+        if plan.fault is not None:
+            return self._pick_with_fault(plan, plan.fault, now)
         endpoint = self._pick(plan, now)
         if endpoint is not None:
             plan.budget.record_request(now)
+        return endpoint
+
+    def _pick_with_fault(self, plan: _Plan, fault: FaultSpec, now: float) -> MeshEndpoint | None:
+        """Fault injection: abort (counted for the target picked) or delay, by share."""
+        delay, abort = decide_fault(fault, self._rng)
+        if abort is not None:
+            name = plan.weighted.pick(self._rng)
+            if name is not None:
+                target = plan.targets[name]
+                outcome = outcome_of_status(abort)
+                target.series.record(outcome, 0.0, now + self._wall)
+                target.record(outcome, 0.0)
+            raise InjectedFault(status=abort)
+        endpoint = self._pick(plan, now)
+        if endpoint is None:
+            return None
+        plan.budget.record_request(now)
+        if delay:
+            raise InjectedFault(delay=delay, endpoint=endpoint)
         return endpoint
 
     def _pick(self, plan: _Plan, now: float) -> MeshEndpoint | None:
@@ -351,4 +378,13 @@ class MeshRouter:
                 min_per_s=retries.budget.min_retries_per_second,
                 window_s=retries.budget.window,
             )
-        return _Plan(weighted, by_name, retry, budget)
+        faults = spec.faults
+        fault = None
+        if faults.delay is not None or faults.abort is not None:
+            fault = FaultSpec(
+                delay_s=faults.delay.duration if faults.delay else 0.0,
+                delay_share=faults.delay.percentage if faults.delay else 0.0,
+                abort_status=faults.abort.status if faults.abort else 503,
+                abort_share=faults.abort.percentage if faults.abort else 0.0,
+            )
+        return _Plan(weighted, by_name, retry, budget, fault)

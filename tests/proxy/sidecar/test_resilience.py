@@ -382,3 +382,53 @@ async def test_an_upstream_of_the_wrong_trust_domain_is_refused_and_counted(
     await client.close()
     server.close()
     assert sample(caller, "snapbright_outbound_rejected_total", reason="foreign-root") == 1.0
+
+
+async def test_a_delay_fault_holds_the_request_before_it_is_sent(mesh: Mesh) -> None:
+    app, handler = await mesh.app("west")
+    callee = await mesh.sidecar(mesh.west, "payments", app.port)
+    caller = await mesh.sidecar(
+        mesh.west,
+        "checkout",
+        1,
+        upstreams=[{"service": "payments", "targets": [target("us-west", inbound_port(callee))]}],
+        policies=[traffic_policy(faults={"delay": {"duration": "200ms", "percentage": "100%"}})],
+    )
+    client = await Client.open(outbound_port(caller))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert (await get(client))[0] == 200
+    assert loop.time() - started >= 0.2
+    assert handler.served == 1
+    await client.close()
+
+
+async def test_an_abort_fault_applied_by_a_config_update_reaches_open_connections(
+    mesh: Mesh,
+) -> None:
+    app, handler = await mesh.app("west")
+    callee = await mesh.sidecar(mesh.west, "payments", app.port)
+    upstreams = [{"service": "payments", "targets": [target("us-west", inbound_port(callee))]}]
+    caller = await mesh.sidecar(mesh.west, "checkout", 1, upstreams=upstreams)
+    client = await Client.open(outbound_port(caller))
+    assert (await get(client))[0] == 200
+    path = mesh.tmp / f"checkout-us-west-{len(mesh.sidecars) - 1}.yaml"
+    text = path.read_text().replace(
+        "policies: []",
+        "policies:\n  - apiVersion: snapbright.io/v1alpha1\n    kind: TrafficPolicy\n"
+        "    metadata: {name: payments}\n    spec:\n      service: payments\n"
+        "      faults: {abort: {status: 418, percentage: 100%}}",
+    )
+    assert text != path.read_text()
+    path.write_text(text)
+    for _ in range(250):
+        status, body, _ = await get(client)
+        if status == 418:
+            break
+        await asyncio.sleep(0.02)
+    assert (status, body) == (418, b"fault injected\n")
+    served = handler.served
+    assert (await get(client))[0] == 418
+    assert handler.served == served
+    assert requests_of(caller, "us-west", "4xx") >= 2
+    await client.close()
