@@ -41,6 +41,7 @@ from federation.peering.model import (
     Ack,
     Close,
     ExportedService,
+    GatewayAddress,
     HealthSummaries,
     Heartbeat,
     Open,
@@ -586,6 +587,10 @@ class PeeringSession:
     ``imports`` and ``imported_version`` restore what a previous run of the control plane
     held from the peer (as persisted by the shell), so the first Open after a restart asks
     for a delta from there instead of a full snapshot.
+
+    ``local_gateways`` are our east-west gateway addresses; the dialing side names them in
+    its Open, so the accepting side can route to what we export (the accepting side's own
+    are in its token, and it sends none).
     """
 
     def __init__(
@@ -601,6 +606,7 @@ class PeeringSession:
         establish_secret: bytes = b"",
         imports: Iterable[ExportedService] = (),
         imported_version: int = 0,
+        local_gateways: tuple[GatewayAddress, ...] = (),
     ) -> None:
         restored = {service.key: service for service in imports}
         if imported_version < 0 or (restored and imported_version == 0):
@@ -625,6 +631,8 @@ class PeeringSession:
         self._sent_heartbeats: dict[int, float] = {}
         self._rtt: float | None = None
         self._stale_since: float | None = None
+        self.local_gateways = local_gateways
+        """Sent in the next Open (dialer only); the shell may change it at any time."""
 
     @property
     def state(self) -> PeerState:
@@ -711,6 +719,7 @@ class PeeringSession:
                     establish_secret=self._establish_secret,
                     services_version_seen=self._imported_version,
                     bundle_sequence_seen=self._peer_bundle_sequence or 0,
+                    gateways=self.local_gateways if self._dialer else (),
                 )
             )
         ]

@@ -13,6 +13,9 @@ How a connection is authenticated is in :mod:`federation.peering.credentials`; i
 - the dialer trusts only the acceptor's own bundle and names the acceptor's control plane
   (``controlplane.snapbright.<cluster>.<mesh>``) as SNI and expected host name.
 
+A peer that dials us names its gateway addresses in its Open (ours are in our token), so
+either side can route to what the other exports; we record them with the peer.
+
 Peer records (name, trust domain, bundle, gateway addresses, last versions) and issued tokens
 are persisted in the state directory, so a restarted control plane reconnects without a new
 token. What each peer exports to us is saved too (every few seconds per peer, off the event
@@ -145,7 +148,9 @@ class PeeringCallbacks:
     core) and a read-only view of every service the peer exports to us now;
     ``trust_changed(peer, bundle)`` the peer's bundle as applied, or None once withdrawn;
     ``stale(peer, since)`` when the peer became unreachable, None when it is back;
-    ``withdrawn(peer, trust_domain)`` after a delete (ours or the peer's): remove its mirrors.
+    ``withdrawn(peer, trust_domain)`` after a delete (ours or the peer's): remove its mirrors;
+    ``gateways_changed(peer, gateways)`` when a peer that dials us names other gateway
+    addresses in its Open than we had on record (the record is saved first).
     """
 
     imports_changed: Callable[[str, ApplyImports, Mapping[ServiceKey, ExportedService]], None] = (
@@ -155,6 +160,7 @@ class PeeringCallbacks:
     trust_changed: Callable[[str, TrustBundle | None], None] = _ignore
     stale: Callable[[str, float | None], None] = _ignore
     withdrawn: Callable[[str, TrustDomain], None] = _ignore
+    gateways_changed: Callable[[str, tuple[GatewayAddress, ...]], None] = _ignore
 
 
 @dataclass(eq=False)
@@ -260,7 +266,7 @@ class PeeringManager:
         self._svid = svid
         self._bundle = bundle
         self._state_dir = state_dir
-        self.gateways = tuple(gateways)
+        self._gateways = tuple(gateways)
         self._callbacks = callbacks or PeeringCallbacks()
         self._settings = settings or SessionSettings()
         self._rng = rng or random.Random()
@@ -272,11 +278,24 @@ class PeeringManager:
         self._trust = _ServerTrust(server_configuration(svid, self._client_roots()))
         self._server: grpc.aio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
 
     @property
     def trust_domain(self) -> TrustDomain:
         """Our own trust domain."""
         return self._identity.trust_domain
+
+    @property
+    def gateways(self) -> tuple[GatewayAddress, ...]:
+        """Our gateway addresses: written into tokens, and named in the Open we send to the
+        peers we dial (from their next connection on: set them before :meth:`start`)."""
+        return self._gateways
+
+    @gateways.setter
+    def gateways(self, gateways: Sequence[GatewayAddress]) -> None:
+        self._gateways = tuple(gateways)
+        for peer in self._peers.values():
+            peer.link.session.local_gateways = self._gateways
 
     # -- lifecycle --
 
@@ -292,9 +311,11 @@ class PeeringManager:
                 self._callbacks.imports_changed(record.name, change, MappingProxyType(peer.imports))
         self._refresh_trust()
         self._ticker = asyncio.create_task(self._tick_all())
+        self._started.set()
 
     async def serve(self, address: str) -> int:
-        """Open the peering port on ``address`` (``host:port``); return the bound port."""
+        """Open the peering port on ``address`` (``host:port``); return the bound port. It may
+        open before :meth:`start`: a stream is admitted once the recorded peers are loaded."""
         if self._server is not None:
             raise PeeringError("the peering port is already open")
         server = grpc.aio.server()
@@ -484,6 +505,8 @@ class PeeringManager:
         try:
             async with asyncio.timeout(OPEN_TIMEOUT):
                 first = await stream.read()
+                # Known peers are admitted as themselves only once their records are loaded.
+                await self._started.wait()
             if first is None:
                 return
             peer = self._admit(peer_leaf(context.auth_context()), first)
@@ -527,6 +550,7 @@ class PeeringManager:
                 if peer.record.dialer:
                     # One stream per peer: with this one, we are the side that dials.
                     raise _Refused(denied, f"we dial {peer.record.name}; it does not dial us")
+                self._record_gateways(peer, open_.gateways)
                 return peer
         raise _Refused(denied, f"{spiffe_id.trust_domain} is not a peer")
 
@@ -549,12 +573,24 @@ class PeeringManager:
             raise _Refused(denied, f"already peered with {open_.cluster}")
         self._tokens[token_id] = replace(self._tokens[token_id], issued=issued)
         peer = self._add_peer(
-            PeerRecord(open_.cluster, open_.mesh, open_.trust_domain, dialer=False), token=None
+            PeerRecord(
+                open_.cluster, open_.mesh, open_.trust_domain, dialer=False, gateways=open_.gateways
+            ),
+            token=None,
         )
         self._save()
         self._refresh_trust()
         _log.info("peering: %s established with token %s", open_.cluster, token_id)
         return peer
+
+    def _record_gateways(self, peer: _Peer, gateways: tuple[GatewayAddress, ...]) -> None:
+        """A peer that dials us named its gateways: keep them (none named: keep what we have,
+        as a peer that has no gateway to name sends none)."""
+        if not gateways or gateways == peer.record.gateways:
+            return
+        peer.record = replace(peer.record, gateways=gateways)
+        self._save()
+        self._callbacks.gateways_changed(peer.record.name, gateways)
 
     # -- the dialer's side --
 
@@ -615,6 +651,7 @@ class PeeringManager:
             establish_secret=token.secret if token is not None else b"",
             imports=imports,
             imported_version=version if imports else 0,
+            local_gateways=self._gateways,
         )
         link = PeerLink(
             session,

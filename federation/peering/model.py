@@ -33,6 +33,8 @@ _HOSTNAME = re.compile(
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
 _TOKEN_ID = re.compile(r"[0-9a-f]{16}")
+MAX_GATEWAYS = 16
+"""Gateway addresses one cluster may name, in a token or in its Open."""
 _MAX_UINT64 = 2**64 - 1
 
 
@@ -141,6 +143,17 @@ class GatewayAddress:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def _check_gateways(
+    gateways: tuple[GatewayAddress, ...], error: type[PeeringValueError] = PeeringValueError
+) -> None:
+    if not isinstance(gateways, tuple) or not all(isinstance(g, GatewayAddress) for g in gateways):
+        raise error("gateways must be a tuple of GatewayAddress")
+    if len(gateways) > MAX_GATEWAYS:
+        raise error(f"at most {MAX_GATEWAYS} gateway addresses, not {len(gateways)}")
+    if len(set(gateways)) != len(gateways):
+        raise error("a gateway address is listed twice")
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -176,8 +189,7 @@ class PeeringToken:
             raise TokenError("trust domain must be a TrustDomain")
         if not self.gateways:
             raise TokenError("a token must name at least one gateway address")
-        if len(set(self.gateways)) != len(self.gateways):
-            raise TokenError("a gateway address is listed twice")
+        _check_gateways(self.gateways, TokenError)
         if not isinstance(self.trust_bundle_json, str) or not self.trust_bundle_json:
             raise TokenError("a token must carry the accepting cluster's trust bundle")
         if not isinstance(self.secret, bytes) or len(self.secret) != SECRET_BYTES:
@@ -294,7 +306,11 @@ class ExportedService:
 
 @dataclass(frozen=True, slots=True)
 class Open:
-    """First message each side sends: who it is and what it already holds from the other."""
+    """First message each side sends: who it is and what it already holds from the other.
+
+    ``gateways`` are the sender's east-west gateway addresses: the dialer sends them so the
+    accepting side can route to what the dialer exports (the acceptor's are in its token).
+    """
 
     cluster: str
     mesh: str
@@ -302,10 +318,12 @@ class Open:
     establish_secret: bytes = field(default=b"", repr=False)
     services_version_seen: int = 0
     bundle_sequence_seen: int = 0
+    gateways: tuple[GatewayAddress, ...] = ()
 
     def __post_init__(self) -> None:
         check_label(self.cluster, "cluster")
         check_mesh(self.mesh)
+        _check_gateways(self.gateways)
         _check_count(self.services_version_seen, "services version")
         _check_count(self.bundle_sequence_seen, "bundle sequence")
 
@@ -404,7 +422,8 @@ class HealthSummaries:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Liveness, with an echo of the peer's last heartbeat for RTT on the channel."""
+    """Liveness; ``sequence`` 0 is an echo, sent at once, of the peer's heartbeat
+    ``echo_sequence``, for RTT on the channel."""
 
     sequence: int
     sent_unix_ms: int

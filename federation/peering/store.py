@@ -2,11 +2,11 @@
 
 ``<state-dir>/peering/peers.json`` holds, per peer, what a restarted control plane needs to
 reconnect without a new token: the peer's name, mesh and trust domain, which side dials, the
-gateway addresses to dial, the peer's trust bundle as last applied, and the last versions
-exchanged. Issued tokens are kept as their records (the secret's SHA-256, never the secret)
-with the bootstrap root that the secret stands for (see :mod:`federation.peering.credentials`).
-The file is written with :func:`federation.trust.store.write_atomic`: a crash leaves the old
-file or the new one.
+peer's gateway addresses (from its token when we dial it, from its Open when it dials us), its
+trust bundle as last applied, and the last versions exchanged. Issued tokens are kept as their
+records (the secret's SHA-256, never the secret) with the bootstrap root that the secret stands
+for (see :mod:`federation.peering.credentials`). The file is written with
+:func:`federation.trust.store.write_atomic`: a crash leaves the old file or the new one.
 
 What each peer exports to us is kept beside it, one file per peer
 (``<state-dir>/peering/imports/<peer>.json``: the version and the services at that version,

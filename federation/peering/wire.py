@@ -1,17 +1,20 @@
 """Translation between the peering stream's protobuf messages and the values of ``model.py``.
 
 This is the edge: whatever a peer sends is validated here, once, into frozen values, and a
-message that breaks a rule (no body, a name that is not a DNS label, a malformed removal key
-or trust domain) raises :class:`WireError` whole. The session core never sees protobufs.
+message that breaks a rule (no body, a name that is not a DNS label, a malformed removal key,
+trust domain or gateway address, too many gateway addresses) raises :class:`WireError` whole.
+The session core never sees protobufs.
 """
 
 from __future__ import annotations
 
 from federation.api.v1 import peering_pb2 as pb
 from federation.peering.model import (
+    MAX_GATEWAYS,
     Ack,
     Close,
     ExportedService,
+    GatewayAddress,
     HealthSummaries,
     Heartbeat,
     Open,
@@ -44,6 +47,7 @@ def to_proto(message: PeeringMessage) -> pb.PeeringMessage:
                     establish_secret=message.establish_secret,
                     services_version_seen=message.services_version_seen,
                     bundle_sequence_seen=message.bundle_sequence_seen,
+                    gateways=[str(gateway) for gateway in message.gateways],
                 )
             )
         case ServicesSnapshot():
@@ -112,6 +116,11 @@ def _from_proto(message: pb.PeeringMessage) -> PeeringMessage:
     body = message.WhichOneof("body")
     if body == "open":
         o = message.open
+        if len(o.gateways) > MAX_GATEWAYS:
+            # Refused before parsing any: a peer cannot make us parse without bound.
+            raise WireError(
+                f"open: at most {MAX_GATEWAYS} gateway addresses, not {len(o.gateways)}"
+            )
         return Open(
             cluster=o.cluster,
             mesh=o.mesh,
@@ -119,6 +128,7 @@ def _from_proto(message: pb.PeeringMessage) -> PeeringMessage:
             establish_secret=o.establish_secret,
             services_version_seen=o.services_version_seen,
             bundle_sequence_seen=o.bundle_sequence_seen,
+            gateways=tuple(GatewayAddress.parse(gateway) for gateway in o.gateways),
         )
     if body == "services_snapshot":
         s = message.services_snapshot

@@ -8,7 +8,8 @@ Order, and why:
    their ports are known: they form the admission deny list (no registration may point at
    our own listeners). The discovery server answers at once, but its snapshot builder says
    "not ready" until steps 3 and 4 are done: a proxy is never sent an empty configuration.
-   Peering reconnects to the peers recorded in the state directory before its port opens.
+   The peering port opens before peering reconnects to the peers recorded in the state
+   directory, so the Opens we send name our gateways (a stream that arrives first waits).
 3. The catalog source is opened: the embedded registry (SQLite in the state directory, TTL
    expiry running) or a Consul watcher (with leader election and mirror write-back).
 4. The policy directory is loaded (a bad set leaves the control plane not ready until a good
@@ -239,16 +240,18 @@ async def running(
             state_dir=state_dir / "peering",
             callbacks=events.callbacks(),
         )
-        # Recorded peers first (and their dial loops), then the port they may dial back on.
-        await peering.start()
-        stack.push_async_callback(peering.close)
+        # The port first, so our gateways (with none configured, the peering port itself) are
+        # known before the dial loops name them in their Opens; streams that arrive before
+        # the recorded peers are loaded wait for them.
         peering_port = await peering.serve(
             _address(spec.listen.peering.address, spec.listen.peering.port)
         )
-        # Peers dial our gateways; with none configured, the peering port itself.
+        stack.push_async_callback(peering.stop_serving)
         peering.gateways = tuple(GatewayAddress.parse(g) for g in spec.gateways) or (
             GatewayAddress(_connectable(spec.listen.peering.address), peering_port),
         )
+        await peering.start()
+        stack.push_async_callback(peering.close)
         ports = {
             "discovery": discovery_port,
             "peering": peering_port,
@@ -597,6 +600,7 @@ class _PeerEvents:
             trust_changed=self.trust_changed,
             stale=self.stale,
             withdrawn=self.withdrawn,
+            gateways_changed=self.gateways_changed,
         )
 
     def imports_changed(
@@ -659,6 +663,14 @@ class _PeerEvents:
         self._view.remove_peer(peer)
         self._refresh()
 
+    def gateways_changed(self, peer: str, gateways: tuple[GatewayAddress, ...]) -> None:
+        """A peer that dials us named new gateway addresses: its mirrors route there (the
+        view drops any that our admission policy refuses)."""
+        known = self._view.peers.get(peer)
+        if known is not None:
+            self._view.set_peer(replace(known, gateways=gateways))
+            self._refresh()
+
     def set_probe_alive(self, alive: Mapping[str, bool]) -> bool:
         """The gateway probes' verdicts; True when a mirror's state may have changed."""
         changed = False
@@ -678,8 +690,9 @@ class _PeerEvents:
         ]
 
     def _peer_view(self, peer: str) -> PeerView | None:
-        # Mesh, trust domain and gateways come from our record of the peer (the token),
-        # never from what the peer sends: see federation/mirror/core.py, rule 2.
+        # Mesh, trust domain and gateways come from our record of the peer (its token, or
+        # for a peer that dials us the gateways its authenticated Open named), never from
+        # what the peer sends per service: see federation/mirror/core.py, rule 2.
         for record in load_state(self._peering_dir).peers:
             if record.name == peer:
                 return PeerView(record.name, record.mesh, record.trust_domain, record.gateways)

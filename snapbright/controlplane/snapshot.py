@@ -180,8 +180,8 @@ class ClusterView:
         for peer in self.peers.values():
             keys.update(peer.imports)
         weights = {key: self.weights[key.name] for key in keys if key.name in self.weights}
-        # A peer whose gateways we do not know (it dialed us; the peering protocol does not
-        # carry the dialer's gateways) cannot be routed to: no mirror rather than an empty one.
+        # A peer with no gateway we may route to (it dialed us naming none, or admission
+        # refused them all) cannot be routed to: no mirror rather than an empty one.
         routable = [peer for peer in self.peers.values() if peer.gateways]
         return federate(local, routable, self.settings, now, weights=weights)
 
@@ -238,8 +238,8 @@ class ClusterView:
             dirty.update(k for k in previous if k not in local)
             self._local, self._catalog_seen = local, catalog
         for name, peer in self.peers.items():
-            # A peer whose gateways we do not know (it dialed us; the peering protocol does
-            # not carry the dialer's gateways) cannot be routed to: no mirror, not an empty one.
+            # A peer with no gateway we may route to (it dialed us naming none, or admission
+            # refused them all) cannot be routed to: no mirror, not an empty one.
             state = (
                 mirror_state(peer, now, self.settings.stale_grace_seconds)
                 if peer.gateways

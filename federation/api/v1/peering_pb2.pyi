@@ -83,6 +83,7 @@ class Open(_message.Message):
     ESTABLISH_SECRET_FIELD_NUMBER: _builtins.int
     SERVICES_VERSION_SEEN_FIELD_NUMBER: _builtins.int
     BUNDLE_SEQUENCE_SEEN_FIELD_NUMBER: _builtins.int
+    GATEWAYS_FIELD_NUMBER: _builtins.int
     cluster: _builtins.str
     mesh: _builtins.str
     trust_domain: _builtins.str
@@ -91,6 +92,13 @@ class Open(_message.Message):
     services_version_seen: _builtins.int
     """What the sender already holds from this peer, so a resync sends only what changed."""
     bundle_sequence_seen: _builtins.int
+    @_builtins.property
+    def gateways(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The sender's east-west gateway addresses (`host:port` or `[v6]:port`, at most 16), so the
+        accepting side can route to what the dialing side exports. The dialer sends them; an Open
+        without any leaves the addresses the receiver has on record.
+        """
+
     def __init__(
         self,
         *,
@@ -100,10 +108,11 @@ class Open(_message.Message):
         establish_secret: _builtins.bytes = ...,
         services_version_seen: _builtins.int = ...,
         bundle_sequence_seen: _builtins.int = ...,
+        gateways: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_sequence_seen", b"bundle_sequence_seen", "cluster", b"cluster", "establish_secret", b"establish_secret", "mesh", b"mesh", "services_version_seen", b"services_version_seen", "trust_domain", b"trust_domain"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_sequence_seen", b"bundle_sequence_seen", "cluster", b"cluster", "establish_secret", b"establish_secret", "gateways", b"gateways", "mesh", b"mesh", "services_version_seen", b"services_version_seen", "trust_domain", b"trust_domain"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -295,6 +304,10 @@ Global___HealthSummaries: _TypeAlias = HealthSummaries  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
+    """A heartbeat (sequence > 0) is answered at once with an echo: sequence 0, naming the
+    heartbeat in echo_sequence. An echo is not answered. RTT is heartbeat to echo.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
@@ -304,7 +317,7 @@ class Heartbeat(_message.Message):
     sequence: _builtins.int
     sent_unix_ms: _builtins.int
     echo_sequence: _builtins.int
-    """Echo of the peer's last heartbeat, for RTT on the peering channel itself."""
+    """In an echo: the heartbeat it answers, for RTT on the peering channel itself."""
     echo_sent_unix_ms: _builtins.int
     def __init__(
         self,

@@ -44,6 +44,7 @@ from federation.peering.model import (
     Ack,
     Close,
     ExportedService,
+    GatewayAddress,
     HealthSummaries,
     Heartbeat,
     Open,
@@ -61,6 +62,7 @@ T0 = 1_800_000_000.0
 US = PeerIdentity("us-west", "acme", TrustDomain("us-west.acme"))
 AP = PeerIdentity("ap-southeast", "acme", TrustDomain("ap-southeast.acme"))
 PAY, CART = ServiceKey("shop", "pay"), ServiceKey("shop", "cart")
+GW = GatewayAddress("192.0.2.10", 15443)
 SETTINGS = SessionSettings(heartbeat_interval=1.0, missed_heartbeats=3, failing_after=3)
 
 
@@ -182,6 +184,26 @@ def test_a_session_waits_in_establishing_until_the_peers_open_arrives() -> None:
     effects = link.us.session.handle(Connected(T0))
     assert link.us.session.state is PeerState.ESTABLISHING
     assert [type(e) for e in effects] == [Send]
+
+
+@pytest.mark.parametrize(("dialer", "named"), [(True, (GW,)), (False, ())])
+def test_only_the_dialer_names_its_gateways_in_its_open(
+    dialer: bool, named: tuple[GatewayAddress, ...]
+) -> None:
+    session = PeeringSession(
+        local=US,
+        peer=AP,
+        exports=ExportBook(cluster="us-west", mesh="acme").add_peer("ap-southeast"),
+        local_bundle=None,
+        dialer=dialer,
+        rng=random.Random(1),
+        local_gateways=(GatewayAddress("127.0.0.1", 1),),
+    )
+    session.local_gateways = (GW,)  # the shell learned its port after creating the session
+    (send,) = session.handle(Connected(T0))
+    assert isinstance(send, Send)
+    assert isinstance(send.message, Open)
+    assert send.message.gateways == named
 
 
 def test_the_establish_secret_is_sent_only_until_the_peering_first_becomes_active() -> None:

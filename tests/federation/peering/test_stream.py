@@ -41,6 +41,7 @@ from federation.peering.model import (
     ServiceKey,
     token_id_for,
 )
+from federation.peering.store import load_state
 from federation.peering.token import decode_token, encode_token
 from federation.peering.wire import to_proto
 from federation.trust.ca import ClusterCA, create_ca
@@ -95,6 +96,7 @@ class Heard:
     withdrawn: list[str] = field(default_factory=list)
     health: list[tuple[str, tuple[ServiceHealth, ...]]] = field(default_factory=list)
     stale: list[tuple[str, bool]] = field(default_factory=list)
+    gateways: list[tuple[str, tuple[GatewayAddress, ...]]] = field(default_factory=list)
 
     def callbacks(self) -> PeeringCallbacks:
         return PeeringCallbacks(
@@ -105,6 +107,7 @@ class Heard:
             withdrawn=lambda peer, _td: self.withdrawn.append(peer),
             health=lambda peer, services, _at: self.health.append((peer, services)),
             stale=lambda peer, since: self.stale.append((peer, since is not None)),
+            gateways_changed=lambda peer, gateways: self.gateways.append((peer, gateways)),
         )
 
 
@@ -129,9 +132,11 @@ async def start_cluster(name: str, ca: ClusterCA, state_dir: Path, port: int = 0
         callbacks=heard.callbacks(),
         settings=SETTINGS,
     )
-    await manager.start()
+    # As the control plane does it: the port first, so the Opens of the dial loops that
+    # start() begins name it as our gateway.
     bound = await manager.serve(f"127.0.0.1:{port}")
     manager.gateways = (GatewayAddress("127.0.0.1", bound),)
+    await manager.start()
     return Cluster(name, ca, manager, heard, bound, state_dir)
 
 
@@ -457,6 +462,36 @@ async def test_a_restarted_acceptor_takes_the_dialer_back_from_its_state(
     # The new incarnation cannot know what b holds: a full snapshot, now empty.
     await eventually(lambda: b.manager.messages_received("a")["services_snapshot"] == 2)
     await eventually(lambda: b.heard.imports["a"] == {})
+
+
+def recorded_gateways(cluster: Cluster, peer: str) -> tuple[GatewayAddress, ...] | None:
+    """The gateways ``cluster`` keeps on record for ``peer`` in its state directory."""
+    for record in load_state(cluster.state_dir).peers:
+        if record.name == peer:
+            return record.gateways
+    return None
+
+
+async def test_the_acceptor_records_the_gateways_the_dialer_names_in_its_open(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = await peer_b_with_a(clusters)
+    assert recorded_gateways(a, "b") == (GatewayAddress("127.0.0.1", b.port),)
+    assert a.heard.gateways == []  # a new peer: its record says it all
+
+
+async def test_a_dialer_restarted_on_other_gateways_is_routed_to_there(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = await peer_b_with_a(clusters)
+    await eventually(lambda: any(p == "b" for p, _ in a.heard.bundles))
+    await b.manager.close()
+    restarted = await start_cluster("b", b.ca, b.state_dir)  # a port of the OS's choosing
+    clusters["b"] = restarted
+    moved = (GatewayAddress("127.0.0.1", restarted.port),)
+    await eventually(lambda: a.heard.gateways == [("b", moved)])
+    assert recorded_gateways(a, "b") == moved
+    assert recorded_gateways(restarted, "a") == (GatewayAddress("127.0.0.1", a.port),)
 
 
 async def test_a_peer_we_dial_may_not_dial_us(clusters: dict[str, Cluster]) -> None:

@@ -18,6 +18,7 @@ from federation.peering.model import (
     Ack,
     Close,
     ExportedService,
+    GatewayAddress,
     HealthSummaries,
     Heartbeat,
     Open,
@@ -34,6 +35,13 @@ from proxy.identity.model import TrustDomain
 PAY = ServiceKey("shop", "pay")
 AP = TrustDomain("ap-southeast.acme")
 SERVICE = ExportedService(PAY, "pay.shop.ap-southeast.acme", 3)
+GW_V4 = GatewayAddress("10.0.0.7", 8443)
+
+
+def open_naming(*gateways: str) -> pb.PeeringMessage:
+    return pb.PeeringMessage(
+        open=pb.Open(cluster="ap", mesh="acme", trust_domain="ap.acme", gateways=gateways)
+    )
 
 
 def health(headroom: float | None) -> ServiceHealth:
@@ -51,6 +59,7 @@ MESSAGES: list[PeeringMessage] = [
     Heartbeat(9, 1_800_000_000_123, 8, 1_800_000_000_001),
     Ack(12, 7),
     Close("peering deleted"),
+    Open("ap-southeast", "acme", AP, gateways=(GW_V4, GatewayAddress("::1", 443))),
 ]
 
 
@@ -86,6 +95,11 @@ def _health_proto(**fields: float) -> pb.PeeringMessage:
     ("message", "reason"),
     [
         (pb.PeeringMessage(), "no body"),
+        (open_naming("10.0.0.7"), "must be host:port"),
+        (open_naming("10.0.0.7:0"), "not in 1..65535"),
+        (open_naming("a b:80"), "neither an IP address nor a host name"),
+        (open_naming("10.0.0.7:80", "10.0.0.7:80"), "listed twice"),
+        (open_naming(*(f"10.0.0.7:{port}" for port in range(1, 18))), "at most 16"),
         (
             pb.PeeringMessage(open=pb.Open(cluster="AP", mesh="acme", trust_domain="x")),
             "not a DNS label",
@@ -132,6 +146,11 @@ def _health_proto(**fields: float) -> pb.PeeringMessage:
     ],
     ids=[
         "empty",
+        "gateway-without-port",
+        "gateway-port-zero",
+        "gateway-host-with-space",
+        "gateway-twice",
+        "too-many-gateways",
         "cluster-not-a-label",
         "bad-trust-domain",
         "path-in-service-name",

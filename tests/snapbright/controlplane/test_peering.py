@@ -141,3 +141,67 @@ async def test_a_restarted_control_plane_reconnects_to_its_peers_without_a_new_t
             finally:
                 client.close()
                 task.cancel()
+
+
+EXPORT_INV = """\
+apiVersion: snapbright.io/v1alpha1
+kind: ExportPolicy
+metadata: {name: exports}
+spec:
+  exports:
+    - service: inv
+      peers: [ap-southeast]
+"""
+
+
+async def test_exports_flow_both_ways_whichever_side_dialed(tmp_path: Path) -> None:
+    west = write_config(tmp_path / "west", "us-west")
+    east = write_config(tmp_path / "east", "ap-southeast")
+    (tmp_path / "east" / "policies" / "exports.yaml").write_text(EXPORT_PAY)
+    (tmp_path / "west" / "policies" / "exports.yaml").write_text(EXPORT_INV)
+    async with control_plane(east) as acceptor, control_plane(west) as dialer:
+        body = registration("pay-1", "pay", 9001)
+        assert (await call("POST", f"{acceptor.admin_url}/api/v1/registrations", body))[0] == 200
+        body = registration("inv-1", "inv", 9002)
+        assert (await call("POST", f"{dialer.admin_url}/api/v1/registrations", body))[0] == 200
+        token = (await call("POST", f"{acceptor.admin_url}/api/v1/peering/token", {}))[1]
+        status, _ = await call(
+            "POST", f"{dialer.admin_url}/api/v1/peering/establish", {"token": token["token"]}
+        )
+        assert status == 200
+
+        west_web = sidecar(dialer.ca(), dialer.discovery_target, "us-west", "web")
+        east_web = sidecar(acceptor.ca(), acceptor.discovery_target, "ap-southeast", "web")
+        tasks = [asyncio.create_task(c.run()) for c in (west_web, east_web)]
+        try:
+            for client, service, mirror in (
+                (west_web, "pay", "pay@ap-southeast"),
+                (east_web, "inv", "inv@us-west"),
+            ):
+                await until(
+                    lambda c=client, s=service, m=mirror: (  # type: ignore[misc]
+                        bool(c.version) and m in _targets(c.current(), s)
+                    )
+                )
+            pay = _targets(west_web.current(), "pay")["pay@ap-southeast"]
+            assert [(e.address, e.port) for e in pay.endpoints] == [
+                ("127.0.0.1", acceptor.ports["peering"])
+            ]
+            inv = _targets(east_web.current(), "inv")["inv@us-west"]
+            assert inv.sni == "inv.default.us-west.acme"
+            assert inv.trust_domain == "us-west.acme"
+            assert [(e.address, e.port) for e in inv.endpoints] == [
+                ("127.0.0.1", dialer.ports["peering"])
+            ]
+            # The heartbeat is echoed at once: RTT on loopback is milliseconds, not the
+            # peer's one-second heartbeat interval.
+            for plane in (acceptor, dialer):
+                status, listed = await call("GET", f"{plane.admin_url}/api/v1/peering")
+                (peer,) = listed["peers"]
+                assert peer["rttSeconds"] is not None
+                assert 0 <= peer["rttSeconds"] < 0.1, peer
+        finally:
+            for client in (west_web, east_web):
+                client.close()
+            for task in tasks:
+                task.cancel()
