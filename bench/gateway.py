@@ -26,170 +26,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from datetime import UTC, datetime, timedelta
+from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 # Run as `python bench/gateway.py`, this directory comes first on sys.path and this file
 # would shadow the `gateway` package.
 if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
 
+from bench import harness
 from gateway.config.model import GatewaySpec
 
 SERVICE = "payments.default.east.acme"
 DEFAULT_MODE = GatewaySpec.model_fields["forwarding"].default
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-
-
-def _wait_ready(admin_port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    url = f"http://127.0.0.1:{admin_port}/ready"
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"the gateway on admin port {admin_port} never became ready")
-
-
-def _backend_pem(scratch: Path) -> Path:
-    """A CA-signed leaf for the service, cert and key in one file (haproxy's ``crt``)."""
-    now = datetime.now(UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVICE)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(SERVICE)]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    path = scratch / "backend.pem"
-    path.write_bytes(
-        leaf.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return path
-
-
-_HAPROXY_GLOBAL = """\
-global
-    nbthread 1
-    maxconn 8000
-defaults
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-"""
-
-
-@contextmanager
-def _haproxy(scratch: Path, name: str, body: str) -> Iterator[int]:
-    config = scratch / f"{name}.cfg"
-    config.write_text(_HAPROXY_GLOBAL + body)
-    log = (scratch / f"{name}.log").open("wb")
-    process = subprocess.Popen(
-        ["haproxy", "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        yield process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
-
-
-@contextmanager
-def _gateway(scratch: Path, mode: str, listen: int, backend: int) -> Iterator[int]:
-    admin = _free_port()
-    config = scratch / f"gateway-{mode}.yaml"
-    config.write_text(
-        f"""\
-apiVersion: snapbright.io/v1alpha1
-kind: GatewayConfig
-metadata: {{name: bench-{mode}}}
-spec:
-  cluster: east
-  mesh: acme
-  forwarding: {mode}
-  listen: {{address: 127.0.0.1, port: {listen}}}
-  admin: {{address: 127.0.0.1, port: {admin}}}
-  drainTimeout: 1s
-  services:
-    - name: payments
-      exported: true
-      endpoints: [{{address: 127.0.0.1, port: {backend}}}]
-"""
-    )
-    log = (scratch / f"gateway-{mode}.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "snapbright", "gateway", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_ready(admin)
-        yield process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
-
-
-_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
-_REQUESTS = re.compile(r"(\d+) requests in")
-_P50 = re.compile(r"50%\s+([\d.]+)(us|ms|s)\b")
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Run(NamedTuple):
@@ -202,29 +56,14 @@ class Run(NamedTuple):
 
 def _wrk(hosts: Path, port: int, pid: int, seconds: int, connections: int) -> Run:
     """One wrk run against ``port``, with the CPU that the proxy ``pid`` spent on it."""
-    url = f"https://{SERVICE}:{port}/"
-    script = (
-        f"mount --bind {hosts} /etc/hosts && "
-        f"exec wrk -t1 -c{connections} -d{seconds}s --latency {url}"
-    )
-    cpu_before = _cpu_seconds(pid)
-    out = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=seconds + 30,
-    ).stdout
-    cpu = _cpu_seconds(pid) - cpu_before
-    rps = _RPS.search(out)
-    if rps is None or "Non-2xx" in out or "Socket errors" in out:
-        raise RuntimeError(f"wrk failed or saw errors:\n{out}")
-    p50 = _P50.search(out)
-    scale = {"us": 1.0, "ms": 1e3, "s": 1e6}
-    p50_us = float(p50[1]) * scale[p50[2]] if p50 else float("nan")
-    requests = _REQUESTS.search(out)
-    count = int(requests[1]) if requests else 0
-    return Run(float(rps[1]), p50_us, cpu * 1e6 / count if count else float("nan"))
+    cpu_before = harness.cpu_seconds(pid)
+    try:
+        run = harness.wrk(f"https://{SERVICE}:{port}/", connections, seconds, hosts_file=hosts)
+    except ValueError as error:
+        raise RuntimeError(str(error)) from None
+    cpu = harness.cpu_seconds(pid) - cpu_before
+    count = run.requests
+    return Run(run.rps, run.p50 * 1e6, cpu * 1e6 / count if count else float("nan"))
 
 
 def main() -> int:
@@ -243,43 +82,18 @@ def main() -> int:
         scratch = Path(tmp)
         hosts = scratch / "hosts"
         hosts.write_text(f"127.0.0.1 localhost\n127.0.0.1 {SERVICE}\n")
-        pem = _backend_pem(scratch)
-        backend, router = _free_port(), _free_port()
-        ports = {"splice": _free_port(), "protocol": _free_port(), "haproxy": router}
-        stack.enter_context(
-            _haproxy(
-                scratch,
-                "backend",
-                f"""\
-frontend tls_backend
-    mode http
-    bind 127.0.0.1:{backend} ssl crt {pem} alpn http/1.1
-    http-request return status 200 content-type text/plain string ok
-""",
-            )
-        )
-        pids = {}
-        pids["haproxy"] = stack.enter_context(
-            _haproxy(
-                scratch,
-                "router",
-                f"""\
-frontend sni_router
-    mode tcp
-    bind 127.0.0.1:{router}
-    tcp-request inspect-delay 5s
-    tcp-request content accept if {{ req.ssl_hello_type 1 }}
-    use_backend payments if {{ req.ssl_sni -i {SERVICE} }}
-backend payments
-    mode tcp
-    server backend 127.0.0.1:{backend}
-""",
-            )
-        )
-        _wait_port(backend)
-        _wait_port(router)
+        pem = harness.service_pem(scratch, SERVICE)
+        backend, router = harness.free_port(), harness.free_port()
+        ports = {"splice": harness.free_port(), "protocol": harness.free_port(), "haproxy": router}
+        config = harness.haproxy_config("tls-backend", port=backend, crt=pem)
+        stack.enter_context(harness.haproxy(scratch, "backend", config))
+        config = harness.haproxy_config("sni-router", port=router, sni=SERVICE, backend=backend)
+        pids = {"haproxy": stack.enter_context(harness.haproxy(scratch, "router", config)).pid}
+        harness.wait_port(backend)
+        harness.wait_port(router)
         for mode in ("splice", "protocol"):
-            pids[mode] = stack.enter_context(_gateway(scratch, mode, ports[mode], backend))
+            gateway = harness.gateway(scratch, mode, ports[mode], backend)
+            pids[mode] = stack.enter_context(gateway).pid
 
         runs: dict[str, list[Run]] = {name: [] for name in ports}
         try:

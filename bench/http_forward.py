@@ -26,53 +26,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from typing import Any
+from contextlib import ExitStack
+from pathlib import Path
 
-_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class _Backend(asyncio.Protocol):
-    """Answers each request with a small 200, keeping the connection."""
-
-    def __init__(self) -> None:
-        import httptools
-
-        self._parser: Any = httptools.HttpRequestParser(self)
-        self._transport: Any = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except Exception:
-            self._transport.close()
-
-    def on_message_complete(self) -> None:
-        self._transport.write(_RESPONSE)
-
-
-async def _run_backend(port: int) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(_Backend, "127.0.0.1", port, backlog=1024)
-    await server.serve_forever()
+from bench import harness
 
 
 async def _run_sidecar(port: int, upstream: int) -> None:
@@ -82,73 +42,10 @@ async def _run_sidecar(port: int, upstream: int) -> None:
     await asyncio.Event().wait()
 
 
-def _haproxy_config(port: int, upstream: int) -> str:
-    return f"""global
-    nbthread 1
-    maxconn 4096
-defaults
-    mode http
-    option http-keep-alive
-    http-reuse always
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    timeout http-keep-alive 60s
-frontend outbound
-    bind 127.0.0.1:{port}
-    default_backend svc
-backend svc
-    server app 127.0.0.1:{upstream}
-"""
-
-
-def _wait_listening(port: int, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-
-
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far."""
-    with open(f"/proc/{pid}/stat") as file:
-        fields = file.read().rsplit(")", 1)[1].split()
-    # Fields 14 and 15 of stat (utime, stime), counted after the command's closing paren.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _wrk(port: int, connections: int, seconds: float) -> tuple[float, float, int]:
     """Requests per second, p50 latency (seconds) and request count of one wrk run."""
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{seconds:g}s",
-            "--latency",
-            "-H",
-            "Host: svc",
-            f"http://127.0.0.1:{port}/",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    p50 = re.search(r"\s50%\s+([\d.]+)(us|ms|s)\b", out)
-    count = re.search(r"(\d+) requests in", out)
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
-    if rps is None or p50 is None or count is None:
-        raise RuntimeError(f"cannot read wrk output:\n{out}")
-    if errors is not None:
-        raise RuntimeError(f"wrk saw errors:\n{out}")
-    return float(rps[1]), float(p50[1]) * _UNITS[p50[2]], int(count[1])
+    run = harness.wrk(f"http://127.0.0.1:{port}/", connections, seconds, host="svc")
+    return run.rps, run.p50, run.requests
 
 
 def _main(argv: list[str]) -> int:
@@ -166,70 +63,51 @@ def _main(argv: list[str]) -> int:
         import uvloop
 
         if args.role == "backend":
-            uvloop.run(_run_backend(args.port))
+            uvloop.run(harness.run_backend(args.port))
         else:
             uvloop.run(_run_sidecar(args.port, args.upstream))
         return 0
 
-    backend_port, sidecar_port, haproxy_port = _free_port(), _free_port(), _free_port()
+    backend_port = harness.free_port()
+    sidecar_port, haproxy_port = harness.free_port(), harness.free_port()
     me = [sys.executable, "-m", "bench.http_forward"]
-    procs: list[subprocess.Popen[bytes]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        config = os.path.join(tmp, "haproxy.cfg")
-        with open(config, "w") as file:
-            file.write(_haproxy_config(haproxy_port, backend_port))
-        try:
-            procs.append(subprocess.Popen([*me, "--role", "backend", "--port", str(backend_port)]))
-            _wait_listening(backend_port)
-            procs.append(
-                subprocess.Popen(
-                    [
-                        *me,
-                        "--role",
-                        "sidecar",
-                        "--port",
-                        str(sidecar_port),
-                        "--upstream",
-                        str(backend_port),
-                    ]
-                )
-            )
-            procs.append(subprocess.Popen(["haproxy", "-f", config, "-db"]))
-            _wait_listening(sidecar_port)
-            _wait_listening(haproxy_port)
-            # Warm up both (connections, pools, caches).
-            _wrk(sidecar_port, args.connections, 1)
-            _wrk(haproxy_port, args.connections, 1)
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        scratch = Path(tmp)
+        backend = [*me, "--role", "backend", "--port", str(backend_port)]
+        stack.enter_context(harness.process(backend, scratch / "backend.log"))
+        harness.wait_port(backend_port)
+        sidecar = [*me, "--role", "sidecar", "--port", str(sidecar_port)]
+        sidecar += ["--upstream", str(backend_port)]
+        procs = [stack.enter_context(harness.process(sidecar, scratch / "sidecar.log"))]
+        config = harness.haproxy_config("http", port=haproxy_port, app=backend_port)
+        procs.append(stack.enter_context(harness.haproxy(scratch, "haproxy", config)))
+        harness.wait_port(sidecar_port)
+        harness.wait_port(haproxy_port)
+        # Warm up both (connections, pools, caches).
+        _wrk(sidecar_port, args.connections, 1)
+        _wrk(haproxy_port, args.connections, 1)
 
-            rps: dict[str, list[float]] = {"sidecar": [], "haproxy": []}
-            cpu: dict[str, list[float]] = {"sidecar": [], "haproxy": []}
-            pids = {"sidecar": procs[1].pid, "haproxy": procs[2].pid}
-            p50: dict[str, list[float]] = {"direct": [], "sidecar": [], "haproxy": []}
-            ports = {"direct": backend_port, "sidecar": sidecar_port, "haproxy": haproxy_port}
-            for round_ in range(args.rounds):
-                for name in ("sidecar", "haproxy"):
-                    before = _cpu_seconds(pids[name])
-                    value, _, count = _wrk(ports[name], args.connections, args.seconds)
-                    per_request = (_cpu_seconds(pids[name]) - before) / count
-                    rps[name].append(value)
-                    cpu[name].append(per_request)
-                    print(
-                        f"round {round_ + 1} c{args.connections} {name:8} {value:10.0f} req/s"
-                        f"  {per_request * 1e6:6.1f} µs CPU/request"
-                    )
-            for round_ in range(args.rounds):
-                for name in ("direct", "sidecar", "haproxy"):
-                    _, value, _ = _wrk(ports[name], 1, args.latency_seconds)
-                    p50[name].append(value)
-                    print(f"round {round_ + 1} c1  {name:8} p50 {value * 1e6:8.1f} µs")
-        finally:
-            for proc in procs:
-                proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        rps: dict[str, list[float]] = {"sidecar": [], "haproxy": []}
+        cpu: dict[str, list[float]] = {"sidecar": [], "haproxy": []}
+        pids = {"sidecar": procs[0].pid, "haproxy": procs[1].pid}
+        p50: dict[str, list[float]] = {"direct": [], "sidecar": [], "haproxy": []}
+        ports = {"direct": backend_port, "sidecar": sidecar_port, "haproxy": haproxy_port}
+        for round_ in range(args.rounds):
+            for name in ("sidecar", "haproxy"):
+                before = harness.cpu_seconds(pids[name])
+                value, _, count = _wrk(ports[name], args.connections, args.seconds)
+                per_request = (harness.cpu_seconds(pids[name]) - before) / count
+                rps[name].append(value)
+                cpu[name].append(per_request)
+                print(
+                    f"round {round_ + 1} c{args.connections} {name:8} {value:10.0f} req/s"
+                    f"  {per_request * 1e6:6.1f} µs CPU/request"
+                )
+        for round_ in range(args.rounds):
+            for name in ("direct", "sidecar", "haproxy"):
+                _, value, _ = _wrk(ports[name], 1, args.latency_seconds)
+                p50[name].append(value)
+                print(f"round {round_ + 1} c1  {name:8} p50 {value * 1e6:8.1f} µs")
 
     med_rps = {name: statistics.median(values) for name, values in rps.items()}
     med_p50 = {name: statistics.median(values) for name, values in p50.items()}
