@@ -72,13 +72,32 @@ def _read(path: str) -> bytes:
 
 
 class ProbeServer:
-    """The in-process mTLS responder that the probe name routes to."""
+    """The in-process mTLS responder that the probe name routes to.
+
+    SVIDs rotate: :meth:`rotate` puts a new SVID and bundles in force for the next
+    handshakes without closing the listener. Every connection here came through the
+    gateway's SNI routing, so each handshake carries SNI and the context is switched in the
+    SNI callback.
+    """
 
     def __init__(self, svid: X509Svid, bundles: TrustBundleSet) -> None:
-        self._context = server_context(svid, bundles)
+        self._front = server_context(svid, bundles)
+        self._front.sni_callback = self._use_current
+        self._current = self._front
         self._bundles = bundles
         self._server: asyncio.Server | None = None
         self.refused = 0
+
+    def rotate(self, svid: X509Svid, bundles: TrustBundleSet) -> None:
+        """Present ``svid`` and accept clients of ``bundles`` from the next handshake on."""
+        self._current = server_context(svid, bundles)
+        self._bundles = bundles
+
+    def _use_current(
+        self, ssl_object: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: object
+    ) -> None:
+        if self._current is not self._front:
+            ssl_object.context = self._current
 
     async def start(self) -> Upstream:
         """Listen on a free loopback port; return it as the probe route's upstream."""
@@ -86,7 +105,7 @@ class ProbeServer:
             self._serve,
             "127.0.0.1",
             0,
-            ssl=self._context,
+            ssl=self._front,
             ssl_handshake_timeout=_HANDSHAKE_TIMEOUT,
         )
         host, port = self._server.sockets[0].getsockname()[:2]

@@ -135,3 +135,28 @@ def test_an_unreadable_identity_names_the_file(tmp_path: Path) -> None:
     )
     with pytest.raises(ProbeIdentityError, match=r"missing\.pem"):
         load_probe_identity(identity)
+
+
+async def test_a_rotated_svid_is_served_from_the_next_handshake(tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    east, west = forge_domain("east.acme", now), forge_domain("west.acme", now)
+    first = forge_leaf(east, now, uris=["spiffe://east.acme/ns/snapbright/sa/gateway"])
+    identity = _write_identity(tmp_path, first, [east, west])
+    probe = ProbeServer(*load_probe_identity(identity))
+    upstream = await probe.start()
+    gateway = Gateway(_config(identity), GatewayMetrics(), probe_upstream=upstream)
+    await gateway.start()
+    client = forge_leaf(west, now)
+    try:
+        _, before = await _probe(gateway, client, east)
+        second = forge_leaf(east, now, uris=["spiffe://east.acme/ns/snapbright/sa/gateway-2"])
+        probe.rotate(*load_probe_identity(_write_identity(tmp_path, second, [east, west])))
+        line, after = await _probe(gateway, client, east)
+        assert line.startswith(b"HTTP/1.1 200")
+        assert (before, after) == (
+            "spiffe://east.acme/ns/snapbright/sa/gateway",
+            "spiffe://east.acme/ns/snapbright/sa/gateway-2",
+        )
+    finally:
+        await gateway.close()
+        await probe.close()
