@@ -10,8 +10,9 @@ Per cluster, in start order:
    bootstrap SVID per gateway and sidecar (``snapbright ca issue --ttl 1h``, ``<cluster>.ca.*``).
    Every cluster's CA comes before any control plane: gateways trust their peers' bundles.
 2. ``<cluster>.controlplane``: its state directory is the CA's, its policy directory holds the
-   topology's policy files (and, when they hold no ExportPolicy, one that exports every service
-   of the cluster to every peer, so the demo federates).
+   topology's policy files. When they hold no ExportPolicy, the plan adds one that exports
+   every service of the cluster to every peer; when they hold no AuthorizationPolicy, one per
+   service that lets the cluster and its peers call it (so the demo federates).
 3. ``<cluster>.gateway``: SNI routes to the local sidecars' inbound ports and to the control
    plane's peering port; the probe endpoint trusts the peers' bundles.
 4. ``wan``: one WAN emulator with a forward per directed pair of peered clusters, in front of
@@ -19,10 +20,11 @@ Per cluster, in start order:
    link A → B (:meth:`Plan.gateway_view`), so peering and data both cross the emulated WAN.
 5. ``<cluster>.<service>-<i>``: a demo app per replica, and ``….sidecar`` beside it.
 
-Then ``peering.<a>.<b>`` per peering, the way a person does it: a token from the accepting
-cluster's admin API, established through the dialing cluster's admin API. The first cluster of
-``between`` dials the second (write the calling cluster first: the dialer is the side that
-learns the other's gateways, so its callers can reach the other's services).
+Then, once both clusters' processes are ready, ``peering.<a>.<b>`` per peering, the way a
+person does it: a token from the accepting cluster's admin API, established through the
+dialing cluster's admin API. The first cluster of ``between`` dials the second (write the
+calling cluster first: the dialer is the side that learns the other's gateways, so its callers
+can reach the other's services).
 
 The gateway addresses a token carries come from the accepting control plane's ``gateways``,
 one list per control plane: the plan writes its first dialer's view there. A cluster that
@@ -47,6 +49,7 @@ from proxy.config.model import API_VERSION
 from snapbright.topology.model import LocalMesh, MeshService
 
 __all__ = [
+    "AUTHORIZATION_FILE",
     "DEFAULT_BASE_PORT",
     "EXPORTS_FILE",
     "HOST",
@@ -74,6 +77,10 @@ DEFAULT_BASE_PORT = 17000
 
 EXPORTS_FILE = "snapbright-up-exports.yaml"
 """The ExportPolicy the plan adds to a cluster when the topology's policies hold none."""
+
+AUTHORIZATION_FILE = "snapbright-up-authorization.yaml"
+"""The AuthorizationPolicies the plan adds to a cluster when the topology's policies hold none:
+each service there may be called from the cluster and from its peers."""
 
 BOOTSTRAP_SVID_TTL = "1h"
 """Bootstrap SVIDs only carry a process to its first discovery snapshot, which renews them."""
@@ -343,11 +350,17 @@ class _Planner:
                     accepting_admin=_admin_url(cp_ports[accepting]["admin"]),
                     dialing_admin=_admin_url(cp_ports[dialing]["admin"]),
                     dial_via=(views[(dialing, accepting)],),
+                    # Last: a control plane that learns of remote targets before its own
+                    # replicas have registered would send their callers away at once.
                     after=(
-                        f"{accepting}.controlplane",
-                        f"{dialing}.controlplane",
-                        f"{accepting}.gateway",
                         "wan",
+                        *(
+                            step.name
+                            for step in self.steps
+                            if isinstance(step, ProcessStep)
+                            and not step.oneshot
+                            and step.cluster in (dialing, accepting)
+                        ),
                     ),
                 )
             )
@@ -443,24 +456,40 @@ class _Planner:
         directory = self.policy_dir(cluster)
         for policy in self.policies:
             self.files.append(PlannedFile(directory / policy.name, policy.text))
-        if any("ExportPolicy" in p.kinds for p in self.policies):
-            return
         peers = self.mesh.peers_of(cluster)
-        exports = [
-            {"service": s.name, "peers": list(peers)} for s in self.mesh.services_in(cluster)
-        ]
-        document = _document(
-            "ExportPolicy", f"{cluster}-exports", {"exports": exports if peers else []}
-        )
-        header = "# Written by `snapbright up`: every service here is exported to every peer.\n"
-        self.files.append(PlannedFile(directory / EXPORTS_FILE, header + _yaml(document)))
+        if not any("ExportPolicy" in p.kinds for p in self.policies):
+            exports = [
+                {"service": s.name, "peers": list(peers)} for s in self.mesh.services_in(cluster)
+            ]
+            document = _document(
+                "ExportPolicy", f"{cluster}-exports", {"exports": exports if peers else []}
+            )
+            header = "# Written by `snapbright up`: every service here is exported to every peer.\n"
+            self.files.append(PlannedFile(directory / EXPORTS_FILE, header + _yaml(document)))
+        if not any("AuthorizationPolicy" in p.kinds for p in self.policies):
+            # Callers from other clusters are refused unless a policy allows them: let the
+            # demo's own cluster and its peers call every service here.
+            domains = [self.mesh.trust_domain(c).name for c in (cluster, *peers)]
+            rules = [{"from": [{"trustDomain": domain} for domain in domains]}]
+            documents = [
+                _document(
+                    "AuthorizationPolicy", f"{s.name}-callers", {"service": s.name, "rules": rules}
+                )
+                for s in self.mesh.services_in(cluster)
+            ]
+            header = (
+                "# Written by `snapbright up`: this cluster and its peers may call every service"
+                " here.\n"
+            )
+            text = header + "---\n".join(_yaml(document) for document in documents)
+            self.files.append(PlannedFile(directory / AUTHORIZATION_FILE, text))
 
     def _control_plane(
         self, cluster: str, ports: dict[str, int], views: Mapping[tuple[str, str], str]
     ) -> None:
         name = f"{cluster}.controlplane"
-        # What goes into our tokens: where our (first) dialer reaches our gateway. The admin
-        # API is also asked for that dialer's view per token (see the runner's peering step).
+        # What goes into our tokens: where our (first) dialer reaches our gateway (see the
+        # module docstring for a cluster that accepts several peerings).
         dialers = [d for d, a in self.peerings if a == cluster]
         gateways = [views[(dialers[0], cluster)]] if dialers else []
         spec: dict[str, Any] = {
@@ -652,24 +681,37 @@ class _Planner:
         name = f"{replica.name}.sidecar"
         svid = self.svid_dir(replica.cluster, f"{replica.service}-{replica.replica}")
         spec: dict[str, Any] = {
-            "cluster": replica.cluster,
-            "mesh": self.name,
-            "service": replica.service,
-            "namespace": "default",
-            "serviceAccount": replica.service,
-            "controlPlane": {
-                "discovery": f"{HOST}:{control_plane['discovery']}",
-                "admin": _admin_url(control_plane["admin"]),
-            },
             "identity": {
-                "certificate": str(svid / "svid.pem"),
-                "key": str(svid / "key.pem"),
-                "bundle": str(svid / "bundle.json"),
+                "cluster": replica.cluster,
+                "mesh": self.name,
+                "namespace": "default",
+                "serviceAccount": replica.service,
+                "service": replica.service,
             },
             "app": {"address": HOST, "port": replica.app},
-            "outbound": {"address": HOST, "port": replica.outbound},
-            "inbound": {"address": HOST, "port": replica.inbound},
-            "admin": {"address": HOST, "port": replica.admin},
+            "listeners": {
+                "outbound": {"address": HOST, "port": replica.outbound},
+                "inbound": {"address": HOST, "port": replica.inbound},
+                "admin": {"address": HOST, "port": replica.admin},
+            },
+            # The bootstrap SVID and our own bundle; peers' bundles and renewed SVIDs come
+            # from the control plane's discovery stream.
+            "tls": {
+                "certificate": str(svid / "svid.pem"),
+                "key": str(svid / "key.pem"),
+                "bundles": [
+                    {
+                        "trustDomain": self.mesh.trust_domain(replica.cluster).name,
+                        "path": str(svid / "bundle.json"),
+                    }
+                ],
+            },
+            "controlPlane": {
+                "address": HOST,
+                "port": control_plane["discovery"],
+                "adminUrl": _admin_url(control_plane["admin"]),
+            },
+            "drainTimeout": "1s",
         }
         config = PlannedFile(
             self.config_path(name),

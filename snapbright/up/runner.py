@@ -468,7 +468,7 @@ async def run(
             await start(
                 mesh,
                 ready_timeout=ready_timeout,
-                concurrency=concurrency or max(2, os.cpu_count() or 2),
+                concurrency=concurrency or 2 * (os.cpu_count() or 2),
                 stop=stop,
             )
         except StartFailed as failure:

@@ -12,10 +12,13 @@ from federation.export.model import ExportPolicy
 from gateway.config.model import GatewayConfig
 from proxy.config.loader import load_bytes
 from proxy.config.model import Document
+from proxy.policy.model import AuthorizationPolicy
+from proxy.sidecar.model import SidecarConfig
 from snapbright.controlplane.model import ControlPlaneConfig
 from snapbright.topology.files import default_topology
 from snapbright.topology.model import LocalMesh
 from snapbright.up.plan import (
+    AUTHORIZATION_FILE,
     EXPORTS_FILE,
     PeeringStep,
     Plan,
@@ -281,3 +284,48 @@ def test_without_a_role_drops_its_steps_and_the_waits_on_them() -> None:
     assert not [step for step in plan.steps if step.role is Role.SIDECAR]
     names = {step.name for step in plan.steps}
     assert all(dependency in names for step in plan.steps for dependency in step.after)
+
+
+def test_sidecar_config_validates_and_joins_app_identity_and_control_plane() -> None:
+    plan = _plan()
+    config = _config(plan, "us-west.payments-1.sidecar", SidecarConfig)
+    assert isinstance(config, SidecarConfig)
+    spec = config.spec
+    step = _process(plan, "us-west.payments-1.sidecar")
+    control_plane = _process(plan, "us-west.controlplane")
+    demo = _process(plan, "us-west.payments-1")
+    assert (spec.identity.cluster, spec.identity.service) == ("us-west", "payments")
+    assert spec.app.port == demo.ports["http"]
+    assert spec.control_plane is not None
+    assert spec.control_plane.port == control_plane.ports["discovery"]
+    assert spec.control_plane.admin_url == f"http://127.0.0.1:{control_plane.ports['admin']}"
+    listeners = spec.listeners
+    assert {
+        "outbound": listeners.outbound.port,
+        "inbound": listeners.inbound.port,
+        "admin": listeners.admin.port,
+    } == step.ports
+    assert spec.tls.certificate.endswith("svid/payments-1/svid.pem")
+    assert [b.trust_domain for b in spec.tls.bundles] == ["us-west.demo"]
+    assert "us-west.ca.payments-1" in step.after
+
+
+def test_without_an_authorization_policy_the_cluster_and_its_peers_may_call_each_service() -> None:
+    plan = _plan()
+    files = {f.path: f.text for f in plan.files}
+    text = files[plan.policy_dir("ap-southeast") / AUTHORIZATION_FILE]
+    policies = load_bytes(text, {AuthorizationPolicy.KIND: AuthorizationPolicy}).raise_for_errors()
+    assert [p.spec.service for p in policies if isinstance(p, AuthorizationPolicy)] == ["payments"]
+    (policy,) = policies
+    assert isinstance(policy, AuthorizationPolicy)
+    (rule,) = policy.spec.rules
+    assert [p.trust_domain for p in rule.from_] == ["ap-southeast.demo", "us-west.demo"]
+
+
+def test_peering_waits_for_every_process_of_both_clusters() -> None:
+    plan = _plan()
+    peering = plan.step("peering.us-west.ap-southeast")
+    running = {
+        step.name for step in plan.steps if isinstance(step, ProcessStep) and not step.oneshot
+    }
+    assert set(peering.after) == running
