@@ -11,6 +11,7 @@ spec:
   admin: {address: 127.0.0.1, port: 15021}
   limits: {maxConnections: 10000, peekTimeout: 5s, idleTimeout: 1h, connectTimeout: 2s}
   drainTimeout: 30s
+  forwarding: protocol        # or splice (os.splice through a pipe, Linux)
   controlPlane: {address: 127.0.0.1, port: 15012}
   services:
     - name: payments
