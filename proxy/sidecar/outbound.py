@@ -1,6 +1,7 @@
 """Outbound mTLS: connections to a target's endpoints, and the per-upstream TCP ports.
 
-`MeshConnector` is the upstream pool's connector (proxy/http): TLS 1.3 with the sidecar's
+`MeshConnector` is the upstream pool's connector (proxy/http), bounded by the upstream's
+TrafficPolicy connect timeout: TLS 1.3 with the sidecar's
 SVID, SNI ``<service>.<namespace>.<cluster>.<mesh>`` (so an east-west gateway can route it),
 a client context holding only the target's trust domain bundle, and after the handshake
 `verify_peer` expecting that trust domain. A refusal is an OSError (`PeerRejected`): the
@@ -66,16 +67,17 @@ class MeshConnector:
             raise self._reject("unknown-trust-domain", f"no bundle for {target.trust_domain}")
         loop = asyncio.get_running_loop()
         try:
-            transport, protocol = await loop.create_connection(
-                factory,
-                endpoint.host,
-                endpoint.port,
-                ssl=context,
-                server_hostname=target.sni,
-                ssl_handshake_timeout=self._timeout,
-            )
+            async with asyncio.timeout(target.connect_timeout):
+                transport, protocol = await loop.create_connection(
+                    factory,
+                    endpoint.host,
+                    endpoint.port,
+                    ssl=context,
+                    server_hostname=target.sni,
+                    ssl_handshake_timeout=self._timeout,
+                )
         except TimeoutError:
-            raise ConnectionError("TLS handshake timed out") from None
+            raise ConnectionError("connect or TLS handshake timed out") from None
         except ssl.SSLCertVerificationError as error:
             # The server's chain does not end at a root of the target's trust domain.
             raise self._reject("untrusted-chain", str(error)) from None

@@ -68,6 +68,7 @@ class TargetRuntime:
     __slots__ = (
         "breaker",
         "cluster",
+        "connect_timeout",
         "drop_metrics",
         "endpoints",
         "name",
@@ -87,6 +88,7 @@ class TargetRuntime:
         self.cluster = target.cluster
         self.sni = target.sni
         self.trust_domain = target.trust_domain
+        self.connect_timeout = _DEFAULT_POLICY.timeouts.connect
         self.endpoints: tuple[MeshEndpoint, ...] = ()
         self.breaker = CircuitBreaker()
         self.outliers = OutlierDetector()
@@ -107,6 +109,8 @@ class TargetRuntime:
             kept.get(address) or MeshEndpoint(address[0], address[1], now, self)
             for address in target.endpoints
         )
+        # New connections (and their TLS handshake) to this target must be made in time.
+        self.connect_timeout = policy.timeouts.connect
         limits = policy.circuit_breaker
         # The breaker keeps its counts of slots in flight: only its limits change.
         self.breaker.max_connections = limits.max_connections

@@ -35,11 +35,13 @@ from tests.proxy.sidecar.mesh import (
 
 @dataclass
 class Commanded:
-    """An app that answers with its name, a status set on command, after an optional hold."""
+    """An app that answers with its name, a status set on command, after an optional hold
+    and delay."""
 
     name: bytes
     status: int = 200
     hold: asyncio.Event | None = None
+    delay: float = 0.0
     served: int = 0
 
     async def __call__(
@@ -47,6 +49,8 @@ class Commanded:
     ) -> bool:
         if self.hold is not None:
             await self.hold.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         self.served += 1
         writer.write(response(self.status, self.name))
         await writer.drain()
@@ -222,7 +226,8 @@ async def test_weights_split_calls_across_two_target_clusters(mesh: Mesh) -> Non
 
 
 async def test_connect_failures_are_retried_on_another_endpoint_and_ejected(mesh: Mesh) -> None:
-    app, handler = await mesh.app("west")
+    # The live endpoint is slow, so P2C prefers the dead one until it is ejected.
+    app, handler = await mesh.app("west", delay=0.05)
     callee = await mesh.sidecar(mesh.west, "payments", app.port)
     live = inbound_port(callee)
     dead = dead_port()
@@ -252,15 +257,15 @@ async def test_connect_failures_are_retried_on_another_endpoint_and_ejected(mesh
         ],
     )
     statuses = []
-    for _ in range(40):
+    for _ in range(10):
         client = await Client.open(outbound_port(caller))
         statuses.append((await get(client))[0])
         await client.close()
     assert set(statuses) == {200}
     failures = requests_of(caller, "us-west", "connect-failure")
-    # P2C tried the dead endpoint at least once, and ejection stopped it after two failures.
-    assert 1 <= failures <= 2
-    assert handler.served == 40
+    # Each failure was retried on the live endpoint; two in a row ejected the dead one.
+    assert failures == 2
+    assert handler.served == 10
 
 
 @pytest.mark.parametrize(
@@ -314,7 +319,8 @@ async def test_the_circuit_breaker_sheds_with_503_and_a_reason(mesh: Mesh) -> No
 
 
 async def test_an_endpoint_answering_5xx_is_ejected(mesh: Mesh) -> None:
-    good_app, good = await mesh.app("good")
+    # The failing endpoint answers fastest, so P2C keeps choosing it until it is ejected.
+    good_app, good = await mesh.app("good", delay=0.05)
     bad_app, bad = await mesh.app("bad", status=500)
     good_side = await mesh.sidecar(mesh.west, "payments", good_app.port)
     bad_side = await mesh.sidecar(mesh.west, "payments", bad_app.port)
@@ -340,12 +346,21 @@ async def test_an_endpoint_answering_5xx_is_ejected(mesh: Mesh) -> None:
             traffic_policy(outlierDetection={"consecutiveFailures": 3, "maxEjectedShare": "50%"})
         ],
     )
-    client = await Client.open(outbound_port(caller))
-    statuses = [(await get(client))[0] for _ in range(60)]
-    await client.close()
-    assert bad.served == 3, "three 5xx in a row eject the endpoint for the rest of the run"
-    assert statuses.count(500) == 3
-    assert good.served == 57
+
+    async def calls(count: int) -> list[int]:
+        client = await Client.open(outbound_port(caller))
+        statuses = [(await get(client))[0] for _ in range(count)]
+        await client.close()
+        return statuses
+
+    # Three callers at once: outstanding requests on the slow endpoint make P2C pick the
+    # failing one whatever the handshakes cost.
+    first = await asyncio.gather(calls(6), calls(6), calls(6))
+    assert 3 <= bad.served <= 5, "three 5xx in a row eject it (give or take those in flight)"
+    assert sum(statuses.count(500) for statuses in first) == bad.served
+    # Ejected for the rest of the run.
+    assert await calls(6) == [200] * 6
+    assert good.served == 24 - bad.served
 
 
 async def test_an_upstream_of_the_wrong_trust_domain_is_refused_and_counted(
@@ -432,3 +447,28 @@ async def test_an_abort_fault_applied_by_a_config_update_reaches_open_connection
     assert handler.served == served
     assert requests_of(caller, "us-west", "4xx") >= 2
     await client.close()
+
+
+async def test_the_connect_timeout_of_the_policy_bounds_a_silent_endpoint(mesh: Mesh) -> None:
+    # A listener that accepts and never answers the TLS handshake.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    caller = await mesh.sidecar(
+        mesh.west,
+        "checkout",
+        1,
+        upstreams=[{"service": "payments", "targets": [target("us-west", port)]}],
+        policies=[traffic_policy(timeouts={"connect": "150ms"}, retries={"attempts": 1})],
+    )
+    client = await Client.open(outbound_port(caller))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert (await get(client))[0] == 502
+    assert 0.1 <= loop.time() - started < 1.5
+    assert requests_of(caller, "us-west", "connect-failure") == 1
+    await client.close()
+    server.close()
