@@ -81,6 +81,11 @@ CLUSTER = "us-west"
 MESH = "acme"
 PEERS = 10
 NAMESPACE = "default"
+FAILOVER_INTERVAL = ""
+"""The failover loop's tick (``--failover-interval``, e.g. ``1h`` to keep it out of the way
+for a diagnosis; the config's default, 1 s, otherwise)."""
+WORKDIR: str | None = None
+"""Where the control plane's log goes (``--workdir``; its temporary directory otherwise)."""
 
 Upstreams = dict[str, pb.Upstream]
 
@@ -104,6 +109,7 @@ spec:
   admission: {{allowLoopback: true}}
   probeGateways: false
   policyDirectory: policies
+{f"  failover: {{interval: {FAILOVER_INTERVAL}}}" if FAILOVER_INTERVAL else ""}
 """)
     return path
 
@@ -113,7 +119,7 @@ def _http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[in
     request = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - loopback
     request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -163,7 +169,9 @@ async def _control_plane(directory: Path) -> AsyncIterator[tuple[asyncio.subproc
         "--config",
         str(config),
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=(directory / "controlplane.log").open("wb"),
+        stderr=(Path(WORKDIR or directory) / f"controlplane-{directory.parent.name}.log").open(
+            "wb"
+        ),
     )
     try:
         endpoints = directory / "state" / "endpoints.json"
@@ -299,7 +307,7 @@ def _fresh(client: DiscoveryClient[Upstreams], name: str) -> bool:
 
 async def _run_size(total: int, changes: int, full: bool, rng: random.Random) -> dict[str, float]:
     per_peer = total // PEERS
-    with tempfile.TemporaryDirectory(prefix="bench-federation-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"bench-federation-{total}-") as tmp:
         root = Path(tmp)
         async with _control_plane(root / CLUSTER) as (process, admin):
             started = time.monotonic()
@@ -358,7 +366,7 @@ async def _changes(
         before = await _metrics(admin)
         t0 = time.monotonic()
         peer.export(name)
-        await _until(functools.partial(contains, sidecar.arrived, name), 10, f"{name} arrives")
+        await _until(functools.partial(contains, sidecar.arrived, name), 60, f"{name} arrives")
         latencies.append(sidecar.arrived[name] - t0)
         # Let the control plane finish the push (the ack) before reading its counters.
         await asyncio.sleep(0.02 + rng.random() * 0.03)
@@ -465,6 +473,7 @@ async def _main(sizes: list[int], changes: int, seed: int) -> dict[str, Any]:
         "services": max(sizes),
         "peers": PEERS,
         "changes": changes,
+        "failover_interval": FAILOVER_INTERVAL or "1s",
         "by_size": {str(k): {n: round(v, 3) for n, v in row.items()} for k, row in by_size.items()},
     }
 
@@ -475,7 +484,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=4)
+    parser.add_argument("--workdir", default=None, help="keep logs here (default: a temp dir)")
+    parser.add_argument("--failover-interval", default="", help="e.g. 1h (default: 1s)")
     args = parser.parse_args()
+    global WORKDIR, FAILOVER_INTERVAL
+    WORKDIR = args.workdir
+    FAILOVER_INTERVAL = args.failover_interval
     sizes = [int(s) for s in args.sizes.split(",")]
     if len(sizes) < 2 or any(s % PEERS or s < PEERS for s in sizes):
         parser.error(f"--sizes needs two or more multiples of {PEERS}")
