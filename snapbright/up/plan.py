@@ -503,6 +503,9 @@ class _Planner:
             },
             "policyDirectory": str(self.policy_dir(cluster)),
             "gateways": gateways,
+            # A replica killed -9 cannot deregister: its registration must lapse in seconds
+            # for the mesh to stop sending it calls (sidecars heartbeat every third of it).
+            "catalog": {"registrationTtl": "5s"},
             "admission": {"allowLoopback": True},
             "failover": {"interval": "1s"},
             "probeGateways": True,

@@ -128,7 +128,11 @@ def test_up_runs_the_default_mesh_and_ctrl_c_leaves_no_process(tmp_path: Path) -
                     if "sidecar" in replica:
                         assert _get(f"{replica['sidecar']['admin']}/ready")[0] == 200
                         outbound = f"http://{replica['sidecar']['outbound']}/"
-                        assert _get(outbound, {"Host": "payments"})[0] == 200
+                        status, answer = _get(outbound, {"Host": "payments"})
+                        assert status == 200
+                        # mTLS end to end: the callee's sidecar saw the caller's SPIFFE ID.
+                        caller = json.loads(answer)["peerId"]
+                        assert caller.startswith(f"spiffe://{cluster}.demo/ns/default/sa/")
         assert _get(f"{document['wan']['admin']}/healthz")[0] == 200
         _, body = _get(f"{document['clusters']['us-west']['admin']}/api/v1/peering")
         peers = {p["peer"]: p["state"].lower() for p in json.loads(body)["peers"]}

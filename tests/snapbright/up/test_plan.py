@@ -218,6 +218,7 @@ def test_control_plane_config_validates_and_points_at_the_cluster_directories() 
     assert config.state_dir(Path("/elsewhere")) == plan.state_of("us-west")
     assert config.policy_directory(Path("/elsewhere")) == plan.policy_dir("us-west")
     assert spec.admission.allow_loopback
+    assert spec.catalog.registration_ttl == 5.0
     assert {
         "admin": spec.listen.admin.port,
         "discovery": spec.listen.discovery.port,
