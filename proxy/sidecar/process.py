@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -24,9 +25,10 @@ from aiohttp import web
 
 from proxy.api.v1 import discovery_pb2 as pb
 from proxy.config.source import ConfigSource, ReloadResult
-from proxy.discovery.client import DiscoveryClient
+from proxy.discovery.client import DiscoveryClient, StatsReporter
 from proxy.http.model import Limits, Timeouts
 from proxy.http.server import OutboundServer, serve_outbound
+from proxy.identity.svid import X509Svid
 from proxy.sidecar.admin import bound_port, start_admin
 from proxy.sidecar.inbound import Inbound
 from proxy.sidecar.metrics import SidecarMetrics
@@ -207,47 +209,80 @@ def _registration(config: SidecarConfig, inbound_port: int) -> Registration | No
     return Registration(plane.admin_url, body)
 
 
-async def _discovery(
-    config: SidecarConfig, metrics: SidecarMetrics
-) -> tuple[DiscoveryClient[SidecarState], asyncio.Task[None]]:
-    spec = config.spec
-    plane = spec.control_plane
-    assert plane is not None
-    identity = spec.identity
-    svid = load_svid(spec.tls.certificate, spec.tls.key)
-    bundle = load_own_bundle(config)
-    holder: list[DiscoveryClient[SidecarState]] = []
-    client: DiscoveryClient[SidecarState] = DiscoveryClient(
-        f"{plane.address}:{plane.port}",
-        pb.ProxyIdentity(
+class _Discovery:
+    """The discovery client of a sidecar, its renewed SVIDs, and its stats reporter."""
+
+    def __init__(self, config: SidecarConfig, metrics: SidecarMetrics) -> None:
+        spec = config.spec
+        plane = spec.control_plane
+        assert plane is not None
+        identity = spec.identity
+        svid = load_svid(spec.tls.certificate, spec.tls.key)
+        self.identity = pb.ProxyIdentity(
             role=pb.ProxyIdentity.ROLE_SIDECAR,
             cluster=identity.cluster,
             namespace=identity.namespace,
             service_account=identity.service_account,
             workload=f"{identity.service}-{socket.gethostname()}",
             service=identity.service,
-        ),
-        svid,
-        bundle,
-        state_from_snapshot(config, lambda: holder[0].svid if holder else svid),
-        registry=metrics.registry,
-    )
-    holder.append(client)
-    return client, asyncio.get_running_loop().create_task(client.run())
+        )
+        self.sidecar: Sidecar | None = None
+        self.client: DiscoveryClient[SidecarState] = DiscoveryClient(
+            f"{plane.address}:{plane.port}",
+            self.identity,
+            svid,
+            load_own_bundle(config),
+            state_from_snapshot(config, lambda: self.client.svid),
+            on_svid=self._renewed,
+            registry=metrics.registry,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reporter: StatsReporter | None = None
+
+    def _renewed(self, svid: X509Svid) -> None:
+        # A renewed SVID may come without a new configuration: new connections use it now.
+        sidecar = self.sidecar
+        if sidecar is not None and sidecar.state is not None:
+            sidecar.apply(dataclasses.replace(sidecar.state, svid=svid))
+
+    def start(self) -> None:
+        """Subscribe (in the background)."""
+        self._tasks.append(asyncio.get_running_loop().create_task(self.client.run()))
+
+    def report(self, sidecar: Sidecar) -> None:
+        """Follow ``sidecar``'s SVID renewals and stream its per-second stats."""
+        self.sidecar = sidecar
+        self._reporter = StatsReporter(
+            self.client.open_channel, self.identity, sidecar.router.stats.drain
+        )
+        self._tasks.append(asyncio.get_running_loop().create_task(self._reporter.run()))
+
+    async def stop(self) -> None:
+        """Stop subscribing and reporting."""
+        if self._reporter is not None:
+            self._reporter.close()
+        self.client.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def serve(config_path: Path) -> None:
     """Run one sidecar until SIGTERM or SIGINT, then drain and stop."""
     config = load_sidecar_config(config_path)
-    discovery = config.spec.control_plane is not None
-    metrics = SidecarMetrics(config.spec.identity.cluster, reloads=not discovery)
-    task: asyncio.Task[None] | None = None
+    discovery = None
+    metrics = SidecarMetrics(
+        config.spec.identity.cluster, reloads=config.spec.control_plane is None
+    )
     source: ConfigSource[SidecarState]
-    if discovery:
-        client, task = await _discovery(config, metrics)
+    if config.spec.control_plane is not None:
+        discovery = _Discovery(config, metrics)
+        discovery.start()
         _log.info("sidecar: waiting for a first configuration from the control plane")
-        await client.wait_ready()
-        source = client
+        await discovery.client.wait_ready()
+        source = discovery.client
     else:
 
         def counted(result: ReloadResult) -> None:
@@ -266,6 +301,8 @@ async def serve(config_path: Path) -> None:
     registration: Registration | None = None
     try:
         await sidecar.start()
+        if discovery is not None:
+            discovery.report(sidecar)
         assert sidecar.inbound is not None
         registration = _registration(config, sidecar.inbound.port)
         if registration is not None:
@@ -277,10 +314,8 @@ async def serve(config_path: Path) -> None:
         if registration is not None:
             await registration.stop()
         await sidecar.aclose()
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if discovery is not None:
+            await discovery.stop()
 
 
 def run(config_path: Path) -> int:

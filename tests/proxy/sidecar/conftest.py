@@ -12,7 +12,7 @@ import uvloop
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
-    if "/test_process.py::" in item.nodeid:
+    if "/test_process.py::" in item.nodeid or "/test_discovery.py::" in item.nodeid:
         # The sidecar runs in its own process (on uvloop): the test's loop only waits.
         return {"asyncio": asyncio.new_event_loop}
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.proxy.http.backend import Backend
 from tests.proxy.http.client import Client
@@ -24,6 +25,7 @@ from tests.proxy.sidecar.test_resilience import dead_port
 SNAPBRIGHT = [sys.executable, "-m", "snapbright"]
 
 
+@pytest.mark.e2e
 async def test_the_process_serves_reports_and_stops_on_sigterm(tmp_path: Path) -> None:
     west = Cluster.create("us-west")
     bundles = {west.trust_domain.name: write_bundle(tmp_path, west.ca.bundle())}
