@@ -10,15 +10,20 @@
 - ``snapbright_config_reload_total{result}``: configuration updates, ``ok`` or ``rejected``.
 - ``snapbright_cert_expiry_timestamp_seconds``: when the sidecar's own SVID expires.
 
-The children of one (upstream, target cluster) are resolved when the router builds that
-target and kept by it, so a request costs one counter increment and one observation.
+The requests of one (upstream, target cluster) are counted by a recorder the router gets
+when it builds that target: plain integers (a counter per outcome, histogram buckets), no
+label lookup, no lock. A collector turns them into the two families when Prometheus scrapes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from proxy.stats.core import Outcome
 
@@ -36,21 +41,60 @@ INBOUND_REJECT_REASONS = (
 )
 """Reasons created up front so that dashboards see zeros, not gaps (others appear on use)."""
 
+_LABELS = ["source_cluster", "destination_service", "destination_cluster"]
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class _TargetRecorder:
-    """Counts one (upstream, target) request: its children, resolved once."""
+    """Counts the requests of one (upstream, target) in plain integers: a counter per outcome
+    and the latency histogram's buckets. Prometheus reads them when it scrapes."""
 
-    __slots__ = ("_by_outcome", "_duration")
+    __slots__ = ("buckets", "counts", "total")
 
-    def __init__(self, by_outcome: list[Counter], duration: Histogram) -> None:
-        self._by_outcome = by_outcome
-        self._duration = duration
+    def __init__(self) -> None:
+        self.counts = [0] * len(Outcome)
+        self.buckets = [0] * (len(_BUCKETS) + 1)
+        self.total = 0.0
 
     def __call__(self, outcome: Outcome, latency: float) -> None:
-        self._by_outcome[outcome].inc()
-        self._duration.observe(latency)
+        self.counts[outcome] += 1
+        self.buckets[bisect_left(_BUCKETS, latency)] += 1
+        self.total += latency
+
+
+class _RequestCollector(Collector):
+    """Exposes every target's recorder as ``snapbright_requests_total`` and
+    ``snapbright_request_duration_seconds`` at scrape time."""
+
+    def __init__(self, source: str) -> None:
+        self._source = source
+        self.recorders: dict[tuple[str, str], _TargetRecorder] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "snapbright_requests",
+            "Outbound requests by destination and how they ended.",
+            labels=[*_LABELS, "response_class"],
+        )
+        duration = HistogramMetricFamily(
+            "snapbright_request_duration_seconds",
+            "Time from dispatch to response headers of outbound requests.",
+            labels=_LABELS,
+        )
+        for (service, cluster), recorder in self.recorders.items():
+            labels = [self._source, service, cluster]
+            for outcome in Outcome:
+                requests.add_metric([*labels, outcome.label], recorder.counts[outcome])
+            cumulative = list(accumulate(recorder.buckets))
+            buckets = [(_bound(b), float(c)) for b, c in zip(_BUCKETS, cumulative, strict=False)]
+            buckets.append(("+Inf", float(cumulative[-1])))
+            duration.add_metric(labels, buckets, recorder.total)
+        yield requests
+        yield duration
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
 
 
 class SidecarMetrics:
@@ -64,21 +108,8 @@ class SidecarMetrics:
         reloads: bool = True,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._source = source_cluster
-        labels = ["source_cluster", "destination_service", "destination_cluster"]
-        self._requests = Counter(
-            "snapbright_requests",
-            "Outbound requests by destination and how they ended.",
-            [*labels, "response_class"],
-            registry=self.registry,
-        )
-        self._duration = Histogram(
-            "snapbright_request_duration_seconds",
-            "Time from dispatch to response headers of outbound requests.",
-            labels,
-            buckets=_BUCKETS,
-            registry=self.registry,
-        )
+        self._requests = _RequestCollector(source_cluster)
+        self.registry.register(self._requests)
         inbound = Counter(
             "snapbright_inbound_rejected",
             "Inbound connections or requests refused, by reason.",
@@ -116,19 +147,18 @@ class SidecarMetrics:
     def target(
         self, service: str, cluster: str
     ) -> tuple[Callable[[Outcome, float], None], Callable[[], None]]:
-        """The recorder of one (upstream, target cluster), and how to drop its children."""
-        source = self._source
-        by_outcome = [
-            self._requests.labels(source, service, cluster, outcome.label) for outcome in Outcome
-        ]
-        duration = self._duration.labels(source, service, cluster)
+        """The recorder of one (upstream, target cluster), and how to drop its series."""
+        key = (service, cluster)
+        recorders = self._requests.recorders
+        recorder = recorders.get(key)
+        if recorder is None:
+            recorder = recorders[key] = _TargetRecorder()
 
         def drop() -> None:
-            for outcome in Outcome:
-                self._requests.remove(source, service, cluster, outcome.label)
-            self._duration.remove(source, service, cluster)
+            if recorders.get(key) is recorder:
+                del recorders[key]
 
-        return _TargetRecorder(by_outcome, duration), drop
+        return recorder, drop
 
     def inbound_rejected(self, reason: str) -> None:
         """Count one refused inbound connection or request."""
