@@ -143,6 +143,8 @@ def test_up_runs_the_default_mesh_and_ctrl_c_leaves_no_process(tmp_path: Path) -
         }
         assert carried[("us-west", "ap-southeast")] > 0, "peering did not cross the WAN"
 
+        _fault_through_the_policy_directory(state_dir, document)
+
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=max(1.0, _DEADLINE - (time.monotonic() - started))) == 0
         assert [name for name, pid in pids.items() if _alive(pid)] == []
@@ -156,3 +158,31 @@ def test_up_runs_the_default_mesh_and_ctrl_c_leaves_no_process(tmp_path: Path) -
             if _alive(pid):
                 os.killpg(pid, signal.SIGKILL)
     assert time.monotonic() - started < _DEADLINE
+
+
+def _fault_through_the_policy_directory(state_dir: Path, document: dict[str, Any]) -> None:
+    """`snapbright fault set` slows calls from us-west to payments within seconds; `clear`
+    undoes it."""
+    replicas = document["clusters"]["us-west"]["services"]["checkout"]
+    if "sidecar" not in replicas[0]:
+        return
+    outbound = f"http://{replicas[0]['sidecar']['outbound']}/"
+    where = ["--cluster", "us-west", "--service", "payments", "--state-dir", str(state_dir)]
+
+    def slowed() -> bool:
+        began = time.monotonic()
+        _get(outbound, {"Host": "payments"})
+        return time.monotonic() - began >= 0.3
+
+    steps = (
+        (["set", *where, "--latency", "300ms"], True),
+        (["clear", "--state-dir", str(state_dir)], False),
+    )
+    for command, expected in steps:
+        subprocess.run(
+            [sys.executable, "-m", "snapbright", "fault", *command], check=True, timeout=20
+        )
+        deadline = time.monotonic() + 8
+        while slowed() is not expected:
+            assert time.monotonic() < deadline, f"fault {command[0]} did not take effect"
+            time.sleep(0.2)
