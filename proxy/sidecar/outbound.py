@@ -124,6 +124,8 @@ class TcpServer:
     def __init__(self, route: Callable[[], MeshRoute | None], connector: MeshConnector) -> None:
         self._route = route
         self._connector = connector
+        self.requested_port = 0
+        """The port asked for (0: any)."""
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._ends: set[PipeEnd] = set()
@@ -184,6 +186,7 @@ class TcpServer:
     async def serve(self, host: str, port: int) -> None:
         """Listen on ``host:port``."""
         loop = asyncio.get_running_loop()
+        self.requested_port = port
         self._server = await loop.create_server(
             lambda: _TcpClient(self), host, port, reuse_address=True
         )

@@ -73,6 +73,7 @@ class Sidecar:
         self.outbound: OutboundServer | None = None
         self.inbound: Inbound | None = None
         self.tcp: dict[str, TcpServer] = {}
+        self._tcp_connector: MeshConnector | None = None
         self.admin: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = False
@@ -122,15 +123,10 @@ class Sidecar:
             timeouts=self._timeouts,
         )
         self.inbound = inbound
-        tcp_connector = MeshConnector(self.tls, alpn=ALPN_TCP, on_reject=metrics.outbound_rejected)
-        for service, upstream in state.upstreams.items():
-            if upstream.tcp_port is not None:
-                self.tcp[service] = await serve_tcp(
-                    listeners.outbound.address,
-                    upstream.tcp_port,
-                    _route_of(self.router, service),
-                    tcp_connector,
-                )
+        self._tcp_connector = MeshConnector(
+            self.tls, alpn=ALPN_TCP, on_reject=metrics.outbound_rejected
+        )
+        await self._tcp_ports(state, strict=True)
         self._tasks.append(asyncio.get_running_loop().create_task(self._follow()))
         self._ready = True
 
@@ -144,17 +140,43 @@ class Sidecar:
             self.inbound.set_policies(state.trust_domain, state.authorization_for(state.service))
         self.metrics.cert_expiry.set(state.svid.not_after.timestamp())
 
+    async def _tcp_ports(self, state: SidecarState, *, strict: bool = False) -> None:
+        """Open the TCP ports of new upstreams; close those removed or moved.
+
+        At start a port that cannot be bound stops the sidecar (``strict``); later it is
+        logged and the rest of the configuration stays in force.
+        """
+        assert self._tcp_connector is not None
+        wanted = {s: u.tcp_port for s, u in state.upstreams.items() if u.tcp_port is not None}
+        for service, server in list(self.tcp.items()):
+            if wanted.get(service) != server.requested_port:
+                del self.tcp[service]
+                await server.aclose()
+        for service, port in wanted.items():
+            if service in self.tcp:
+                continue
+            try:
+                self.tcp[service] = await serve_tcp(
+                    self.config.spec.listeners.outbound.address,
+                    port,
+                    _route_of(self.router, service),
+                    self._tcp_connector,
+                )
+            except OSError as error:
+                if strict:
+                    raise
+                _log.warning("sidecar: cannot open TCP port %d of %s: %s", port, service, error)
+
     async def _follow(self) -> None:
+        # Reloads are counted by the source (the file source's on_reload, the discovery
+        # client's own counter); here only a state the data plane cannot use is.
         async for state in self.source.updates():
             try:
                 self.apply(state)
+                await self._tcp_ports(state)
             except Exception:
-                # A state the data plane cannot use (e.g. an unbuildable context): keep the
-                # one in force, as for a rejected file.
                 _log.exception("sidecar: could not apply configuration %s", state.version)
                 self.metrics.reload_rejected()
-            else:
-                self.metrics.reload_ok()
 
     async def aclose(self, grace: float | None = None) -> None:
         """Drain and stop: not ready at once, requests in flight finish within ``grace``."""

@@ -214,3 +214,26 @@ async def test_a_grpc_call_passes_through_the_tcp_port_over_mtls(tmp_path: Path)
             await pair.caller.aclose(grace=1.0)
             await pair.callee.aclose(grace=1.0)
             await idle_app.close()
+
+
+async def test_a_tcp_port_moved_by_a_config_update_follows(tmp_path: Path) -> None:
+    with grpc_app() as grpc_port:
+        idle_app = await Backend().start()
+        pair = await _pair(tmp_path, grpc_port, idle_app)
+        try:
+            moved = dead_port()
+            path = tmp_path / "checkout.yaml"
+            path.write_text(path.read_text().replace(str(pair.tcp_port), str(moved)))
+            await _until(
+                lambda: (
+                    "payments" in pair.caller.tcp
+                    and pair.caller.tcp["payments"].requested_port == moved
+                )
+            )
+            assert await asyncio.to_thread(_call, moved) == b"hello|checkout"
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", pair.tcp_port)
+        finally:
+            await pair.caller.aclose(grace=1.0)
+            await pair.callee.aclose(grace=1.0)
+            await idle_app.close()
