@@ -102,12 +102,18 @@ class _Policies:
 class _PeerGate:
     """One connection's verified peer: its header, and the authorization of each request."""
 
-    __slots__ = ("_header", "_inbound", "_peer")
+    __slots__ = ("_header", "_inbound", "_peer", "_policies", "_verdicts")
+
+    _VERDICTS_MAX = 64
 
     def __init__(self, inbound: Inbound, peer: SpiffeId) -> None:
         self._inbound = inbound
         self._peer = peer
         self._header = (PEER_ID_HEADER, str(peer).encode("ascii"))
+        # Verdicts of this peer's recent (method, path) pairs under the policies in force:
+        # keep-alive callers repeat them, and a policy update starts afresh.
+        self._policies: _Policies | None = None
+        self._verdicts: dict[tuple[bytes, bytes], str | None] = {}
 
     def headers(self, hdr: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         kept = [field for field in hdr if field[0].lower() != PEER_ID_HEADER]
@@ -117,18 +123,32 @@ class _PeerGate:
     def admit(self, method: bytes, path: bytes) -> str | None:
         inbound = self._inbound
         policies = inbound.policies
+        verdicts = self._verdicts
+        if policies is not self._policies:
+            self._policies = policies
+            verdicts.clear()
+        key = (method, path)
+        try:
+            refusal = verdicts[key]
+        except KeyError:
+            refusal = self._decide(policies, method, path)
+            if len(verdicts) >= self._VERDICTS_MAX:
+                verdicts.clear()
+            verdicts[key] = refusal
+        if refusal is not None:
+            inbound.reject("forbidden")
+        return refusal
+
+    def _decide(self, policies: _Policies, method: bytes, path: bytes) -> str | None:
         verdict = authorize(
             policies.policies,
             self._peer,
             policies.local,
-            inbound.app_port,
+            self._inbound.app_port,
             method.decode("latin-1"),
             path.decode("latin-1"),
         )
-        if verdict.allowed:
-            return None
-        inbound.reject("forbidden")
-        return f"forbidden: {verdict.reason}"
+        return None if verdict.allowed else f"forbidden: {verdict.reason}"
 
 
 class _TlsAccept(asyncio.Protocol):

@@ -252,3 +252,37 @@ async def test_a_path_inside_the_allowed_prefix_is_served(guarded: Callee, targe
 async def test_a_method_the_rule_does_not_list_is_refused(guarded: Callee) -> None:
     caller = forge_leaf(WEST, NOW, uris=[CALLER_ID])
     assert await call(guarded.port, caller, WEST, b"/public", b"DELETE") == 403
+
+
+async def test_a_policy_update_applies_to_an_open_connection(
+    callee: Callee, tmp_path: Path
+) -> None:
+    context = client_context(forge_leaf(WEST, NOW, uris=[CALLER_ID]), WEST.bundle())
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", callee.port, ssl=context, server_hostname="payments"
+    )
+
+    async def status() -> int:
+        writer.write(b"GET /x HTTP/1.1\r\nHost: payments\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+        return int(head.split()[1])
+
+    assert await status() == 200
+    path = tmp_path / "payments.yaml"
+    deny_all = (
+        "policies:\n  - apiVersion: snapbright.io/v1alpha1\n    kind: AuthorizationPolicy\n"
+        "    metadata: {name: nobody}\n    spec: {service: payments, rules: []}\n"
+    )
+    path.write_text(path.read_text().replace("policies: []\n", deny_all))
+    for _ in range(250):
+        if await status() == 403:
+            break
+        await asyncio.sleep(0.02)
+    assert await status() == 403
+    writer.close()
