@@ -666,6 +666,9 @@ class Discovery(pb_grpc.DiscoveryServicer):
                     subscriber.wake.set()
                 elif kind == "nack":
                     self._record_nack(subscriber, request.nack)
+                    # It kept what it last acked: the next delta starts from there.
+                    if request.nack.version == subscriber.held_version:
+                        subscriber.held_version = subscriber.acked_version
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass  # the proxy went away; the stream's end says the rest
         finally:

@@ -14,9 +14,11 @@ client answers it as it answered the version the first time.
 Deltas. The client says it takes deltas: after a complete snapshot the control plane may send
 only the upstreams changed since the version the client holds (``from_version``), with
 removed upstream names, and the other fields complete. A delta from a version the client does
-not hold, or removing an upstream it does not have, is nacked (the last good configuration
-stays, and the control plane sends a complete snapshot next); this is not a rejection of the
-content, so the complete snapshot of the same version is parsed, not refused. With
+not hold is nacked (the last good configuration stays, and the control plane sends a complete
+snapshot next); this is not a rejection of the content, so the complete snapshot of the same
+version is parsed, not refused. Removing an upstream the client does not have is a no-op (the
+control plane names every key that changed since ``from_version``, including ones added and
+removed again in between). With
 ``parse_delta`` the configuration is updated from the delta alone (O(changes)); without it,
 the client rebuilds the complete snapshot and calls ``parse`` (O(upstreams) per delta).
 
@@ -379,12 +381,6 @@ class DiscoveryClient(Generic[T]):
         problem = ""
         if not self._has_value or delta.from_version != self._version:
             problem = f"a delta from {delta.from_version}, but we hold {self._version or 'nothing'}"
-        else:
-            missing = [
-                n for n in delta.removed_upstreams if _upstream_name(n) not in self._upstreams
-            ]
-            if missing:
-                problem = f"the delta removes {missing[0].namespace}/{missing[0].service}, unknown"
         if problem:
             # Not a verdict on the content: the complete snapshot that follows is parsed.
             self._m_reloads.labels("rejected").inc()
