@@ -15,6 +15,13 @@ assignment; `MeshRoute` objects (which client connections cache) stay, so every 
 sees the new plan on its next request. Targets, their endpoints (with their learned
 latency), breakers and outlier records are kept for what remains, so that requests in flight
 are accounted on the objects that counted them.
+
+What a TrafficPolicy sets here: the connect timeout (per target, enforced by the mTLS
+connector), retries of connect failures within the budget (`pick_retry`, called by the
+forwarder; nothing was sent, so the method does not matter), circuit-breaker request
+limits, outlier detection and fault injection. Not yet: the request and idle timeouts are
+the listener's (`proxy.http.model.Timeouts`), and 5xx/reset retries of idempotent requests
+would need the forwarder to hold the response back.
 """
 
 from __future__ import annotations
