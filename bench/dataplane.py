@@ -33,13 +33,17 @@ Measurements, each pair interleaved (A B, then B A, … for ``--rounds`` rounds;
 - ``gateway_rps_ratio``: wrk -c50 over TLS (SNI ``payments.default.east.acme``, resolved in a
   private mount namespace) through the gateway vs haproxy tcp ``req.ssl_sni``;
 - ``mtls_p99_ratio``: p99 through A → B vs the haproxy pair at one fixed offered rate, 70 % of
-  the haproxy pair's median wrk throughput, measured by bench/loadgen/openloop.c;
+  the haproxy pair's median wrk throughput, measured by bench/loadgen/openloop.c (when that
+  rate is beyond the sidecar pair's capacity, its queue grows for the whole run and this ratio
+  says "overloaded" more than "slow tail"; so ``mtls_p99_ratio_at_sidecar_rate`` repeats the
+  comparison at 70 % of the sidecar pair's own median throughput);
 - ``handshake_ratio``: full mTLS handshakes per second against B's inbound vs haproxy's TLS
   frontend, by bench/loadgen/handshake.c;
 - ``sidecar_rss_idle_mib`` (A after start, before any traffic), ``sidecar_rss_load_mib`` (A's
   largest VmRSS sampled during its c50 runs), ``sidecar_kib_per_conn`` (A's VmRSS with 1,000
   idle keep-alive client connections, each having made one request, minus before, per
-  connection).
+  connection; ``sidecar_fds_per_idle_conn`` counts A's file descriptors the same way, which
+  shows whether an idle client connection also holds an upstream connection).
 
 Why our own open-loop generator: wrk is closed loop (a stalled response delays the next
 send, so the stall is measured once: coordinated omission) and wrk2 is not in Debian.
@@ -57,7 +61,8 @@ time (libssl-dev is apt-installed if missing).
 
 The machine is shared (2 cores, other work may run), so wall-clock figures move; each wrk run
 also reads the proxies' CPU time from /proc and the table shows CPU µs per request (for the
-pairs, both proxies together), a figure other load barely moves. The last line printed is one
+pairs, both proxies together; split into user and system time), a figure other load moves
+far less. The last line printed is one
 JSON object with the ratios and the targets' verdicts.
 """
 
@@ -291,15 +296,20 @@ async def _serve_plain_sidecar(config_path: Path) -> None:
 class _Measured(NamedTuple):
     run: harness.WrkRun
     cpu_us: float  # the proxies' CPU time per request, µs
+    user_us: float  # of which in user space
+    sys_us: float  # of which in the kernel
 
 
 def _wrk_measured(
     url: str, pids: list[int], connections: int, seconds: float, **kwargs: Any
 ) -> _Measured:
-    before = sum(harness.cpu_seconds(pid) for pid in pids)
+    before = [harness.cpu_split(pid) for pid in pids]
     run = harness.wrk(url, connections, seconds, **kwargs)
-    cpu = sum(harness.cpu_seconds(pid) for pid in pids) - before
-    return _Measured(run, cpu * 1e6 / max(run.requests, 1))
+    after = [harness.cpu_split(pid) for pid in pids]
+    per = 1e6 / max(run.requests, 1)
+    user = sum(a[0] - b[0] for a, b in zip(after, before, strict=True)) * per
+    system = sum(a[1] - b[1] for a, b in zip(after, before, strict=True)) * per
+    return _Measured(run, user + system, user, system)
 
 
 def _openloop(tool: Path, port: int, rate: float, seconds: float) -> OpenLoopRun:
@@ -520,7 +530,10 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
                 result = _wrk_measured(url, pids, 50, args.seconds, **options)
         else:
             result = _wrk_measured(url, pids, 50, args.seconds, **options)
-        print(f"  c50 {name:<16} {result.run.rps:>9,.0f} req/s {result.cpu_us:>7.1f} µs CPU/req")
+        print(
+            f"  c50 {name:<16} {result.run.rps:>9,.0f} req/s {result.cpu_us:>7.1f} µs CPU/req"
+            f" ({result.user_us:.1f} user + {result.sys_us:.1f} sys)"
+        )
         return result
 
     print("warm-up")
@@ -563,6 +576,14 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
         return run
 
     open_results = _interleaved(args.rounds, ("mtls sidecars", "mtls haproxy"), open_loop)
+    # A companion at a rate both sustain: 70 % of the sidecar pair's own maximum.
+    rate_both = 0.7 * min(
+        mtls_haproxy_rps, statistics.median(m.run.rps for m in results["mtls sidecars"])
+    )
+    print(f"open loop at {rate_both:,.0f} req/s (70 % of the sidecar pair), 50 connections")
+    rate, rate_high = rate_both, rate
+    open_both = _interleaved(args.rounds, ("mtls sidecars", "mtls haproxy"), open_loop)
+    rate = rate_high
 
     print("full mTLS handshakes, 32 in flight")
     hs_targets = {
@@ -580,13 +601,16 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
 
     print("memory: 1,000 idle keep-alive connections to sidecar A's outbound listener")
     time.sleep(1.0)
-    rss_before = harness.rss_kib(a.pid)
+    rss_before, fds_before = harness.rss_kib(a.pid), harness.open_fds(a.pid)
     conns = _idle_connections(a_ports["outbound"], 1000)
     time.sleep(1.0)
-    rss_with = harness.rss_kib(a.pid)
+    rss_with, fds_with = harness.rss_kib(a.pid), harness.open_fds(a.pid)
     for sock in conns:
         sock.close()
-    print(f"  VmRSS {rss_before} KiB before, {rss_with} KiB with 1,000 connections")
+    print(
+        f"  VmRSS {rss_before} KiB before, {rss_with} KiB with 1,000 connections;"
+        f" open fds {fds_before} before, {fds_with} with"
+    )
 
     def med(values: list[float]) -> float:
         return statistics.median(values)
@@ -596,14 +620,20 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
     p50 = {name: med(values) for name, values in c1.items()}
     added = {name: p50[name] - p50["direct"] for name in ("l7 sidecar", "l7 haproxy")}
     p99 = {name: med([r.p99_us for r in runs]) for name, runs in open_results.items()}
+    p99_both = {name: med([r.p99_us for r in runs]) for name, runs in open_both.items()}
     hs_rate = {name: med([r[0] for r in runs]) for name, runs in hs.items()}
     hs_cpu = {name: med([r[1] for r in runs]) for name, runs in hs.items()}
 
     print()
-    print(f"{'path':<18}{'req/s':>10}{'CPU µs/req':>12}   each round (req/s)")
+    user = {name: med([m.user_us for m in runs]) for name, runs in results.items()}
+    system = {name: med([m.sys_us for m in runs]) for name, runs in results.items()}
+    print(f"{'path':<18}{'req/s':>10}{'CPU µs/req':>12}{'user':>7}{'sys':>7}   each round (req/s)")
     for name, runs in results.items():
         each = " ".join(f"{m.run.rps:,.0f}" for m in runs)
-        print(f"{name:<18}{rps[name]:>10,.0f}{cpu[name]:>12.1f}   {each}")
+        print(
+            f"{name:<18}{rps[name]:>10,.0f}{cpu[name]:>12.1f}{user[name]:>7.1f}"
+            f"{system[name]:>7.1f}   {each}"
+        )
     print(f"{'c1 p50':<18}" + "  ".join(f"{n} {v * 1e6:.1f} µs" for n, v in p50.items()))
     print(f"{'added p50':<18}" + "  ".join(f"{n} {v * 1e6:.1f} µs" for n, v in added.items()))
     print(
@@ -612,12 +642,18 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
         + f"  at {rate:,.0f} req/s"
     )
     print(
+        f"{'open-loop p99':<18}"
+        + "  ".join(f"{n} {v:,.0f} µs" for n, v in p99_both.items())
+        + f"  at {rate_both:,.0f} req/s"
+    )
+    print(
         f"{'handshakes/s':<18}"
         + "  ".join(f"{n} {hs_rate[n]:,.0f} ({hs_cpu[n]:.0f} µs CPU)" for n in hs_rate)
     )
     print(
         f"{'sidecar A VmRSS':<18}idle {rss_idle_kib / 1024:.1f} MiB, under load "
-        f"{sampler.peak_kib / 1024:.1f} MiB, +{(rss_with - rss_before) / 1000:.1f} KiB/conn"
+        f"{sampler.peak_kib / 1024:.1f} MiB, +{(rss_with - rss_before) / 1000:.1f} KiB/conn,"
+        f" +{(fds_with - fds_before) / 1000:.2f} fds/conn"
     )
 
     ratio_p50 = added["l7 sidecar"] / added["l7 haproxy"] if added["l7 haproxy"] > 0 else 99.0
@@ -636,9 +672,14 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
         "mtls_cpu_ratio": round(cpu["mtls haproxy"] / cpu["mtls sidecars"], 3),
         "gateway_cpu_ratio": round(cpu["gateway haproxy"] / cpu["gateway"], 3),
         "handshake_cpu_ratio": round(hs_cpu["haproxy"] / hs_cpu["sidecar inbound"], 3),
+        "mtls_p99_ratio_at_sidecar_rate": round(
+            p99_both["mtls sidecars"] / p99_both["mtls haproxy"], 3
+        ),
+        "sidecar_fds_per_idle_conn": round((fds_with - fds_before) / 1000, 2),
         "haproxy_l7_rps": round(rps["l7 haproxy"]),
         "haproxy_mtls_rps": round(rps["mtls haproxy"]),
         "open_loop_rate": round(rate),
+        "open_loop_rate_sidecar": round(rate_both),
         "gateway_forwarding": mode,
         "rounds": args.rounds,
     }

@@ -30,10 +30,12 @@ __all__ = [
     "RESPONSE",
     "WrkRun",
     "cpu_seconds",
+    "cpu_split",
     "free_port",
     "gateway",
     "haproxy",
     "haproxy_config",
+    "open_fds",
     "parse_wrk",
     "process",
     "rss_kib",
@@ -66,11 +68,22 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU time (seconds) a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     # Fields 14 and 15 of stat (utime, stime), counted after the command's closing paren.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    return sum(cpu_split(pid))
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors a process has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def rss_kib(pid: int) -> int:
