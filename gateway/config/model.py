@@ -32,35 +32,16 @@ refused unless ``allowNonLoopback: true`` says it is meant.
 from __future__ import annotations
 
 import ipaddress
-import re
-from typing import Annotated, ClassVar, Literal, Self
+from typing import ClassVar, Literal, Self
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import Field, model_validator
 
-from proxy.config.model import Document, FieldError, Name, Spec
+from proxy.config.model import Document, FieldError, IpAddress, MeshName, Name, Spec
 from proxy.policy.model import Port, PositiveDuration
 
 RESERVED_NAMESPACE = "snapbright"
 """Namespace of the names the gateway serves itself: ``controlplane`` and ``probe``."""
 
-_MESH = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
-
-
-def _ip(value: str) -> str:
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IP address") from None
-
-
-def _mesh(value: str) -> str:
-    if len(value) > 200 or _MESH.match(value) is None:
-        raise ValueError("must be dot-separated DNS labels (a-z, 0-9 and '-')")
-    return value
-
-
-IpAddress = Annotated[str, AfterValidator(_ip)]
-"""An IPv4 or IPv6 literal, held in its canonical spelling."""
 
 Balance = Literal["round-robin", "least-connections"]
 """How a connection picks one of a service's endpoints."""
@@ -141,7 +122,7 @@ class GatewaySpec(Spec):
     """Everything one gateway process needs."""
 
     cluster: Name
-    mesh: Annotated[str, AfterValidator(_mesh)]
+    mesh: MeshName
     listen: Listener = Listener()
     admin: AdminListener = AdminListener()
     limits: Limits = Limits()

@@ -8,10 +8,19 @@ and 1) and held as a float between 0 and 1.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+)
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "snapbright.io/v1alpha1"
@@ -80,6 +89,47 @@ Share = Annotated[
 
 Name = Annotated[str, Field(pattern=_DNS_LABEL, max_length=63)]
 """A DNS-label name (services, clusters, namespaces): lowercase, digits and ``-``."""
+
+
+_MESH = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
+
+
+def _ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+
+
+def _loopback(value: str) -> str:
+    if not ipaddress.ip_address(value).is_loopback:
+        raise ValueError("must be a loopback address: only this host may reach it")
+    return value
+
+
+def _mesh(value: str) -> str:
+    if len(value) > 200 or _MESH.match(value) is None:
+        raise ValueError("must be dot-separated DNS labels (a-z, 0-9 and '-')")
+    return value
+
+
+def _host_port(value: str) -> str:
+    if _HOST_PORT.match(value) is None or not 1 <= int(value.rpartition(":")[2]) <= 65535:
+        raise ValueError(f"{value!r} is not host:port (port 1-65535)")
+    return value
+
+
+IpAddress = Annotated[str, AfterValidator(_ip)]
+"""An IPv4 or IPv6 address, held in its canonical text form."""
+LoopbackAddress = Annotated[str, AfterValidator(_ip), AfterValidator(_loopback)]
+"""An address only this host can reach (admin listeners)."""
+MeshName = Annotated[str, AfterValidator(_mesh)]
+"""A mesh name: dot-separated DNS labels (it ends every trust domain: ``<cluster>.<mesh>``)."""
+HostPort = Annotated[str, AfterValidator(_host_port)]
+"""``host:port`` or ``[v6]:port``."""
+ListenPort = Annotated[int, Field(ge=0, le=65535)]
+"""A port to listen on; 0 takes any free port (tests, ``snapbright up``)."""
 
 
 class Frozen(BaseModel):

@@ -32,15 +32,23 @@ Either the file names its ``upstreams`` and ``policies`` (the file source), or i
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, ClassVar, Literal, Self
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import Field, model_validator
 
-from proxy.config.model import Document, FieldError, Name, Share, Spec
+from proxy.config.model import (
+    Document,
+    FieldError,
+    IpAddress,
+    ListenPort,
+    LoopbackAddress,
+    MeshName,
+    Name,
+    Share,
+    Spec,
+)
 from proxy.identity.bundle import TrustBundleSet
 from proxy.identity.model import SpiffeId, TrustDomain
 from proxy.identity.svid import X509Svid
@@ -54,34 +62,6 @@ __all__ = [
     "sni_of",
     "target_name",
 ]
-
-_MESH = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
-
-
-def _ip(value: str) -> str:
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IP address") from None
-
-
-def _mesh(value: str) -> str:
-    if len(value) > 200 or _MESH.match(value) is None:
-        raise ValueError("must be dot-separated DNS labels (a-z, 0-9 and '-')")
-    return value
-
-
-def _loopback(value: str) -> str:
-    if not ipaddress.ip_address(value).is_loopback:
-        raise ValueError("must be a loopback address: only this host may reach it")
-    return value
-
-
-IpAddress = Annotated[str, AfterValidator(_ip)]
-LoopbackAddress = Annotated[str, AfterValidator(_ip), AfterValidator(_loopback)]
-MeshName = Annotated[str, AfterValidator(_mesh)]
-ListenPort = Annotated[int, Field(ge=0, le=65535)]
-"""A port to listen on; 0 takes any free port (tests, ``snapbright up``)."""
 
 
 class Identity(Spec):

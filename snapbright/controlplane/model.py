@@ -45,46 +45,26 @@ Readers ignore fields they do not know, so a writer may add more (sidecar ports,
 from __future__ import annotations
 
 import ipaddress
-import re
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal, Self
+from typing import ClassVar, Literal, Self
 
-from pydantic import AfterValidator, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from proxy.config.model import Document, Duration, FieldError, Frozen, Name, Spec
+from proxy.config.model import (
+    Document,
+    Duration,
+    FieldError,
+    Frozen,
+    HostPort,
+    IpAddress,
+    ListenPort,
+    MeshName,
+    Name,
+    Spec,
+)
 
 ENDPOINTS_FILE = "endpoints.json"
 """The name of the endpoints file in a state directory."""
-
-_MESH = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
-_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
-
-
-def _ip(value: str) -> str:
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IP address") from None
-
-
-def _mesh(value: str) -> str:
-    if len(value) > 200 or _MESH.match(value) is None:
-        raise ValueError("must be dot-separated DNS labels (a-z, 0-9 and '-')")
-    return value
-
-
-def _host_port(value: str) -> str:
-    if _HOST_PORT.match(value) is None or not 1 <= int(value.rpartition(":")[2]) <= 65535:
-        raise ValueError(f"{value!r} is not host:port (port 1-65535)")
-    return value
-
-
-IpAddress = Annotated[str, AfterValidator(_ip)]
-Mesh = Annotated[str, AfterValidator(_mesh)]
-HostPort = Annotated[str, AfterValidator(_host_port)]
-"""``host:port`` or ``[v6]:port``."""
-ListenPort = Annotated[int, Field(ge=0, le=65535)]
-"""A port to listen on; 0 takes a free one (tests, ``snapbright up``)."""
 
 
 class Listen(Spec):
@@ -162,7 +142,7 @@ class ControlPlaneSpec(Spec):
     """Everything one cluster's control plane needs to start."""
 
     cluster: Name
-    mesh: Mesh
+    mesh: MeshName
     state_dir: str = Field(min_length=1)
     listen: Listeners = Field(default_factory=Listeners)
     catalog: Catalog = Field(default_factory=Catalog)
