@@ -592,9 +592,14 @@ class _Planner:
 
     def _exported(self, cluster: str, service: MeshService) -> bool:
         # With the topology's own ExportPolicy the control plane decides per peer; the
-        # gateway only needs to know the name may be routed at all.
+        # gateway only needs to know the name may be routed at all: it is exported to one of
+        # this cluster's peers. A name no policy exports is closed at the gateway.
         if any("ExportPolicy" in p.kinds for p in self.policies):
-            return True
+            peers = set(self.mesh.peers_of(cluster))
+            return any(
+                export.get("service") == service.name and peers & set(export.get("peers") or ())
+                for export in _topology_exports(self.policies)
+            )
         return bool(self.mesh.peers_of(cluster))
 
     def _wan(
@@ -744,6 +749,17 @@ class _Planner:
 
 
 _GATEWAY_NAMESPACE = "snapbright"
+
+
+def _topology_exports(policies: Sequence[PolicyFile]) -> Iterator[dict[str, Any]]:
+    """Every ``spec.exports`` entry of the topology's ExportPolicy documents (the files were
+    validated by the caller, so only their shape is assumed here)."""
+    for policy in policies:
+        if "ExportPolicy" not in policy.kinds:
+            continue
+        for document in yaml.safe_load_all(policy.text):
+            if isinstance(document, dict) and document.get("kind") == "ExportPolicy":
+                yield from (document.get("spec") or {}).get("exports") or ()
 
 
 def _admin_url(port: int) -> str:

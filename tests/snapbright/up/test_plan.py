@@ -271,6 +271,28 @@ def test_a_topology_export_policy_replaces_the_generated_one_in_every_cluster() 
         assert plan.policy_dir(cluster) / EXPORTS_FILE not in paths
 
 
+def test_with_a_topology_export_policy_the_gateway_routes_only_exported_names() -> None:
+    # Found by tests/integration/test_three_clusters.py: an unexported service was routed.
+    text = yaml.safe_dump(
+        {
+            "apiVersion": "snapbright.io/v1alpha1",
+            "kind": "ExportPolicy",
+            "metadata": {"name": "mine"},
+            "spec": {"exports": [{"service": "payments", "peers": ["us-west"]}]},
+        }
+    )
+    plan = _plan(policies=(PolicyFile("exports.yaml", text, frozenset({"ExportPolicy"})),))
+    exported = {}
+    for cluster in ("us-west", "ap-southeast"):
+        config = _config(plan, f"{cluster}.gateway", GatewayConfig)
+        assert isinstance(config, GatewayConfig)
+        exported[cluster] = {s.name: s.exported for s in config.spec.services}
+    assert exported == {
+        "us-west": {"payments": False, "checkout": False},
+        "ap-southeast": {"payments": True},
+    }
+
+
 def test_a_caller_reaches_its_upstreams_through_its_own_sidecar() -> None:
     plan = _plan()
     checkout = _process(plan, "us-west.checkout-0")
