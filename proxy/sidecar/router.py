@@ -22,6 +22,20 @@ forwarder; nothing was sent, so the method does not matter), circuit-breaker req
 limits, outlier detection and fault injection. Not yet: the request and idle timeouts are
 the listener's (`proxy.http.model.Timeouts`), and 5xx/reset retries of idempotent requests
 would need the forwarder to hold the response back.
+
+Hard failures, as Envoy's priority failover with ``previous_priorities`` retries:
+
+- A connect failure takes the endpoint out of rotation at once (1 s, doubling per failure in
+  a row up to 16 s, reset by a response), whatever outlier detection's share cap says: a
+  refused or timed-out connect is an endpoint that is not there, not a sick one.
+- The retry after a connect failure goes to another target cluster that has an endpoint in
+  rotation (in weight order, weight 0 included: a mirrored target is a failover priority), and
+  only if none has, to another endpoint of the same target; local failures are often
+  correlated (a whole deployment gone), the next priority is not.
+- A pick whose target has no endpoint in rotation (all out, or none left) goes to the next
+  target that has one, so requests stop paying for dead endpoints before the control plane
+  moves the weights. With no endpoint in rotation anywhere, the weighted target's endpoints
+  are tried anyway (panic: better than refusing, and it is how recovery is seen).
 """
 
 from __future__ import annotations
@@ -137,11 +151,17 @@ class TargetRuntime:
 class MeshEndpoint(Endpoint):
     """An endpoint of a target: its load (balance core) and the target it belongs to."""
 
-    __slots__ = ("target",)
+    __slots__ = ("connect_failures", "target")
 
     def __init__(self, host: str, port: int, now: float, target: TargetRuntime) -> None:
         super().__init__(host, port, now)
         self.target = target
+        self.connect_failures = 0
+        """Connect failures in a row (each doubles the time out of rotation)."""
+
+
+_CONNECT_EJECTION_S = 1.0
+_CONNECT_EJECTION_MAX_S = 16.0
 
 
 def _ignore(outcome: Outcome, latency: float) -> None:
@@ -155,7 +175,7 @@ def _nothing() -> None:
 class _Plan:
     """An upstream's configuration as one value: swapped whole on each update."""
 
-    __slots__ = ("budget", "fault", "retry", "targets", "weighted")
+    __slots__ = ("budget", "fault", "order", "retry", "targets", "weighted")
 
     def __init__(
         self,
@@ -164,12 +184,15 @@ class _Plan:
         retry: RetryPolicy,
         budget: RetryBudget,
         fault: FaultSpec | None = None,
+        order: tuple[TargetRuntime, ...] = (),
     ) -> None:
         self.weighted = weighted
         self.targets = targets
         self.retry = retry
         self.budget = budget
         self.fault = fault
+        self.order = order
+        """Failover priorities: the heaviest target first, weight 0 last."""
 
 
 _EMPTY = _Plan(WeightedTargets({}), {}, RetryPolicy(), RetryBudget())
@@ -178,7 +201,7 @@ _EMPTY = _Plan(WeightedTargets({}), {}, RetryPolicy(), RetryBudget())
 class MeshRoute:
     """The route of one upstream: implements proxy/http's `Route` (and `pick_retry`)."""
 
-    __slots__ = ("_rng", "_wall", "plan", "policy", "service")
+    __slots__ = ("_failed", "_rng", "_wall", "plan", "policy", "service")
 
     def __init__(self, service: str, rng: Random, wall_offset: float) -> None:
         self.service = service
@@ -186,6 +209,9 @@ class MeshRoute:
         self.policy: TrafficPolicySpec | None = None
         self._rng = rng
         self._wall = wall_offset
+        # The target of the latest connect failure: the forwarder asks `pick_retry` right
+        # after `on_failure`, in the same callback, so this is the attempt being retried.
+        self._failed: TargetRuntime | None = None
 
     def pick(self, now: float) -> MeshEndpoint | None:
         """A target by weight, an endpoint by P2C, a breaker slot; ``None`` if none."""
@@ -216,15 +242,32 @@ class MeshRoute:
             raise InjectedFault(delay=delay, endpoint=endpoint)
         return endpoint
 
-    def _pick(self, plan: _Plan, now: float) -> MeshEndpoint | None:
+    def _pick(
+        self, plan: _Plan, now: float, avoid: TargetRuntime | None = None
+    ) -> MeshEndpoint | None:
         rng = self._rng
         name = plan.weighted.pick(rng)
         if name is None:
             return None
         target = plan.targets[name]
-        endpoint = p2c_pick(target.endpoints, rng, now)
+        endpoint = None
+        if target is not avoid:
+            endpoint = p2c_pick(target.endpoints, rng, now)
         if endpoint is None:
-            return None
+            # Failover: the next target (by priority) with an endpoint in rotation.
+            for other in plan.order:
+                if other is not target and other is not avoid:
+                    endpoint = p2c_pick(other.endpoints, rng, now)
+                    if endpoint is not None:
+                        break
+        if endpoint is None and avoid is not None:
+            endpoint = p2c_pick(avoid.endpoints, rng, now)
+        if endpoint is None:
+            if not target.endpoints:
+                return None
+            # Panic: nothing in rotation anywhere; trying beats refusing, and shows recovery.
+            endpoint = target.endpoints[rng.randrange(len(target.endpoints))]
+        target = endpoint.target  # type: ignore[attr-defined]  # a MeshEndpoint
         refused = target.breaker.try_acquire()
         if refused is not None:
             raise Overloaded(refused)
@@ -246,8 +289,9 @@ class MeshRoute:
         )
         if delay is None:
             return None
+        avoid, self._failed = self._failed, None
         try:
-            return self._pick(plan, now)
+            return self._pick(plan, now, avoid)
         except Overloaded:
             return None
 
@@ -258,6 +302,7 @@ class MeshRoute:
         ep.end()
         ep.observe(latency, now)
         target.breaker.release()
+        ep.connect_failures = 0
         if status >= 500:
             target.outliers.record_failure(ep, now)
         else:
@@ -278,6 +323,12 @@ class MeshRoute:
             return
         if failure is not Failure.TIMEOUT:
             target.outliers.record_failure(ep, now)
+        if failure is Failure.CONNECT:
+            # Out of rotation at once (no share cap): a connect that fails finds nobody.
+            out = _CONNECT_EJECTION_S * 2.0 ** min(ep.connect_failures, 4)
+            ep.connect_failures += 1
+            ep.ejected_until = max(ep.ejected_until, now + min(out, _CONNECT_EJECTION_MAX_S))
+            self._failed = target
         target.series.record(outcome, latency, now + self._wall)
         target.record(outcome, latency)
 
@@ -398,4 +449,6 @@ class MeshRouter:
                 abort_status=faults.abort.status if faults.abort else 503,
                 abort_share=faults.abort.percentage if faults.abort else 0.0,
             )
-        return _Plan(weighted, by_name, retry, budget, fault)
+        weights = {target.name: target.weight for target in upstream.targets}
+        order = tuple(sorted(by_name.values(), key=lambda target: -weights[target.name]))
+        return _Plan(weighted, by_name, retry, budget, fault, order)

@@ -263,9 +263,44 @@ async def test_connect_failures_are_retried_on_another_endpoint_and_ejected(mesh
         await client.close()
     assert set(statuses) == {200}
     failures = requests_of(caller, "us-west", "connect-failure")
-    # Each failure was retried on the live endpoint; two in a row ejected the dead one.
-    assert failures == 2
+    # The failure was retried on the live endpoint, and that one failure ejected the dead one
+    # (a connect failure is ejected at once, whatever consecutiveFailures says).
+    assert failures == 1
     assert handler.served == 10
+
+
+async def test_dead_local_endpoints_fail_over_to_a_weight_zero_remote_with_no_failed_call(
+    mesh: Mesh,
+) -> None:
+    east_app, east = await mesh.app("east")
+    east_side = await mesh.sidecar(
+        mesh.east, "payments", east_app.port, policies=[allow_all_of("us-west.acme")]
+    )
+    dead = [dead_port(), dead_port()]
+    caller = await mesh.sidecar(
+        mesh.west,
+        "checkout",
+        1,
+        upstreams=[
+            {
+                "service": "payments",
+                "targets": [
+                    {
+                        "cluster": "us-west",
+                        "endpoints": [{"address": "127.0.0.1", "port": p} for p in dead],
+                    },
+                    target("ap-southeast", inbound_port(east_side), "0%"),
+                ],
+            }
+        ],
+    )
+    client = await Client.open(outbound_port(caller))
+    statuses = [(await get(client))[0] for _ in range(20)]
+    await client.close()
+    assert statuses == [200] * 20
+    assert east.served == 20
+    # Each dead endpoint cost one connect failure (then it was out of rotation), no more.
+    assert requests_of(caller, "us-west", "connect-failure") <= len(dead)
 
 
 @pytest.mark.parametrize(

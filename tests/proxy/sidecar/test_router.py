@@ -157,3 +157,72 @@ def test_stats_are_kept_per_upstream_and_target_cluster() -> None:
     by_cluster = {w.target_cluster: w.requests for w in windows}
     assert sum(by_cluster.values()) == 100
     assert set(by_cluster) == {"us-west", "eu"}
+
+
+def _connect_failed(route: MeshRoute, endpoint: MeshEndpoint, now: float) -> None:
+    """``endpoint`` was picked and its connect failed at ``now``."""
+    endpoint.start()
+    assert endpoint.target.breaker.try_acquire() is None
+    route.on_failure(endpoint, Failure.CONNECT, 0.001, now)
+
+
+def test_a_connect_failure_takes_the_endpoint_out_at_once_whatever_the_share_cap() -> None:
+    router = MeshRouter(rng=Random(1))
+    router.apply(_state(_target("us-west", 1.0, 1000, 1001)), now=0.0)
+    route = _route(router)
+    dead = next(e for e in router.targets()[0].endpoints if e.port == 1000)
+    _connect_failed(route, dead, 1.0)
+    assert {_pick(route, 1.5).port for _ in range(50)} == {1001}
+    # Back in rotation after a second; a second failure in a row keeps it out twice as long.
+    assert 1000 in {_pick(route, 2.01).port for _ in range(50)}
+    _connect_failed(route, dead, 3.0)
+    assert {_pick(route, 4.5).port for _ in range(50)} == {1001}
+
+
+def test_the_retry_after_a_local_connect_failure_goes_to_a_weight_zero_remote() -> None:
+    router = MeshRouter(rng=Random(1))
+    router.apply(_state(_target("us-west", 1.0, 1000, 1001), _target("eu", 0.0, 2000)), now=0.0)
+    route = _route(router)
+    first = _pick(route, 0.0)
+    assert first.target.cluster == "us-west"
+    route.on_failure(first, Failure.CONNECT, 0.001, 0.001)
+    retry = route.pick_retry(2, 0.001)
+    assert retry is not None
+    assert (retry.target.cluster, retry.port) == ("eu", 2000)
+
+
+@pytest.mark.parametrize(
+    ("remote_weight", "remote_ports", "expected"),
+    [
+        (0.0, (2000,), {2000}),  # a mirrored target at weight 0 is a failover priority
+        (0.0, (), {1000, 1001}),  # nowhere else to go: the local endpoints anyway (panic)
+    ],
+    ids=["next priority", "panic"],
+)
+def test_picks_skip_a_target_whose_endpoints_are_all_out(
+    remote_weight: float, remote_ports: tuple[int, ...], expected: set[int]
+) -> None:
+    router = MeshRouter(rng=Random(1))
+    router.apply(
+        _state(_target("us-west", 1.0, 1000, 1001), _target("eu", remote_weight, *remote_ports)),
+        now=0.0,
+    )
+    route = _route(router)
+    for endpoint in router.targets()[0].endpoints:
+        _connect_failed(route, endpoint, 0.001)
+    assert {_pick(route, 0.5).port for _ in range(50)} == expected
+
+
+def test_a_response_resets_the_connect_failure_backoff() -> None:
+    router = MeshRouter(rng=Random(1))
+    router.apply(_state(_target("us-west", 1.0, 1000, 1001)), now=0.0)
+    route = _route(router)
+    flaky = next(e for e in router.targets()[0].endpoints if e.port == 1000)
+    for now in (0.0, 10.0, 30.0):
+        _connect_failed(route, flaky, now)
+    flaky.start()
+    flaky.target.breaker.try_acquire()
+    route.on_response(flaky, 200, 0.001, 50.0)
+    _connect_failed(route, flaky, 60.0)
+    # Out for the base second again, not for 8 s.
+    assert 1000 in {_pick(route, 61.01).port for _ in range(50)}
