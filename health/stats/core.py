@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from federation.peering.model import ServiceHealth, ServiceKey
 from health.failover.model import Observations, TargetObservation
@@ -429,6 +429,14 @@ class HealthView:
     endpoint health per service, the imports and health summaries from peers, the gateway
     probes. :meth:`pairs` and :meth:`observe` are what
     :class:`~health.failover.loop.FailoverLoop` calls every tick.
+
+    **No data is not a failure.** A service with no local registration counts as having no
+    healthy local endpoint only from ``local_from`` on: a (re)started control plane sets it to
+    when its catalog was first read plus a grace period for local services to (re)register
+    (one registration TTL). Before that, it is reported with no fresh observation of the
+    local cluster, so the controller holds (``no-local-data``) instead of moving everything
+    away. Registered endpoints that are unhealthy are evidence, and count at once. The
+    default (``-inf``) trusts the view from the start.
     """
 
     def __init__(
@@ -438,9 +446,12 @@ class HealthView:
         *,
         span_s: int = SHORT_SPAN_S,
         min_samples: int = 10,
+        local_from: float = -math.inf,
     ) -> None:
         self.cluster = cluster
         self.stats = stats
+        self.local_from = local_from
+        """From when a missing or endpoint-less local copy counts as down (see above)."""
         self._span = span_s
         self._min_samples = min_samples
         self._local: dict[str, LocalService] = {}
@@ -480,8 +491,9 @@ class HealthView:
     def observe(self, service: str, caller_cluster: str, now: float) -> Observations:
         """The observations of ``service`` from ``caller_cluster`` at ``now``."""
         # A service we do not serve has no healthy local endpoint, as of now.
-        local = self._local.get(service, LocalService(0, now))
-        return observations(
+        registered = self._local.get(service)
+        local = registered or LocalService(0, now)
+        seen = observations(
             self.stats,
             service,
             caller_cluster,
@@ -492,3 +504,8 @@ class HealthView:
             span_s=self._span,
             min_samples=self._min_samples,
         )
+        if registered is None and now < self.local_from:
+            # Still starting: "none registered yet" is no data, never evidence of failure.
+            mine = replace(seen.targets[0], observed_at=-math.inf)
+            return replace(seen, targets=(mine, *seen.targets[1:]))
+        return seen

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import signal
 import socket
 import time
@@ -206,7 +207,9 @@ async def running(
             config.policy_directory(base), metrics, poll_interval=policy_poll_interval
         )
         regional = RegionalStats()
-        health = HealthView(spec.cluster, regional)
+        # No "no healthy local endpoint" until the catalog was read and local services had
+        # a registration TTL to register again (set by _follow_catalog).
+        health = HealthView(spec.cluster, regional, local_from=math.inf)
         # Filled in below, once the ports are known; the builder reads it lazily.
         view = ClusterView(
             MirrorSettings(spec.cluster, spec.mesh, trust_domain, spec.stale_grace),
@@ -429,6 +432,9 @@ async def _follow_catalog(plane: ControlPlane, source: CatalogSource) -> None:
         try:
             exported = _export(plane, catalog, exported)
             now = time.time()
+            if plane.health.local_from == math.inf:
+                # The catalog's first read: from one TTL on, a missing local copy is down.
+                plane.health.local_from = now + plane.config.spec.catalog.registration_ttl
             present = set()
             for service in local_services(catalog):
                 present.add(service.key.name)

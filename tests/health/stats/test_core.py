@@ -10,7 +10,7 @@ import pytest
 
 from federation.peering.model import ServiceHealth, ServiceKey
 from health.failover.core import decide
-from health.failover.model import ControllerState, FailoverPolicy
+from health.failover.model import TOTAL_WEIGHT, ControllerState, FailoverPolicy, Rule
 from health.probe.core import ProbeSettings, ProbeStatus
 from health.stats.core import (
     LONG_SPAN_S,
@@ -537,3 +537,27 @@ def test_a_service_we_do_not_serve_has_no_healthy_local_endpoint() -> None:
     view.set_remote(PAYMENTS, RemoteService(EU, 4))
     local = view.observe(PAYMENTS, US, NOW).targets[0]
     assert (local.cluster, local.healthy_endpoints, local.observed_at) == (US, 0, NOW)
+
+
+@pytest.mark.parametrize(
+    ("local", "now", "rule", "local_weight"),
+    [
+        (None, NOW, Rule.NO_LOCAL_DATA, TOTAL_WEIGHT),  # nothing registered yet: no data
+        (LocalService(0, NOW), NOW, Rule.NO_HEALTHY_LOCAL, 0),  # registered, all unhealthy
+        (LocalService(2, NOW), NOW, Rule.HOLD, TOTAL_WEIGHT),  # registered: decided as usual
+        (None, NOW + 5, Rule.NO_HEALTHY_LOCAL, 0),  # after the grace: really none
+    ],
+    ids=["unregistered in grace", "unhealthy is evidence", "registered in grace", "after grace"],
+)
+def test_a_restarted_control_plane_moves_nothing_until_local_services_had_time_to_register(
+    local: LocalService | None, now: float, rule: Rule, local_weight: int
+) -> None:
+    # Our callers' traffic is in the stats, a healthy remote is imported; the catalog was
+    # read at NOW - 1 with a 5 s registration TTL, so the grace ends at NOW + 4.
+    view = HealthView(US, _local_traffic(), local_from=NOW + 4)
+    view.set_local(PAYMENTS, local)
+    view.set_remote(PAYMENTS, RemoteService(EU, 4, _summary(), received_at=now))
+    view.set_gateways({EU: ALIVE_GATEWAY})
+    decision = decide(None, ControllerState.initial(US), view.observe(PAYMENTS, US, now), now)
+    assert decision.rule is rule
+    assert decision.weights.get(US, 0) == local_weight

@@ -36,7 +36,8 @@ def _targets(snapshot: pb.Snapshot, service: str) -> dict[str, pb.Target]:
 async def test_an_exported_service_appears_as_a_mirror_target_on_the_importing_side(
     tmp_path: Path,
 ) -> None:
-    west = write_config(tmp_path / "west", "us-west")
+    # A 1 s TTL: the failover loop may call "no local copy" one TTL after the catalog's read.
+    west = write_config(tmp_path / "west", "us-west", catalog="{registrationTtl: 1s}")
     east = write_config(tmp_path / "east", "ap-southeast")
     (tmp_path / "east" / "policies" / "exports.yaml").write_text(EXPORT_PAY)
     async with control_plane(east) as exporter, control_plane(west) as importer:

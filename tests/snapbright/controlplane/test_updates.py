@@ -59,7 +59,8 @@ def _export(peer: PeeringManager, name: str) -> None:
 async def test_one_exported_service_more_recomputes_one_upstream_and_arrives_as_a_delta(
     tmp_path: Path,
 ) -> None:
-    config = write_config(tmp_path / "west", "us-west")
+    # A 1 s TTL: the failover loop may call "no local copy" one TTL after the catalog's read.
+    config = write_config(tmp_path / "west", "us-west", catalog="{registrationTtl: 1s}")
     async with _peer(tmp_path / "peer") as peer, control_plane(config) as plane:
         for index in range(50):
             _export(peer, f"svc-{index}")
