@@ -466,7 +466,9 @@ class _Planner:
             )
             header = "# Written by `snapbright up`: every service here is exported to every peer.\n"
             self.files.append(PlannedFile(directory / EXPORTS_FILE, header + _yaml(document)))
-        if not any("AuthorizationPolicy" in p.kinds for p in self.policies):
+        services = list(self.mesh.services_in(cluster))
+        # A cluster with no service gets no file: one with no document is a bad policy file.
+        if services and not any("AuthorizationPolicy" in p.kinds for p in self.policies):
             # Callers from other clusters are refused unless a policy allows them: let the
             # demo's own cluster and its peers call every service here.
             domains = [self.mesh.trust_domain(c).name for c in (cluster, *peers)]

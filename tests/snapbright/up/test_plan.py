@@ -345,6 +345,18 @@ def test_without_an_authorization_policy_the_cluster_and_its_peers_may_call_each
     assert [p.trust_domain for p in rule.from_] == ["ap-southeast.demo", "us-west.demo"]
 
 
+def test_a_cluster_without_services_gets_no_empty_authorization_file() -> None:
+    # Found by tests/integration/test_three_clusters.py: the control plane of a cluster with
+    # no service never became ready ("the file holds no document").
+    text = THREE_CLUSTERS.replace("    - {name: web, clusters: [a, b], upstreams: [pay]}\n", "")
+    mesh = load_bytes(text, {LocalMesh.KIND: LocalMesh}).raise_for_errors()[0]
+    assert isinstance(mesh, LocalMesh)
+    plan = _plan(mesh)
+    paths = {f.path for f in plan.files}
+    assert plan.policy_dir("a") / AUTHORIZATION_FILE not in paths
+    assert plan.policy_dir("c") / AUTHORIZATION_FILE in paths
+
+
 def test_peering_waits_for_every_process_of_both_clusters() -> None:
     plan = _plan()
     peering = plan.step("peering.us-west.ap-southeast")
