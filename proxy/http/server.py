@@ -594,7 +594,24 @@ class _Downstream(asyncio.Protocol):
         if hdr == self._last_hdr:
             # The same header fields as this client's previous request: same checks, same
             # result (clients tend to send one set of headers over and over).
-            block, host, length, coding, listed, upgrade_to = self._last_block
+            block, host, length, coding, listed, upgrade_to, tail, tail_body = self._last_block
+            if (
+                tail is not None
+                and keep_alive
+                and not upgrade
+                and authority is None
+                and (version is None or version == "1.1")
+            ):
+                # The common request (HTTP/1.1, keep-alive, a Host, no Connection, no
+                # Transfer-Encoding) with fields already checked: its head in one join.
+                self.http11 = True
+                self._chunked_up = False
+                self.upgrading = False
+                self.keep_alive = True
+                self.close_after = self._closing
+                return self._dispatch(
+                    method, path, host, tail_body, b"".join((method, b" ", path, tail))
+                )
         else:
             block_parts: list[bytes] = []
             extend = block_parts.extend
@@ -623,8 +640,26 @@ class _Downstream(asyncio.Protocol):
                 extend((name, b": ", value, b"\r\n"))
             block = b"".join(block_parts)
             if len(block) <= _BLOCK_CACHE_MAX:
+                # What the common request appends after its path (None: not the common one).
+                tail = None
+                tail_body = False
+                if host is not None and listed is None and coding is None:
+                    if length is None:
+                        tail = b" HTTP/1.1\r\n%s\r\n" % block
+                    elif self._max_body is None or int(length) <= self._max_body:
+                        tail = b" HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n" % (block, int(length))
+                        tail_body = int(length) > 0
                 self._last_hdr = hdr
-                self._last_block = (block, host, length, coding, listed, upgrade_to)
+                self._last_block = (
+                    block,
+                    host,
+                    length,
+                    coding,
+                    listed,
+                    upgrade_to,
+                    tail,
+                    tail_body,
+                )
         parts = [method, b" ", path, b" HTTP/1.1\r\n", block]
         extend = parts.extend
         if version is None:
@@ -673,7 +708,14 @@ class _Downstream(asyncio.Protocol):
         self.upgrading = upgrade
         self.keep_alive = keep_alive
         self.close_after = not keep_alive or upgrade or self._closing
+        return self._dispatch(method, path, host, has_body, b"".join(parts))
+
+    def _dispatch(
+        self, method: bytes, path: bytes, host: bytes, has_body: bool, head: bytes
+    ) -> bool:
+        """Admit, route and pick for a checked request, and send ``head`` upstream."""
         self.head_request = method == b"HEAD"
+        gate = self._gate
         if gate is not None:
             denied = gate.admit(method, path)
             if denied is not None:
@@ -709,8 +751,8 @@ class _Downstream(asyncio.Protocol):
         self._reported = False
         self._t0 = now
         self._attempts = 1
-        self._req_head = head = b"".join(parts)
-        self._retryable = not has_body and method in _RETRYABLE_METHODS and not upgrade
+        self._req_head = head
+        self._retryable = not has_body and method in _RETRYABLE_METHODS and not self.upgrading
         self._up_out.append(head)
         if delay:
             self._release_held()
