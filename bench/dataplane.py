@@ -533,6 +533,7 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
         print(
             f"  c50 {name:<16} {result.run.rps:>9,.0f} req/s {result.cpu_us:>7.1f} µs CPU/req"
             f" ({result.user_us:.1f} user + {result.sys_us:.1f} sys)"
+            + (f", {result.run.timeouts} over 10 s" if result.run.timeouts else "")
         )
         return result
 
@@ -676,6 +677,11 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
             p99_both["mtls sidecars"] / p99_both["mtls haproxy"], 3
         ),
         "sidecar_fds_per_idle_conn": round((fds_with - fds_before) / 1000, 2),
+        "wrk_timeouts": {
+            name: sum(m.run.timeouts for m in runs)
+            for name, runs in results.items()
+            if any(m.run.timeouts for m in runs)
+        },
         "haproxy_l7_rps": round(rps["l7 haproxy"]),
         "haproxy_mtls_rps": round(rps["mtls haproxy"]),
         "open_loop_rate": round(rate),

@@ -32,6 +32,12 @@ def test_wrk_output_gives_rate_percentiles_in_seconds_and_count() -> None:
     assert run.requests == 209512
 
 
+def test_wrk_timeouts_are_counted_not_refused() -> None:
+    run = parse_wrk(_WRK + "  Socket errors: connect 0, read 0, write 0, timeout 7\n")
+    assert run.timeouts == 7
+    assert run.requests == 209512
+
+
 @pytest.mark.parametrize(
     "extra",
     [
