@@ -4,8 +4,10 @@ A peer dials the gateway with SNI ``probe.snapbright.<cluster>.<mesh>``. That na
 like any other, to an upstream: a small TLS server inside this process, on loopback, that
 terminates mTLS with the gateway's own SVID (:func:`proxy.tls.context.server_context`),
 accepts a client only if :func:`~proxy.tls.context.verify_peer` proves its SVID chains to its
-own trust domain's roots, and answers ``GET /`` with ``200``. A probe that only completes the
-handshake (``exchange="handshake"`` in :mod:`health.probe.prober`) is served too.
+own trust domain's roots, and answers ``GET /`` with ``200``, on the same connection as long
+as the client keeps it (the prober times one request on an established connection: that is
+the RTT a pooled request pays). A probe that only completes the handshake
+(``exchange="handshake"`` in :mod:`health.probe.prober`) is served too.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from proxy.tls.context import server_context, verify_peer
 
 _REQUEST_LIMIT = 4096
 _REQUEST_TIMEOUT = 5.0
+_IDLE_TIMEOUT = 60.0  # between requests on a kept connection (probes come every second or so)
 _HANDSHAKE_TIMEOUT = 5.0
 _RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n"
+_RESPONSE_KEPT = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"
 
 
 class ProbeIdentityError(ValueError):
@@ -125,11 +129,18 @@ class ProbeServer:
             except SvidError:
                 self.refused += 1
                 return
-            async with asyncio.timeout(_REQUEST_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-            if len(head) <= _REQUEST_LIMIT:
-                writer.write(_RESPONSE)
+            timeout = _REQUEST_TIMEOUT
+            while True:
+                async with asyncio.timeout(timeout):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                if len(head) > _REQUEST_LIMIT:
+                    return
+                keep = b"connection: close" not in head.lower()
+                writer.write(_RESPONSE_KEPT if keep else _RESPONSE)
                 await writer.drain()
+                if not keep:
+                    return
+                timeout = _IDLE_TIMEOUT
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             return  # a handshake-only probe, or a request too large or too slow
         except (OSError, ssl.SSLError):

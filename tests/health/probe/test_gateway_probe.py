@@ -7,6 +7,7 @@ through with our SVID, in both exchange modes, and see the gateway go down when 
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -22,6 +23,8 @@ from health.probe.core import ProbeSettings, ProbeState
 from health.probe.prober import GatewayTarget, ProbeFailed, Prober
 from proxy.identity.bundle import TrustBundleSet
 from proxy.identity.model import SpiffeId
+from snapbright.wan.model import Forward, LinkSettings, WanConfig
+from snapbright.wan.server import WanEmulator
 from tests.health.probe.test_prober import (
     BUNDLES,
     CONTROL_PLANE,
@@ -118,3 +121,34 @@ async def test_the_gateway_is_down_after_it_stops_and_up_while_it_runs() -> None
     assert registry.get_sample_value("snapbright_gateway_up", {"peer": "eu-west"}) == 0
     prober.set_targets([])
     assert registry.get_sample_value("snapbright_gateway_up", {"peer": "eu-west"}) is None
+
+
+async def test_through_a_40ms_wan_the_rtt_is_one_round_trip_on_a_kept_connection() -> None:
+    # The WAN emulator also delays the TCP handshake: a probe that times a new connection's
+    # TLS handshake read ~2.5x the link's RTT. The default probe times one request on an
+    # established mTLS connection: 80 ms, and a later probe dials nothing.
+    link = LinkSettings.model_validate({"between": ("us-west", "eu-west"), "latency": "40ms"})
+    async with eu_gateway() as gateway:
+        host, port = gateway.address
+        wan = await WanEmulator(
+            WanConfig(
+                admin_port=0,
+                links=(link,),
+                forwards=(
+                    Forward(link=("us-west", "eu-west"), target_host=host, target_port=port),
+                ),
+                seed=1,
+            )
+        ).start()
+        try:
+            target = GatewayTarget.for_peer("eu-west", MESH, "127.0.0.1", wan.listen_ports[0])
+            prober = Prober(SETTINGS, identity=lambda: (CONTROL_PLANE, BUNDLES))
+            first = await prober.probe(target)
+            started = time.perf_counter()
+            second = await prober.probe(target)
+            took = time.perf_counter() - started
+        finally:
+            await wan.close()
+    assert 0.060 <= first <= 0.100
+    assert 0.060 <= second <= 0.100
+    assert took < 0.120  # no new connection (that would cost three more round trips)

@@ -319,7 +319,9 @@ def test_a_peer_gateway_target_is_its_address_sni_and_trust_domain() -> None:
 
 async def test_gateway_probe_completes_mtls_with_the_probe_sni() -> None:
     async with mtls_gateway(EU_GATEWAY) as gateway:
-        rtt = await Prober(FAST, identity=_identity).probe(_gateway(gateway.port))
+        rtt = await Prober(FAST, identity=_identity).probe(
+            _gateway(gateway.port, exchange="handshake")
+        )
     assert 0 < rtt < FAST.timeout
     assert gateway.server_names == ["probe.snapbright.eu-west.demo"]
 
@@ -362,7 +364,7 @@ async def test_gateway_goes_down_when_its_listener_stops_and_up_when_it_returns(
     async with running(prober):
         async with mtls_gateway(EU_GATEWAY) as gateway:
             port = gateway.port
-            prober.set_targets([_gateway(port)])
+            prober.set_targets([_gateway(port, exchange="handshake")])
             up = await wait_for_status(prober, "eu-west", lambda s: s.alive, "up")
             assert up.rtt is not None
             assert up.rtt > 0
