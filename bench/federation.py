@@ -20,9 +20,10 @@ Measured, for each size (1 k and 10 k services in total):
   its upstream in the sidecar's configuration; N changes spaced out; p50 and p99;
 - update cost: 15 more changes, each with the control plane's own counters read from its
   ``/metrics`` before and after (kept apart from the timed changes: a scrape is itself
-  O(services) of work for the control plane): upstreams recomputed (``snapbright_controlplane_upstreams_federated_total``,
-  the work, free of clock noise) and the time to rebuild the discovery content
-  (``snapbright_discovery_rebuild_seconds``); medians; ``update_cost_growth`` is the work at
+  O(services) of work for the control plane): upstreams recomputed
+  (``snapbright_controlplane_upstreams_federated_total``, the work, free of clock noise)
+  and the time to rebuild the discovery content (``snapbright_discovery_rebuild_seconds``);
+  medians; ``update_cost_growth`` is the work at
   10 k over the work at 1 k, ``update_time_growth`` the same for time;
 - at 10 k only: the control plane's RSS (VmRSS and VmHWM from /proc/<pid>/status), and the
   full resync: peer-0's peering port closes (its stream drops), peer-0 exports one more
@@ -68,7 +69,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation.peering.credentials import control_plane_server_name
-from federation.peering.manager import PeeringManager
+from federation.peering.manager import PeeringError, PeeringManager
 from federation.peering.model import GatewayAddress, ServiceKey
 from federation.trust.ca import ClusterCA, create_ca
 from federation.trust.store import load_ca
@@ -306,6 +307,10 @@ async def _establish(admin: str, peer: _Peer, attempts: int = 3) -> None:
         print(f"... establish answered {status}: {body}", file=sys.stderr, flush=True)
         if status != 502 or attempt == attempts - 1:
             raise RuntimeError(f"establish answered {status}: {body}")
+        # The control plane gave up ("no answer") but the peer may have recorded the
+        # peering: forget it there too, or the retry is refused as "already peered".
+        with contextlib.suppress(PeeringError):
+            await peer.manager.delete(CLUSTER)
         await asyncio.sleep(1.0)
 
 
