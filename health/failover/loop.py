@@ -21,12 +21,40 @@ default behaviour), keep the new controller state, and
 Policies are swapped in whole by :meth:`FailoverLoop.set_policies`; a tick reads the set once,
 so it never sees half of an update. A removed policy means default behaviour from the next
 tick, with the controller state kept (traffic that was moved away comes home gradually).
+
+**Ticks follow the windows.** With ``phase`` set, ticks fall at ``k × interval + phase`` on
+the clock (Unix time in the control plane), not wherever the loop happened to start: the
+sidecars close their stats windows on whole seconds and send them at once, so a tick just
+after a whole second sees the window that just closed. The delay from a slow response to
+the controller acting on it, with the control plane's settings (interval 1 s, phase 0.25 s):
+
+====================================================  ==============  ===================
+step                                                  typical         at most
+====================================================  ==============  ===================
+the response completes (a +400 ms brownout)           +0.4 s          +0.4 s
+its one-second window closes (sidecar clock)          +0.5 s          +1.0 s
+the sidecar drains and streams it (aligned, +20 ms)   +0.02 s         +0.05 s
+gRPC to the control plane, into RegionalStats         < 0.01 s        < 0.05 s
+the next tick (0.25 s after the whole second)         +0.23 s         +0.2 s (waits ≤ 1 s
+                                                                      if the window came
+                                                                      late)
+the trigger's ``enterAfter`` (ticks, 1 per window)    +enterAfter     +enterAfter
+weights to the sidecars (discovery push)              < 0.1 s         < 0.2 s
+====================================================  ==============  ===================
+
+So the controller acts ≈ 1.2 s (≤ 1.7 s) plus ``enterAfter`` after a brownout starts, once
+the percentile over the decision span has moved (a p95 over 10 s needs ≥ 5 % slow answers,
+i.e. about 0.5 s of them at a constant rate). ``first_shift_s ≤ 2`` therefore needs
+``enterAfter: 0s`` on the latency trigger (the percentile over the span is the guard against
+a blip; a hold here adds a whole window per second of it), and ``shift_90_s ≤ 5`` needs the
+ramp to reach 90 % within 3 s of the first step (35 % per 1 s does: 35, 70, 98).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import MappingProxyType
@@ -92,11 +120,14 @@ class FailoverLoop:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         interval: float = 1.0,
+        phase: float | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_decision: Callable[[str, str, Decision], None] | None = None,
     ) -> None:
         if not interval > 0:
             raise ValueError(f"interval must be above 0s: {interval!r}")
+        if phase is not None and not 0 <= phase < interval:
+            raise ValueError(f"phase must be in [0s, interval): {phase!r}")
         self.cluster = cluster
         self._pairs = pairs
         self._observe = observe
@@ -106,6 +137,7 @@ class FailoverLoop:
         self._clock = clock
         self._wall_clock = wall_clock
         self._interval = interval
+        self._phase = phase
         self._sleep = sleep
         self._on_decision = on_decision
         self._policies: Mapping[str, FailoverPolicy] = MappingProxyType({})
@@ -153,13 +185,20 @@ class FailoverLoop:
     # --- Running ---
 
     async def run(self) -> None:
-        """Tick every ``interval`` on the clock until cancelled; a late tick does not burst."""
+        """Tick every ``interval`` on the clock until cancelled; a late tick does not burst.
+
+        The first tick is at once; with a ``phase``, the next ones at ``k × interval +
+        phase``."""
         next_at = self._clock()
         while True:
             self.tick(self._clock())
             next_at += self._interval
             now = self._clock()
-            if next_at <= now:
+            if self._phase is not None:
+                # The next aligned instant after this tick (a late one skips, no burst).
+                step = math.floor((now - self._phase) / self._interval) + 1
+                next_at = step * self._interval + self._phase
+            elif next_at <= now:
                 # Late (a slow tick or a stalled loop): skip the missed ticks, no burst.
                 next_at = now + self._interval
             await self._sleep(next_at - now)

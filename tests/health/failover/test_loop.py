@@ -437,3 +437,50 @@ async def test_run_ticks_every_interval_on_the_clock_and_never_bursts() -> None:
     decision = loop.last_decision(PAYMENTS, US)
     assert decision is not None
     assert decision.at == 6.5
+
+
+async def test_with_a_phase_ticks_fall_just_after_each_whole_second_when_windows_arrive() -> None:
+    mesh = Mesh(lambda _: HEALTHY)
+    mesh.now = 100.37  # started anywhere in a second
+    ticks: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        # The third sleep overruns by 1.3 s (a stalled loop): that tick is skipped, no burst.
+        mesh.now += delay + (1.3 if len(ticks) == 3 else 0.0)
+        if len(ticks) == 5:
+            raise asyncio.CancelledError
+        await asyncio.sleep(0)
+
+    def on_decision(_service: str, _caller: str, decision: Decision) -> None:
+        ticks.append(round(decision.at, 6))
+
+    loop = FailoverLoop(
+        US,
+        pairs=mesh.view.pairs,
+        observe=mesh.view.observe,
+        apply=lambda *_: None,
+        journal=Journal(),
+        registry=CollectorRegistry(),
+        clock=lambda: mesh.now,
+        phase=0.25,
+        sleep=fake_sleep,
+        on_decision=on_decision,
+    )
+    mesh.view.set_local(PAYMENTS, LocalService(1, 0.0))
+    with pytest.raises(asyncio.CancelledError):
+        await loop.run()
+    assert ticks == [100.37, 101.25, 102.25, 104.55, 105.25]
+
+
+@pytest.mark.parametrize("phase", [-0.1, 1.0, 1.5])
+def test_a_phase_outside_the_interval_is_refused(phase: float) -> None:
+    with pytest.raises(ValueError, match="phase"):
+        FailoverLoop(
+            US,
+            pairs=lambda _: [],
+            observe=lambda *_: Mesh(lambda _: HEALTHY).view.observe(PAYMENTS, US, 0.0),
+            apply=lambda *_: None,
+            journal=Journal(),
+            registry=CollectorRegistry(),
+            phase=phase,
+        )
