@@ -15,8 +15,10 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import math
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -45,7 +47,7 @@ from proxy.sidecar.source import (
 )
 from proxy.sidecar.tls import ALPN_TCP, MeshTls, TlsHolder
 
-__all__ = ["Sidecar", "run", "serve"]
+__all__ = ["Sidecar", "collect_on_the_second", "run", "serve"]
 
 _log = logging.getLogger(__name__)
 
@@ -277,7 +279,9 @@ class _Discovery:
         self._reporter = StatsReporter(
             self.client.open_channel, self.identity, sidecar.router.stats.drain
         )
-        self._tasks.append(asyncio.get_running_loop().create_task(self._reporter.run()))
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._reporter.run()))
+        self._tasks.append(loop.create_task(collect_on_the_second(self._reporter.collect)))
 
     async def stop(self) -> None:
         """Stop subscribing and reporting."""
@@ -289,6 +293,27 @@ class _Discovery:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+_AFTER_THE_SECOND = 0.02
+
+
+async def collect_on_the_second(
+    collect: Callable[[float], None],
+    *,
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Hand each closed one-second stats window to ``collect`` just after its second ends.
+
+    The reporter's own once-a-second collection runs wherever its loop started, so a window
+    could wait up to a second before it is sent; the failover controller acts on windows, so
+    this collects 20 ms after every whole second of ``clock`` (Unix time) instead.
+    """
+    while True:
+        now = clock()
+        await sleep(math.floor(now) + 1 + _AFTER_THE_SECOND - now)
+        collect(clock())
 
 
 async def serve(config_path: Path) -> None:

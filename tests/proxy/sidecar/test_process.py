@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy.sidecar.process import collect_on_the_second
 from tests.proxy.http.backend import Backend
 from tests.proxy.http.client import Client
 from tests.proxy.sidecar.mesh import (
@@ -104,3 +105,17 @@ async def test_a_bad_config_stops_the_process_with_the_place_of_the_mistake(
     _, stderr = await asyncio.wait_for(process.communicate(), 20.0)
     assert process.returncode == 2
     assert f"{path}:6:" in stderr.decode()
+
+
+async def test_stats_windows_are_collected_just_after_each_whole_second() -> None:
+    now = [1000.73]  # started anywhere in a second
+    collected: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        now[0] += delay
+        if len(collected) == 3:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await collect_on_the_second(collected.append, clock=lambda: now[0], sleep=fake_sleep)
+    assert collected == pytest.approx([1001.02, 1002.02, 1003.02])
