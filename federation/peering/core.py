@@ -28,6 +28,10 @@ Rules it keeps:
 5. A heartbeat (``sequence`` > 0) is answered at once with an echo (``sequence`` 0, naming
    it in ``echo_sequence``), which is not answered. The RTT is the time from our heartbeat
    to its echo: the channel's round trip, not the peer's heartbeat interval.
+6. Our exports are sent only once they are complete. A restarted control plane's versions
+   start from a new base, so the peer gets a full snapshot: sent before the catalog is read
+   and the export decision applied, it would be empty and withdraw the peer's mirrors of us
+   while a source is still syncing. Until then the session sends nothing about services.
 """
 
 from __future__ import annotations
@@ -391,6 +395,14 @@ class ExportsChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class ExportsReady:
+    """Our export set is complete (every source read, the export decision applied): what
+    was withheld until now may be sent."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class LocalBundleChanged:
     """Our own trust bundle changed (a root was added or retired)."""
 
@@ -451,6 +463,7 @@ Event = (
     | HeartbeatReceived
     | AckReceived
     | ExportsChanged
+    | ExportsReady
     | LocalBundleChanged
     | Tick
     | Disconnected
@@ -588,6 +601,8 @@ class PeeringSession:
     held from the peer (as persisted by the shell), so the first Open after a restart asks
     for a delta from there instead of a full snapshot.
 
+    ``exports_ready=False`` withholds our exports (rule 6) until :class:`ExportsReady`.
+
     ``local_gateways`` are our east-west gateway addresses; the dialing side names them in
     its Open, so the accepting side can route to what we export (the accepting side's own
     are in its token, and it sends none).
@@ -607,6 +622,7 @@ class PeeringSession:
         imports: Iterable[ExportedService] = (),
         imported_version: int = 0,
         local_gateways: tuple[GatewayAddress, ...] = (),
+        exports_ready: bool = True,
     ) -> None:
         restored = {service.key: service for service in imports}
         if imported_version < 0 or (restored and imported_version == 0):
@@ -632,6 +648,7 @@ class PeeringSession:
         self._rtt: float | None = None
         self._stale_since: float | None = None
         self.local_gateways = local_gateways
+        self._exports_ready = exports_ready
         """Sent in the next Open (dialer only); the shell may change it at any time."""
 
     @property
@@ -691,6 +708,9 @@ class PeeringSession:
                     self._last_heard = now
                 return []
             case ExportsChanged(_):
+                return self._send_exports() if self._state is PeerState.ACTIVE else []
+            case ExportsReady(_):
+                self._exports_ready = True
                 return self._send_exports() if self._state is PeerState.ACTIVE else []
             case LocalBundleChanged(update, _):
                 self._local_bundle = update
@@ -885,6 +905,8 @@ class PeeringSession:
     # -- helpers --
 
     def _send_exports(self) -> list[Effect]:
+        if not self._exports_ready:
+            return []  # rule 6: the peer keeps what it holds until ours are complete
         seen = self._sent_version if self._sent_version is not None else 0
         update = self._exports.update_since(seen)
         self._sent_version = self._exports.version

@@ -20,7 +20,10 @@ Peer records (name, trust domain, bundle, gateway addresses, last versions) and 
 are persisted in the state directory, so a restarted control plane reconnects without a new
 token. What each peer exports to us is saved too (every few seconds per peer, off the event
 loop, version and services together), so a restarted control plane keeps its mirrors while a
-peer is away and resyncs with a delta from the saved version.
+peer is away and resyncs with a delta from the saved version. Our own export versions start
+from a new base in each run, so a peer gets a full snapshot after we restart: a manager made
+with ``exports_ready=False`` withholds it until :meth:`PeeringManager.release_exports`, so a
+catalog still loading never withdraws the peer's mirrors of us.
 
 Delete is told to the peer with a Close("peering deleted"), and the peer withdraws too; a
 peer that was offline then is refused at its next handshake (its roots are gone here) and
@@ -61,6 +64,7 @@ from federation.peering.core import (
     Effect,
     ExportBook,
     ExportsChanged,
+    ExportsReady,
     LocalBundleChanged,
     MarkFresh,
     MarkStale,
@@ -240,6 +244,8 @@ class PeeringManager:
     :func:`~federation.peering.credentials.control_plane_server_name` of this cluster.
     ``gateways`` are the addresses written into tokens (our east-west gateways, or the
     peering port itself when peers dial it directly). ``clock`` gives epoch seconds.
+    ``exports_ready=False`` withholds every peer's exports until :meth:`release_exports`
+    (a control plane whose catalog is still loading must not send an empty snapshot).
     """
 
     def __init__(
@@ -255,6 +261,7 @@ class PeeringManager:
         settings: SessionSettings | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        exports_ready: bool = True,
     ) -> None:
         self._identity = PeerIdentity(
             check_label(cluster, "cluster"),
@@ -271,6 +278,7 @@ class PeeringManager:
         self._settings = settings or SessionSettings()
         self._rng = rng or random.Random()
         self._clock = clock
+        self._exports_ready = exports_ready
         self.book = ExportBook(cluster=cluster, mesh=mesh, base_version=int(clock() * 1000))
         """The services exported to each peer (change them through :meth:`set_service`)."""
         self._peers: dict[str, _Peer] = {}
@@ -447,6 +455,16 @@ class PeeringManager:
             mirrored_from=mirrored_from,
         )
         self._exports_changed(changed)
+
+    def release_exports(self) -> None:
+        """Our export set is complete (the catalog read, the ExportPolicy applied): peers get
+        what was withheld, a snapshot or a delta, at once. Idempotent."""
+        if self._exports_ready:
+            return
+        self._exports_ready = True
+        now = self._clock()
+        for peer in self._peers.values():
+            peer.link.handle(ExportsReady(now))
 
     def remove_service(self, key: ServiceKey) -> None:
         """A local service is gone: peers it was exported to get a delta removing it."""
@@ -652,6 +670,7 @@ class PeeringManager:
             imports=imports,
             imported_version=version if imports else 0,
             local_gateways=self._gateways,
+            exports_ready=self._exports_ready,
         )
         link = PeerLink(
             session,

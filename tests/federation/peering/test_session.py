@@ -23,6 +23,7 @@ from federation.peering.core import (
     Event,
     ExportBook,
     ExportsChanged,
+    ExportsReady,
     HealthReceived,
     HeartbeatReceived,
     LocalBundleChanged,
@@ -436,6 +437,67 @@ def test_an_echo_of_a_heartbeat_long_forgotten_does_not_count_for_rtt() -> None:
     late = Heartbeat(sequence=0, sent_unix_ms=0, echo_sequence=first.message.sequence)
     link.us.session.handle(HeartbeatReceived(late, T0 + 20.0))
     assert link.us.session.status().rtt_seconds == pytest.approx(0.0)  # from the Open's echo
+
+
+def restarted_ap(*, exports_ready: bool) -> Side:
+    """ap-southeast after a restart: export versions from a new base, its catalog not yet
+    read into the book."""
+    book = ExportBook(cluster=AP.cluster, mesh=AP.mesh, base_version=5000)
+    session = PeeringSession(
+        local=AP,
+        peer=US,
+        exports=book.add_peer(US.cluster),
+        local_bundle=bundle(AP, 1),
+        dialer=False,
+        rng=random.Random(3),
+        settings=SETTINGS,
+        exports_ready=exports_ready,
+    )
+    return Side(session, book)
+
+
+def test_a_restarted_peer_still_loading_withholds_its_exports_and_ours_stay() -> None:
+    link = Link()
+    export(link.ap, PAY)
+    link.connect(T0)
+    link.drop(T0 + 1)
+    link.ap = restarted_ap(exports_ready=False)
+    link.clear()
+    link.connect(T0 + 2)
+    export(link.ap, PAY)  # the catalog arrives, the export decision not yet in force
+    link.feed(link.ap, ExportsChanged(T0 + 2.1), T0 + 2.1)
+    assert link.us.session.state is PeerState.ACTIVE
+    assert not [m for m in link.ap.sent() if isinstance(m, ServicesSnapshot | ServicesDelta)]
+    assert set(link.us.session.imports) == {PAY}
+
+    link.feed(link.ap, ExportsReady(T0 + 2.5), T0 + 2.5)
+    (snapshot,) = [m for m in link.ap.sent() if isinstance(m, ServicesSnapshot)]
+    assert [s.key for s in snapshot.services] == [PAY]
+    assert all(not e.removed for e in imports_of(link.us))  # never withdrawn meanwhile
+    assert set(link.us.session.imports) == {PAY}
+
+
+def test_a_restarted_peer_whose_exports_are_ready_sends_them_even_when_empty() -> None:
+    link = Link()
+    export(link.ap, PAY)
+    link.connect(T0)
+    link.drop(T0 + 1)
+    link.ap = restarted_ap(exports_ready=True)
+    link.clear()
+    link.connect(T0 + 2)
+    # Ready and empty means nothing is exported any more: the mirrors go.
+    assert link.us.session.imports == {}
+
+
+def test_exports_ready_before_the_stream_is_up_sends_nothing_until_the_open() -> None:
+    side = restarted_ap(exports_ready=False)
+    assert side.session.handle(ExportsReady(T0)) == []
+    export(side, PAY)
+    side.session.handle(Connected(T0 + 1))
+    effects = side.session.handle(Opened(Open(US.cluster, US.mesh, US.trust_domain), T0 + 1))
+    sent = [e.message for e in effects if isinstance(e, Send)]
+    assert isinstance(sent[0], ServicesSnapshot)
+    assert [s.key for s in sent[0].services] == [PAY]
 
 
 def test_a_silent_peer_is_disconnected_after_the_missed_heartbeats_and_marked_stale() -> None:
