@@ -44,10 +44,11 @@ weights to the sidecars (discovery push)              < 0.1 s         < 0.2 s
 
 So the controller acts ≈ 1.2 s (≤ 1.7 s) plus ``enterAfter`` after a brownout starts, once
 the percentile over the decision span has moved (a p95 over 10 s needs ≥ 5 % slow answers,
-i.e. about 0.5 s of them at a constant rate). ``first_shift_s ≤ 2`` therefore needs
-``enterAfter: 0s`` on the latency trigger (the percentile over the span is the guard against
-a blip; a hold here adds a whole window per second of it), and ``shift_90_s ≤ 5`` needs the
-ramp to reach 90 % within 3 s of the first step (35 % per 1 s does: 35, 70, 98).
+i.e. about 0.5 s of them at a constant rate). The hold is counted in ticks, one new window
+each, so ``first_shift_s ≤ 2`` needs the latency trigger's ``enterAfter`` under a second
+(``0s``: the percentile over the span is then the only guard against a blip); the example
+policy's ``2s`` gives ≈ 3.2 s. ``shift_90_s`` is the first shift plus the ramp to 90 %
+(35 % per 1 s: 35, 70, 98, so + 2 s).
 """
 
 from __future__ import annotations
