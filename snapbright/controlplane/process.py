@@ -10,6 +10,8 @@ Order, and why:
    "not ready" until steps 3 and 4 are done: a proxy is never sent an empty configuration.
    The peering port opens before peering reconnects to the peers recorded in the state
    directory, so the Opens we send name our gateways (a stream that arrives first waits).
+   Peers get no exports from us until steps 3 and 4 are applied (``_ExportGate``): a
+   restarted control plane never sends a peer an empty snapshot while it is still loading.
 3. The catalog source is opened: the embedded registry (SQLite in the state directory, TTL
    expiry running) or a Consul watcher (with leader election and mirror write-back).
 4. The policy directory is loaded (a bad set leaves the control plane not ready until a good
@@ -242,6 +244,8 @@ async def running(
             bundle=ca.bundle(),
             state_dir=state_dir / "peering",
             callbacks=events.callbacks(),
+            # Withheld until the catalog and the ExportPolicy are applied (_ExportGate).
+            exports_ready=False,
         )
         # The port first, so our gateways (with none configured, the peering port itself) are
         # known before the dial loops name them in their Opens; streams that arrive before
@@ -361,8 +365,9 @@ async def running(
                 peering.set_svid(cp_svid)
 
         # The loops that follow each source and apply its changes.
-        tasks.append(asyncio.create_task(_follow_catalog(plane, catalog)))
-        tasks.append(asyncio.create_task(_follow_policies(plane)))
+        gate = _ExportGate(peering)
+        tasks.append(asyncio.create_task(_follow_catalog(plane, catalog, gate)))
+        tasks.append(asyncio.create_task(_follow_policies(plane, gate)))
         tasks.append(asyncio.create_task(failover.run()))
         housekeeping = _housekeeping(plane, events, refresh_identity, _HOUSEKEEPING_S)
         tasks.append(asyncio.create_task(housekeeping))
@@ -426,13 +431,36 @@ async def _background() -> AsyncIterator[list[asyncio.Task[None]]]:
 # --- The loops that connect sources to the view ---
 
 
-async def _follow_catalog(plane: ControlPlane, source: CatalogSource) -> None:
+class _ExportGate:
+    """Peers get our exports only once they are complete: the catalog (the source's first
+    complete read) put into the export book with an accepted policy set's decisions. Sent
+    sooner, a restarted control plane's first snapshot could be empty and withdraw every
+    peer's mirrors of us while a source is still syncing."""
+
+    def __init__(self, peering: PeeringManager) -> None:
+        self._peering = peering
+        self._catalog_exported = False
+
+    def catalog_exported(self, *, decided: bool) -> None:
+        """The catalog is in the book; ``decided`` if a policy set made the decisions."""
+        self._catalog_exported = True
+        if decided:
+            self._peering.release_exports()
+
+    def policies_applied(self) -> None:
+        """An accepted policy set re-decided the book."""
+        if self._catalog_exported:
+            self._peering.release_exports()
+
+
+async def _follow_catalog(plane: ControlPlane, source: CatalogSource, gate: _ExportGate) -> None:
     """Each catalog change: new snapshots, the exports peers see, local health."""
     exported: set[ServiceKey] = set()
     async for catalog in source.watch():
         plane.changed()
         try:
             exported = _export(plane, catalog, exported)
+            gate.catalog_exported(decided=plane.policies.current() is not None)
             now = time.time()
             if plane.health.local_from == math.inf:
                 # The catalog's first read: from one TTL on, a missing local copy is down.
@@ -466,7 +494,7 @@ def _export(plane: ControlPlane, catalog: Catalog, before: set[ServiceKey]) -> s
     return now_present
 
 
-async def _follow_policies(plane: ControlPlane) -> None:
+async def _follow_policies(plane: ControlPlane, gate: _ExportGate) -> None:
     """Each accepted policy set: new snapshots, failover policies, export decisions."""
     async for policies in plane.policies.watch():
         try:
@@ -474,6 +502,7 @@ async def _follow_policies(plane: ControlPlane) -> None:
         except ValueError as error:  # the directory loader already refuses duplicates
             _log.error("policies: %s", error)
         plane.peering.apply_export_decision(functools.partial(_export_peers, policies))
+        gate.policies_applied()
         plane.changed()
 
 
