@@ -425,7 +425,7 @@ def figures(record: Recording) -> tuple[dict[str, Any], list[tuple[str, str, str
     back = record.weights_between("recovered", "hard_baseline")
     # Nothing moved, nothing to bring back.
     failback = _first(back, m["recovered"], lambda s: s.local == TOTAL_WEIGHT) if peak else None
-    failback_levels = sorted({s.local for s in back if s.local < TOTAL_WEIGHT}, reverse=True)
+    failback_levels = sorted({s.local for s in back if s.local < TOTAL_WEIGHT})
     first_remote = next(
         (
             o.intended - m["fault"]
@@ -490,7 +490,7 @@ def figures(record: Recording) -> tuple[dict[str, Any], list[tuple[str, str, str
         (
             "failback complete after recovery",
             _s(failback),
-            "levels " + " → ".join(f"{v / 100:.0f}%" for v in failback_levels) + " → 100%",
+            "local share " + " → ".join(f"{v / 100:.0f}%" for v in failback_levels) + " → 100%",
         ),
         (
             "hard failure: failed after kill + 5 s",
@@ -521,6 +521,15 @@ def verdicts(result: dict[str, Any]) -> dict[str, bool]:
     return met
 
 
+def _recording_of(saved: dict[str, Any]) -> Recording:
+    return Recording(
+        outcomes=[Outcome(*row) for row in saved.get("outcomes", [])],
+        weights=[WeightSample(at, weights) for at, weights in saved.get("weights", [])],
+        marks=saved.get("marks", {}),
+        transitions=saved.get("transitions", {}),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the table, then the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -540,6 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", type=float, default=30.0)
     parser.add_argument("--hard-failure", type=float, default=20.0)
     parser.add_argument("--workdir", type=Path, help="keep the mesh's state and logs here")
+    parser.add_argument(
+        "--from-recording",
+        type=Path,
+        help="no run: the figures of a recording.json an earlier run wrote",
+    )
     args = parser.parse_args(argv)
     plan = Plan(
         args.rate,
@@ -552,21 +566,28 @@ def main(argv: list[str] | None = None) -> int:
         args.noise,
         args.hard_failure,
     )
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="snapbright-failover-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    record, remote = Recording(), Recording()
-    with _mesh(workdir / "state", timeout=120) as endpoints:
-        asyncio.run(_run(plan, endpoints, record, remote))
-    (workdir / "recording.json").write_text(
-        json.dumps(
-            {
-                "marks": record.marks,
-                "transitions": record.transitions,
-                "weights": [[s.at, s.weights] for s in record.weights],
-                "outcomes": [[o.intended, o.latency, o.ok, o.cluster] for o in record.outcomes],
-            }
+    if args.from_recording is not None:
+        saved = json.loads(args.from_recording.read_text())
+        record, remote = _recording_of(saved), _recording_of({"outcomes": saved["remote"]})
+        recording = args.from_recording
+    else:
+        workdir = args.workdir or Path(tempfile.mkdtemp(prefix="snapbright-failover-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        record, remote = Recording(), Recording()
+        with _mesh(workdir / "state", timeout=120) as endpoints:
+            asyncio.run(_run(plan, endpoints, record, remote))
+        recording = workdir / "recording.json"
+        recording.write_text(
+            json.dumps(
+                {
+                    "marks": record.marks,
+                    "transitions": record.transitions,
+                    "weights": [[s.at, s.weights] for s in record.weights],
+                    "outcomes": [[o.intended, o.latency, o.ok, o.cluster] for o in record.outcomes],
+                    "remote": [[o.intended, o.latency, o.ok, o.cluster] for o in remote.outcomes],
+                }
+            )
         )
-    )
     result, rows = figures(record)
     if remote.outcomes:
         values = [o.latency for o in remote.outcomes]
@@ -590,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, met in verdicts(result).items():
         op, bound = TARGETS[name]
         print(f"  {'✓' if met else '×'} {name} = {result[name]} (target {op} {bound})")
-    print(f"  recording: {workdir / 'recording.json'}")
+    print(f"  recording: {recording}")
     print(json.dumps(result))
     return 0
 
