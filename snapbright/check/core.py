@@ -266,8 +266,9 @@ def _gateways(status: ClusterStatus, _now: float) -> list[Check]:
                     Level.FAIL,
                     f"no gateway address is known for {peer.peer}: nothing it exports to us "
                     "can be reached",
-                    hint=f"{peer.peer} dialed us, and a peering learns gateways only from "
-                    "its token, which carries the accepting side's alone",
+                    hint=f"a peer's gateways come from its token (when we dialed) or from its "
+                    f"Open (when it dialed): set spec.gateways on {peer.peer}'s control plane "
+                    "and let it reconnect",
                     see="snapbright peering list",
                 )
             )
@@ -575,8 +576,8 @@ def _mirror_problem(mirror: Mirror, grace: float, now: float) -> Check | None:
             "mirrors",
             Level.FAIL,
             f"{target} has no gateway endpoint",
-            hint=f"{mirror.peer}'s token listed no gateway: peer again with a token from a "
-            "control plane whose spec.gateways is set",
+            hint=f"{mirror.peer} named no gateway (in its token or its Open): set "
+            f"spec.gateways on {mirror.peer}'s control plane",
         )
     if mirror.stale:
         age = "" if mirror.stale_since is None else f" for {_span(now - mirror.stale_since)}"

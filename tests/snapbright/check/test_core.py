@@ -230,7 +230,7 @@ CASES: list[tuple[str, list[Edit], str, Level, str, str]] = [
         "gateways",
         Level.FAIL,
         "no gateway address is known for ap-southeast",
-        "learns gateways only from its token",
+        "set spec.gateways on ap-southeast's control plane",
     ),
     (
         "probes switched off with peers is a warning",
