@@ -29,6 +29,15 @@ of the remote cluster's own traffic. Consequences, each tested:
 - errors on the path (the gateway, the WAN) are invisible to the peer: when our callers have
   sent the target enough requests themselves, the higher of the two error rates counts.
 
+**Local endpoints that cannot be reached.** Registrations lapse only after their TTL, but our
+sidecars see dead local replicas at once: a refused connect is counted (``connect-failure``)
+and the endpoint taken out of rotation. When over the last ``UNREACHABLE_SPAN_S`` seconds our
+callers' requests to the local copy were all connect failures, at least
+``UNREACHABLE_MIN_FAILURES`` of them, the local copy counts as having no healthy endpoint,
+whatever the registry still says. (One dead endpoint among live ones never does this: the
+others answer; and since a sidecar retries and then avoids a dead endpoint, the callers'
+requests themselves did not fail.)
+
 Everything here is pure: ``now`` is passed in, on the same clock as the windows' seconds (the
 stream server re-stamps windows on receipt when a sidecar's clock is not ours). A window up
 to ``SKEW_S`` ahead of our clock is kept (a sidecar closes its second by its own clock, a hair
@@ -53,6 +62,10 @@ LONG_SPAN_S = 60
 
 SKEW_S = 1
 """How many seconds ahead of ``now`` a window may start and still be kept."""
+UNREACHABLE_SPAN_S = 3
+"""Recent seconds in which our callers' local requests all failing to connect means down."""
+UNREACHABLE_MIN_FAILURES = 3
+"""At least this many connect failures in that span (one dead endpoint is not the copy)."""
 
 _OUTCOMES = len(Outcome)
 _SUCCEEDED = tuple(outcome for outcome in Outcome if outcome.succeeded)
@@ -83,6 +96,8 @@ class TrafficStats:
     p99: float | None
     last_at: float | None
     """The end of the newest second with requests in the horizon (freshness), if any."""
+    connect_failures: int = 0
+    """Requests whose endpoint could not be connected to (among ``failures``)."""
 
     @property
     def error_rate(self) -> float | None:
@@ -247,6 +262,7 @@ class RegionalStats:
             p95=histogram.quantile(0.95),
             p99=histogram.quantile(0.99),
             last_at=None if newest is None else float(newest + 1),
+            connect_failures=counts[Outcome.CONNECT_FAILURE],
         )
 
 
@@ -315,12 +331,18 @@ def observations(
         None if local.capacity_rps is None else max(0.0, local.capacity_rps - everyone.rate_per_s)
     )
     freshest = max(local.observed_at, mine.last_at if mine.last_at is not None else -math.inf)
+    healthy = local.healthy_endpoints
+    recent = stats.stats(service, caller_cluster, caller_cluster, now, UNREACHABLE_SPAN_S)
+    if recent.connect_failures >= UNREACHABLE_MIN_FAILURES and recent.connect_failures == (
+        recent.requests
+    ):
+        healthy = 0  # every recent call found no local endpoint to connect to
     targets = [
         TargetObservation(
             cluster=caller_cluster,
             observed_at=freshest,
             samples=mine.requests,
-            healthy_endpoints=local.healthy_endpoints,
+            healthy_endpoints=healthy,
             p50=mine.p50,
             p90=mine.p90,
             p95=mine.p95,

@@ -561,3 +561,25 @@ def test_a_restarted_control_plane_moves_nothing_until_local_services_had_time_t
     decision = decide(None, ControllerState.initial(US), view.observe(PAYMENTS, US, now), now)
     assert decision.rule is rule
     assert decision.weights.get(US, 0) == local_weight
+
+
+@pytest.mark.parametrize(
+    ("recent", "healthy"),
+    [
+        ({Outcome.CONNECT_FAILURE: 4}, 0),  # every recent call found nobody to connect to
+        ({Outcome.CONNECT_FAILURE: 2}, 2),  # too few to say (one dead endpoint, retried)
+        ({Outcome.CONNECT_FAILURE: 4, Outcome.HTTP_2XX: 1}, 2),  # a live endpoint answered
+        ({Outcome.CONNECT_FAILURE: 2, Outcome.HTTP_5XX: 2}, 2),  # reached, answered badly
+    ],
+    ids=["all connect failures", "too few", "one answered", "5xx is reached"],
+)
+def test_local_calls_that_all_fail_to_connect_mean_no_healthy_local_endpoint(
+    recent: dict[Outcome, int], healthy: int
+) -> None:
+    # The registry still lists two endpoints (their TTL has not run out); they answered
+    # until three seconds ago.
+    stats = RegionalStats()
+    _steady(stats, range(80, 97), per_second=20, latency=0.030)
+    stats.add(US, _window(99, [0.001] * sum(recent.values()), outcomes=recent), NOW)
+    seen = observations(stats, PAYMENTS, US, NOW, local=LocalService(2, NOW))
+    assert seen.targets[0].healthy_endpoints == healthy
