@@ -912,6 +912,22 @@ class _Downstream(asyncio.Protocol):
             conn.deadline = now + self._up_idle
             self._held = conn
         if self.request_done:
+            if not (
+                self._queue
+                or self._paused
+                or self.response_close
+                or self.close_after
+                or self._local
+                or self._body_seen
+            ):
+                # The common end (nothing queued or paused, the connection stays): what
+                # `_cycle_end` does for it, without the loop.
+                self.request_done = False
+                self._resp_done = False
+                self._reported = True
+                self._state = _IDLE
+                self.deadline = now + self._t_idle
+                return
             self._cycle_end(now)
         else:
             # Answered before the request body was read: the stream position is unknown.

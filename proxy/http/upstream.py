@@ -317,7 +317,23 @@ class UpstreamConnection(asyncio.Protocol):
         listed: frozenset[bytes] | None = None
         if hdr == self._last_hdr:
             # The same header fields as this connection's previous response.
-            block, length, coding, listed = self._last_block
+            block, length, coding, listed, common_status, common_head = self._last_block
+            if (
+                status == common_status
+                and owner.http11
+                and owner.request_done
+                and not owner.close_after
+                and not owner.head_request
+            ):
+                # The common response again (same status and fields, a Content-Length, no
+                # Connection options): its whole head was built last time.
+                self._keep_alive = self._parser.should_keep_alive()
+                self._mode = _LENGTH
+                owner.response_close = False
+                self._out.append(common_head)
+                self._responded = True
+                owner.report_response(self, status)
+                return
         else:
             block_parts: list[bytes] = []
             extend = block_parts.extend
@@ -339,8 +355,24 @@ class UpstreamConnection(asyncio.Protocol):
                 extend((name, b": ", value, b"\r\n"))
             block = b"".join(block_parts)
             if len(block) <= _BLOCK_CACHE_MAX:
+                # The whole head of the common response with these fields (see above).
+                common_status = 0
+                common_head = b""
+                if (
+                    length is not None
+                    and coding is None
+                    and (listed is None or listed <= _CONNECTION_TOKENS_KEPT)
+                    and status != 204
+                    and status != 304
+                ):
+                    common_status = status
+                    common_head = b"%s%sContent-Length: %s\r\n\r\n" % (
+                        _STATUS_LINES.get(status) or _status_line(status),
+                        block,
+                        length,
+                    )
                 self._last_hdr = hdr
-                self._last_block = (block, length, coding, listed)
+                self._last_block = (block, length, coding, listed, common_status, common_head)
         parts = [_STATUS_LINES.get(status) or _status_line(status), block]
         extend = parts.extend
         if listed is not None and not listed <= _CONNECTION_TOKENS_KEPT:
