@@ -53,8 +53,11 @@ def check(
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
     api: ApiOption = None,
 ) -> None:
-    """Check the mesh: control plane, policies, gateways, peers, trust bundles, certificates,
-    mirrors, exports and proxies. ✓ ok, ‼ warning, × failure (exit 1)."""
+    """Check the mesh's health, linkerd-check style: ✓ ok, ‼ warning, × failure (exit 1).
+
+    Control plane, policies, gateways, peers, trust bundles, certificates, mirrors, exports
+    and proxies, each failure with a hint.
+    """
     reports = run(api, cluster, every, state_dir, time.time)
     if output is Output.json:
         typer.echo(json.dumps(to_json(reports), indent=2, ensure_ascii=False))

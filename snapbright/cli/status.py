@@ -40,8 +40,10 @@ def status(
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
     api: ApiOption = None,
 ) -> None:
-    """Show the peers' gateways (CLUSTER ALIVE SERVICES RTT) and the failover state per
-    service (SERVICE CALLER MODE WEIGHTS LAST-RULE SINCE)."""
+    """Show the peers' gateways and the failover state of each service.
+
+    Two tables: CLUSTER ALIVE SERVICES RTT, and SERVICE CALLER MODE WEIGHTS LAST-RULE SINCE.
+    """
     try:
         found = targets(api, cluster, every, state_dir)
     except AdminApiError as error:
