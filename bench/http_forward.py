@@ -5,7 +5,10 @@
 One run starts, each as its own process on 127.0.0.1:
 
 - a tiny backend (uvloop + httptools) answering every request with a small 200;
-- the forwarder (`proxy.http.serve_outbound` on uvloop) routing ``Host: svc`` to it;
+- the forwarder (`proxy.http.serve_outbound` on uvloop) routing ``Host: svc`` to it, through
+  the sidecar's `MeshRouter` (P2C, breaker, retry budget, per-second stats and Prometheus
+  metrics per request; its throwaway identity comes from the tests' certificate forge), or
+  with ``--router static`` through plain round robin;
 - Debian's haproxy, 1 thread (``nbthread 1``), http mode, keep-alive both sides, the same
   backend.
 
@@ -33,12 +36,48 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench import harness
+from proxy.http.core import Router
 
 
-async def _run_sidecar(port: int, upstream: int) -> None:
+def _mesh_router(upstream: int) -> Router:
+    """The sidecar's router (`MeshRouter` with its Prometheus metrics) for ``svc``."""
+    from proxy.identity.bundle import TrustBundleSet
+    from proxy.identity.model import SpiffeId, TrustDomain
+    from proxy.sidecar.metrics import SidecarMetrics
+    from proxy.sidecar.model import SidecarState, TargetState, UpstreamState
+    from proxy.sidecar.router import MeshRouter
+    from tests.proxy.identity.forge import forge_domain, forge_leaf
+
+    # The router reads only upstreams and policies; the identity is a throwaway one.
+    domain = forge_domain("bench.local")
+    target = TargetState(
+        name="svc",
+        cluster="bench",
+        weight=1.0,
+        endpoints=(("127.0.0.1", upstream),),
+        sni="svc.default.bench.local",
+        trust_domain=TrustDomain("bench.local"),
+    )
+    state = SidecarState(
+        local=SpiffeId.parse("spiffe://bench.local/ns/default/sa/bench"),
+        service="bench",
+        upstreams={"svc": UpstreamState("svc", "default", (target,))},
+        traffic={},
+        authorization=(),
+        bundles=TrustBundleSet([domain.bundle()]),
+        svid=forge_leaf(domain),
+    )
+    router = MeshRouter(metrics=SidecarMetrics("bench"))
+    router.apply(state)
+    return router
+
+
+async def _run_sidecar(port: int, upstream: int, router: str) -> None:
     from proxy.http import serve_outbound
 
-    await serve_outbound("127.0.0.1", port, {"svc": [("127.0.0.1", upstream)]})
+    routes: Router | dict[str, list[tuple[str, int]]]
+    routes = _mesh_router(upstream) if router == "mesh" else {"svc": [("127.0.0.1", upstream)]}
+    await serve_outbound("127.0.0.1", port, routes)
     await asyncio.Event().wait()
 
 
@@ -54,6 +93,12 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--latency-seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument(
+        "--router",
+        choices=["mesh", "static"],
+        default="mesh",
+        help="mesh: the sidecar's router with stats and metrics (default); static: round robin",
+    )
     parser.add_argument("--role", choices=["backend", "sidecar"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
@@ -65,7 +110,7 @@ def _main(argv: list[str]) -> int:
         if args.role == "backend":
             uvloop.run(harness.run_backend(args.port))
         else:
-            uvloop.run(_run_sidecar(args.port, args.upstream))
+            uvloop.run(_run_sidecar(args.port, args.upstream, args.router))
         return 0
 
     backend_port = harness.free_port()
@@ -77,7 +122,7 @@ def _main(argv: list[str]) -> int:
         stack.enter_context(harness.process(backend, scratch / "backend.log"))
         harness.wait_port(backend_port)
         sidecar = [*me, "--role", "sidecar", "--port", str(sidecar_port)]
-        sidecar += ["--upstream", str(backend_port)]
+        sidecar += ["--upstream", str(backend_port), "--router", args.router]
         procs = [stack.enter_context(harness.process(sidecar, scratch / "sidecar.log"))]
         config = harness.haproxy_config("http", port=haproxy_port, app=backend_port)
         procs.append(stack.enter_context(harness.haproxy(scratch, "haproxy", config)))
@@ -141,6 +186,7 @@ def _main(argv: list[str]) -> int:
                 "sidecar_added_p50_us": round(added["sidecar"] * 1e6, 1),
                 "haproxy_added_p50_us": round(added["haproxy"] * 1e6, 1),
                 "connections": args.connections,
+                "router": args.router,
                 "rounds": args.rounds,
             }
         )
