@@ -1,39 +1,82 @@
-"""The `snapbright` command: command groups composed in one readable place."""
+"""The `snapbright` command: command groups composed in one readable place.
+
+`snapbright sidecar` and `snapbright gateway` are long-lived data-plane processes, one per
+workload or per cluster: :func:`main` starts them through a one-command app that imports only
+what that process runs, not the other command groups (control plane, dashboard, failover
+controller, …), which would otherwise stay resident for the life of the process. The full app
+(``snapbright.cli.app.app``) is built on first use.
+"""
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
-from snapbright.cli import ca, demo, fault, policy, wan
-from snapbright.cli.check import check
-from snapbright.cli.controlplane import controlplane
-from snapbright.cli.gateway import gateway
-from snapbright.cli.peering import app as peering_app
-from snapbright.cli.sidecar import sidecar
-from snapbright.cli.status import status
-from snapbright.cli.up import up
+__all__ = ["app", "build", "main"]
 
-app = typer.Typer(
-    name="snapbright",
-    help="Multi-cluster gateway and latency-aware failover.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-app.add_typer(ca.app, name="ca")
-app.add_typer(policy.app, name="policy")
-app.command()(gateway)
-app.command()(sidecar)
-app.command()(controlplane)
-app.add_typer(peering_app, name="peering")
-app.command()(up)
-app.add_typer(fault.app, name="fault")
-app.add_typer(wan.app, name="wan")
-app.command(name="demo-app")(demo.demo_app)
-app.command()(check)
-app.command()(status)
+app: typer.Typer  # the full app, built on first access by `__getattr__` below
+
+_DATA_PLANE = ("sidecar", "gateway")
+
+
+def build() -> typer.Typer:
+    """The full `snapbright` app, every command group registered."""
+    from snapbright.cli import ca, demo, fault, policy, wan
+    from snapbright.cli.check import check
+    from snapbright.cli.controlplane import controlplane
+    from snapbright.cli.gateway import gateway
+    from snapbright.cli.peering import app as peering_app
+    from snapbright.cli.sidecar import sidecar
+    from snapbright.cli.status import status
+    from snapbright.cli.up import up
+
+    full = typer.Typer(
+        name="snapbright",
+        help="Multi-cluster gateway and latency-aware failover.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    full.add_typer(ca.app, name="ca")
+    full.add_typer(policy.app, name="policy")
+    full.command()(gateway)
+    full.command()(sidecar)
+    full.command()(controlplane)
+    full.add_typer(peering_app, name="peering")
+    full.command()(up)
+    full.add_typer(fault.app, name="fault")
+    full.add_typer(wan.app, name="wan")
+    full.command(name="demo-app")(demo.demo_app)
+    full.command()(check)
+    full.command()(status)
+    return full
+
+
+def __getattr__(name: str) -> typer.Typer:
+    # `app` is built on first access (tests, `snapbright up`), then kept as a plain global.
+    if name == "app":
+        full = build()
+        globals()["app"] = full
+        return full
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _data_plane(command: str) -> typer.Typer:
+    """An app of the one command ``command`` (``sidecar`` or ``gateway``)."""
+    if command == "sidecar":
+        from snapbright.cli.sidecar import sidecar as run
+    else:
+        from snapbright.cli.gateway import gateway as run
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command()(run)
+    return single
 
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    argv = sys.argv[1:]
+    if argv and argv[0] in _DATA_PLANE:
+        _data_plane(argv[0])(args=argv[1:], prog_name=f"snapbright {argv[0]}")
+        return
+    build()()
