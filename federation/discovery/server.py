@@ -353,6 +353,21 @@ class Discovery(pb_grpc.DiscoveryServicer):
             raise ValueError(f"{ca.trust_domain} is not this server's {self._ca.trust_domain}")
         self._ca = ca
 
+    def reissue_svids(self) -> int:
+        """Re-issue every subscribed proxy's SVID now, under the CA's active authority: after a
+        rotation, once peers hold the new root, so the old root can retire with no leaf left
+        under it. Returns how many proxies get one."""
+        count = 0
+        for subscribers in self._subscribers.values():
+            for subscriber in subscribers:
+                if subscriber.csr_key is None:
+                    continue
+                # Renewal is due two thirds into [not_before, not_after]: with both equal, now.
+                subscriber.cert_not_after = subscriber.cert_not_before
+                subscriber.wake.set()
+                count += 1
+        return count
+
     def nacks(self) -> list[NackRecord]:
         """Each proxy's last rejected version that no later ack superseded."""
         return list(self._nacks)

@@ -367,6 +367,27 @@ async def test_an_svid_reaching_renewal_mid_stream_is_pushed_with_the_held_versi
     assert leaf.public_key() == key.public_key()
 
 
+async def test_after_a_rotation_reissued_svids_are_signed_under_the_new_root(
+    control_plane: ControlPlane, ca: ClusterCA
+) -> None:
+    # Found by tests/integration/test_root_rotation.py: leaves stayed under the old root until
+    # their own renewal, past a short overlap that retired it.
+    async with channel(control_plane.target, ca.issue(WEB, _now()), ca.bundle()) as ch:
+        call, key = await _subscribe(ch)
+        first = await call.read()
+        await call.ack(first.version)
+        rotated = ca.rotate(_now())
+        control_plane.discovery.set_ca(rotated)
+        assert control_plane.discovery.reissue_svids() == 1
+        reissued = await call.read()
+    leaf = x509.load_pem_x509_certificates(reissued.svid.cert_chain_pem)[0]
+    assert leaf.public_key() == key.public_key()
+    issuer = rotated.active.intermediate or rotated.active.root
+    ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+
+
 @pytest.mark.parametrize(
     ("first", "details"),
     [
