@@ -386,10 +386,13 @@ class _Downstream(asyncio.Protocol):
             up = self._up
             if up is not None:
                 transport = up.transport
-                if transport is not None:
-                    write_out(transport, out)
-                else:
+                if transport is None:
                     out.clear()
+                elif len(out) == 1:
+                    # A request head alone, the common case.
+                    transport.write(out.pop())
+                else:
+                    write_out(transport, out)
 
     def eof_received(self) -> bool | None:
         state = self._state

@@ -88,8 +88,12 @@ def write_out(transport: asyncio.Transport, out: list[bytes]) -> None:
     through a write context it allocates each time; joining is cheaper until copying costs
     more than that (a few tens of KiB).
     """
-    if len(out) == 1:
+    count = len(out)
+    if count == 1:
         transport.write(out[0])
+    elif count == 2 and len(out[0]) + len(out[1]) <= _JOIN_MAX:
+        # A head and its body, the common response.
+        transport.write(out[0] + out[1])
     elif sum(map(len, out)) <= _JOIN_MAX:
         transport.write(b"".join(out))
     else:
