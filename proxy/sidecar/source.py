@@ -19,13 +19,13 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
-from proxy.api.v1 import discovery_pb2 as pb
 from proxy.config.loader import load_file
 from proxy.config.source import ConfigRejected, ReloadResult
 from proxy.identity.bundle import BundleError, TrustBundle, TrustBundleSet, parse_bundle
@@ -41,6 +41,10 @@ from proxy.sidecar.model import (
     target_name,
     upstreams_of,
 )
+
+if TYPE_CHECKING:
+    # Only a type here: a sidecar with a static config never loads protobuf.
+    from proxy.api.v1 import discovery_pb2 as pb
 
 __all__ = [
     "SidecarFileSource",
