@@ -339,17 +339,21 @@ async def running(
         )
 
         ca_stamp = _ca_stamp(state_dir)
+        # The bundle sequence peers must ack before leaves are re-issued under a new root.
+        reissue_at: int | None = None
 
         def refresh_identity() -> None:
             """Follow the CA on disk (`snapbright ca rotate` writes it) and prune retired
             roots; hand a changed bundle to proxies and peers; renew our own SVID."""
-            nonlocal ca, cp_svid, ca_stamp
+            nonlocal ca, cp_svid, ca_stamp, reissue_at
             now = datetime.now(UTC)
             rotated = False
             if _ca_stamp(state_dir) != ca_stamp:
                 ca_stamp = _ca_stamp(state_dir)
                 loaded = ca_store.load_ca(state_dir)
                 if loaded.trust_domain == trust_domain and loaded.sequence != ca.sequence:
+                    if loaded.active.name != ca.active.name:
+                        reissue_at = loaded.sequence
                     ca, rotated = loaded, True
             pruned = ca.prune(now)
             if pruned is not ca:
@@ -363,6 +367,13 @@ async def running(
             if rotated or now >= cp_svid.renew_at:
                 cp_svid = _control_plane_svid(ca, spec.cluster, spec.mesh)
                 peering.set_svid(cp_svid)
+            # A new root signs: once every peer holds it, re-issue our proxies' leaves under
+            # it, so none is left under the old root when that retires. Not in the tick that
+            # saw the rotation: our proxies' own new bundle goes out first (built on change),
+            # else a proxy refuses a leaf it cannot yet chain to a root it holds.
+            if not rotated and reissue_at is not None and peering.bundle_acked_by_all(reissue_at):
+                reissue_at = None
+                _log.info("CA of %s: re-issued %d SVIDs", trust_domain, discovery.reissue_svids())
 
         # The loops that follow each source and apply its changes.
         gate = _ExportGate(peering)
