@@ -369,8 +369,21 @@ async def _run(plan: Plan, endpoints: dict[str, Any], record: Recording, remote:
             mark("recovery_end")
             await count("brownout_end")
 
-            say(f"hard failure: SIGKILL {LOCAL}'s {SERVICE} apps and sidecars {victims}")
+            if not record.weights or record.weights[-1].local < TOTAL_WEIGHT:
+                # A hard failure of a copy that serves nothing proves nothing: bring traffic
+                # home first (no policy: default behaviour keeps it local), then the policy again.
+                say("failback incomplete: policy off until traffic is local, then on again")
+                policy_file.unlink()
+                await _until_policy(control, admin, None)
+                for _ in range(int(plan.recovery * 2)):
+                    if record.weights[-1].local >= TOTAL_WEIGHT:
+                        break
+                    await asyncio.sleep(0.5)
+                shutil.copyfile(POLICY, policy_file)
+                await _until_policy(control, admin, SERVICE)
             mark("hard_baseline")
+            await asyncio.sleep(plan.baseline)
+            say(f"hard failure: SIGKILL {LOCAL}'s {SERVICE} apps and sidecars {victims}")
             await asyncio.sleep(plan.baseline / 2)
             mark("killed")
             for pid in victims:
@@ -422,9 +435,11 @@ def figures(record: Recording) -> tuple[dict[str, Any], list[tuple[str, str, str
         if peak
         else None
     )
-    back = record.weights_between("recovered", "hard_baseline")
+    # With the policy in force only (the bench may take it away afterwards).
+    back = record.weights_between("recovered", "recovery_end")
     # Nothing moved, nothing to bring back.
     failback = _first(back, m["recovered"], lambda s: s.local == TOTAL_WEIGHT) if peak else None
+    at_kill = [s.local for s in record.weights if s.at <= m["killed"]][-1:] or [0]
     failback_levels = sorted({s.local for s in back if s.local < TOTAL_WEIGHT})
     first_remote = next(
         (
@@ -492,6 +507,7 @@ def figures(record: Recording) -> tuple[dict[str, Any], list[tuple[str, str, str
             _s(failback),
             "local share " + " → ".join(f"{v / 100:.0f}%" for v in failback_levels) + " → 100%",
         ),
+        ("local share when the replicas were killed", f"{at_kill[0] / 100:.0f}%", "weights"),
         (
             "hard failure: failed after kill + 5 s",
             str(sum(not o.ok for o in hard_tail)),
@@ -540,13 +556,13 @@ def main(argv: list[str] | None = None) -> int:
         default=20.0,
         help=f"requests per second of {REMOTE}'s own callers to its {SERVICE} (0: none)",
     )
-    parser.add_argument("--warmup", type=float, default=15.0)
+    parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--baseline", type=float, default=8.0)
     parser.add_argument("--brownout", type=float, default=120.0, help="with the controller")
     # As long as the controller's: both p95s over windows of the same length.
     parser.add_argument("--static-brownout", type=float, default=120.0)
     parser.add_argument("--recovery", type=float, default=45.0)
-    parser.add_argument("--noise", type=float, default=30.0)
+    parser.add_argument("--noise", type=float, default=25.0)
     parser.add_argument("--hard-failure", type=float, default=20.0)
     parser.add_argument("--workdir", type=Path, help="keep the mesh's state and logs here")
     parser.add_argument(
