@@ -210,8 +210,6 @@ def _route_of(router: MeshRouter, service: str) -> Callable[[], MeshRoute | None
 
 
 def _registration(config: SidecarConfig, inbound_port: int) -> Registration | None:
-    from proxy.sidecar.registration import Registration
-
     spec = config.spec
     plane = spec.control_plane
     if plane is None or plane.admin_url is None:
@@ -235,6 +233,8 @@ def _registration(config: SidecarConfig, inbound_port: int) -> Registration | No
             "port": inbound_port,
         },
     }
+    from proxy.sidecar.registration import Registration
+
     return Registration(plane.admin_url, body)
 
 
