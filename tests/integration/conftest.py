@@ -9,6 +9,7 @@ killed by its process group.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -17,14 +18,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 _PORTS = 100
@@ -216,6 +220,54 @@ class LocalMeshRun:
 
 
 StartMesh = Callable[..., LocalMeshRun]
+
+
+@dataclass
+class SteadyLoad:
+    """Requests at a fixed rate through a sidecar, in a thread of its own; every outcome is
+    counted (``200``, another status, or the exception's name) with when it happened."""
+
+    url: str
+    host: str
+    rate: float = 50.0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    failures: list[tuple[float, str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+    async def _run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            pending: set[asyncio.Task[None]] = set()
+            tick = time.monotonic()
+            while not self._stop.is_set():
+                task = asyncio.ensure_future(self._one(session))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                tick += 1 / self.rate
+                await asyncio.sleep(max(0.0, tick - time.monotonic()))
+            if pending:
+                await asyncio.wait(pending)
+
+    async def _one(self, session: aiohttp.ClientSession) -> None:
+        try:
+            async with session.get(self.url, headers={"Host": self.host}) as response:
+                await response.read()
+                outcome = str(response.status)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            outcome = type(error).__name__
+        self.outcomes[outcome] += 1
+        if outcome != "200":
+            self.failures.append((time.time(), outcome))
 
 
 @pytest.fixture

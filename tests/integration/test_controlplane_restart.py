@@ -9,73 +9,28 @@ CA roots and the same registered endpoints.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
-import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
-from tests.integration.conftest import LocalMeshRun, StartMesh, get_json, http, wait_for
+from tests.integration.conftest import (
+    LocalMeshRun,
+    StartMesh,
+    SteadyLoad,
+    get_json,
+    http,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
-_RATE = 50.0
+_RATE = 50.0  # requests a second
 _OUTAGE = 4.0
-
-
-@dataclass
-class SteadyLoad:
-    """Requests at a fixed rate through a sidecar, in a thread of its own; every outcome is
-    counted (``200``, another status, or the exception's name) with when it happened."""
-
-    url: str
-    host: str
-    outcomes: Counter[str] = field(default_factory=Counter)
-    failures: list[tuple[float, str]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=15)
-
-    async def _run(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=5)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            pending: set[asyncio.Task[None]] = set()
-            tick = time.monotonic()
-            while not self._stop.is_set():
-                task = asyncio.ensure_future(self._one(session))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-                tick += 1 / _RATE
-                await asyncio.sleep(max(0.0, tick - time.monotonic()))
-            if pending:
-                await asyncio.wait(pending)
-
-    async def _one(self, session: aiohttp.ClientSession) -> None:
-        try:
-            async with session.get(self.url, headers={"Host": self.host}) as response:
-                await response.read()
-                outcome = str(response.status)
-        except (aiohttp.ClientError, TimeoutError) as error:
-            outcome = type(error).__name__
-        self.outcomes[outcome] += 1
-        if outcome != "200":
-            self.failures.append((time.time(), outcome))
 
 
 def _status(mesh: LocalMeshRun) -> dict[str, Any]:
