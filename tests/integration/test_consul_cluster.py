@@ -184,7 +184,8 @@ async def test_consul_cluster_never_pushes_an_empty_or_smaller_config_through_re
                 during = recorder.seen[seen_before:]
                 await consul.start()
                 recorder.phase = "back"
-                await until(lambda: ("ledger", "ledger", "10.1.0.5:7070") in recorder.latest(), 20)
+                # The watcher retries with jittered backoff capped at 30 s.
+                await until(lambda: ("ledger", "ledger", "10.1.0.5:7070") in recorder.latest(), 40)
                 arrived = time.monotonic() - down - _OUTAGE
                 assert plane.ready
             finally:
