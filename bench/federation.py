@@ -474,6 +474,7 @@ async def _main(sizes: list[int], changes: int, seed: int) -> dict[str, Any]:
     for total in sizes:
         print(f"... {total} services: setting up", file=sys.stderr, flush=True)
         by_size[total] = await _run_size(total, changes, full=total == max(sizes), rng=rng)
+        print(f"... {total} services: {json.dumps(by_size[total])}", file=sys.stderr, flush=True)
     small, large = by_size[min(sizes)], by_size[max(sizes)]
     print(
         f"{'services':>9} {'setup s':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
