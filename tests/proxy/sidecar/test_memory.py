@@ -1,7 +1,7 @@
 """An idle `snapbright sidecar` with a static config stays small (Snapbright issue 3).
 
 A sidecar runs next to every workload, so what it imports stays resident many times over:
-the `snapbright sidecar` entry point must not load the other command groups, nor grpc (only
+the `snapbright sidecar` entry point must not load the other command groups or typer, nor grpc (only
 the control-plane discovery source needs it), nor aiohttp (the admin listener does without).
 """
 
@@ -41,6 +41,9 @@ NOT_LOADED = (
     "google.protobuf",
     "aiohttp",
     "proxy.discovery.client",
+    "typer",
+    "click",
+    "rich",
 )
 
 # Runs the real entry point in a fresh interpreter; once /ready answers 200, a thread writes
