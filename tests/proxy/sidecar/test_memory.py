@@ -1,8 +1,9 @@
 """An idle `snapbright sidecar` with a static config stays small (Snapbright issue 3).
 
 A sidecar runs next to every workload, so what it imports stays resident many times over:
-the `snapbright sidecar` entry point must not load the other command groups or typer, nor grpc (only
-the control-plane discovery source needs it), nor aiohttp (the admin listener does without).
+the `snapbright sidecar` entry point must not load the other command groups or typer, nor
+grpc (only the control-plane discovery source needs it), nor aiohttp (the admin listener
+does without).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from tests.proxy.sidecar.mesh import (
 )
 from tests.proxy.sidecar.test_resilience import dead_port
 
-IDLE_RSS_BOUND_MIB = 60.0
-"""Measured 55.4 MiB (94.5 before issue 3's work); the bound leaves ~8 % for noise."""
+IDLE_RSS_BOUND_MIB = 62.0
+"""Measured 54.3 MiB (94.5 before issue 3's work, the goal is 40); ~15 % left for noise."""
 
 NOT_LOADED = (
     "snapbright.controlplane",
