@@ -30,26 +30,37 @@ class Target:
 
 
 def targets(api: str | None, cluster: str | None, every: bool, state_dir: Path) -> list[Target]:
-    """The control planes the flags name; :class:`AdminApiError` says why none can be found."""
+    """The control planes the flags name; :class:`AdminApiError` says why none can be found.
+
+    With no ``--api`` and no ``--cluster``, a mesh of several clusters (``snapbright up``) means
+    all of them, as ``--all`` does: the question is "is my mesh healthy?".
+    """
+    if every and (api is not None or cluster is not None):
+        raise AdminApiError("--all takes every cluster of endpoints.json: drop --api/--cluster")
     if every:
-        if api is not None or cluster is not None:
-            raise AdminApiError("--all takes every cluster of endpoints.json: drop --api/--cluster")
-        path = state_dir / ENDPOINTS_FILE
-        try:
-            endpoints = EndpointsFile.model_validate_json(path.read_bytes())
-        except FileNotFoundError:
-            raise AdminApiError(
-                f"no {path}: is a mesh running? (pass --state-dir DIR, or --api URL)"
-            ) from None
-        except (OSError, ValidationError) as error:
-            raise AdminApiError(f"cannot read {path}: {error}") from None
-        if not endpoints.clusters:
-            raise AdminApiError(f"{path} lists no cluster")
-        return [
-            Target(name, found.admin.rstrip("/"))
-            for name, found in sorted(endpoints.clusters.items())
-        ]
+        return _every_cluster(state_dir)
+    if api is None and cluster is None and (state_dir / ENDPOINTS_FILE).is_file():
+        found = _every_cluster(state_dir)
+        if len(found) > 1:
+            return found
     return [Target(cluster or "", admin_url(api, cluster, state_dir))]
+
+
+def _every_cluster(state_dir: Path) -> list[Target]:
+    path = state_dir / ENDPOINTS_FILE
+    try:
+        endpoints = EndpointsFile.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise AdminApiError(
+            f"no {path}: is a mesh running? (pass --state-dir DIR, or --api URL)"
+        ) from None
+    except (OSError, ValidationError) as error:
+        raise AdminApiError(f"cannot read {path}: {error}") from None
+    if not endpoints.clusters:
+        raise AdminApiError(f"{path} lists no cluster")
+    return [
+        Target(name, found.admin.rstrip("/")) for name, found in sorted(endpoints.clusters.items())
+    ]
 
 
 def fetch(target: Target, *, timeout: float = 10.0) -> ClusterStatus | Unreachable:

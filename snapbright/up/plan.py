@@ -26,11 +26,11 @@ dialing cluster's admin API. The first cluster of ``between`` dials the second (
 calling cluster first: the dialer is the side that learns the other's gateways, so its callers
 can reach the other's services).
 
-The gateway addresses a token carries come from the accepting control plane's ``gateways``,
-one list per control plane: the plan writes its first dialer's view there. A cluster that
-accepts several peerings therefore hands every dialer that same WAN listener, so the later
-dialers reach it over the first dialer's link shape (still through the WAN, with the wrong
-latency). Per-dialer addresses need the token API to take them.
+The gateway addresses a token (accepting side) or an Open (dialing side) carries come from
+that control plane's ``gateways``, one list per control plane: the plan writes its first
+peer's view there. A cluster with several peerings therefore hands every peer that same WAN
+listener, so the later peers reach it over the first peer's link shape (still through the
+WAN, with the wrong latency). Per-peer addresses need the token and Open to take them.
 """
 
 from __future__ import annotations
@@ -490,10 +490,12 @@ class _Planner:
         self, cluster: str, ports: dict[str, int], views: Mapping[tuple[str, str], str]
     ) -> None:
         name = f"{cluster}.controlplane"
-        # What goes into our tokens: where our (first) dialer reaches our gateway (see the
-        # module docstring for a cluster that accepts several peerings).
-        dialers = [d for d, a in self.peerings if a == cluster]
-        gateways = [views[(dialers[0], cluster)]] if dialers else []
+        # What goes into our tokens (as acceptor) and our Opens (as dialer): where a peer
+        # reaches our gateway, through the WAN emulator. One list per control plane, so the
+        # first peer's view (see the module docstring for a cluster with several peerings).
+        peers = [d for d, a in self.peerings if a == cluster]
+        peers += [a for d, a in self.peerings if d == cluster]
+        gateways = [views[(peers[0], cluster)]] if peers else []
         spec: dict[str, Any] = {
             "cluster": cluster,
             "mesh": self.name,

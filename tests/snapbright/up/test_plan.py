@@ -198,14 +198,15 @@ def test_peering_dials_from_the_first_cluster_through_its_own_wan_listener() -> 
         assert peering.accepting_admin == f"http://127.0.0.1:{accepting.ports['admin']}"
 
 
-def test_the_accepting_control_plane_hands_out_its_dialers_view_of_its_gateway() -> None:
+def test_each_control_plane_names_its_gateway_as_its_peer_reaches_it_through_the_wan() -> None:
     plan = _plan()
     accepting = _config(plan, "ap-southeast.controlplane", ControlPlaneConfig)
     dialing = _config(plan, "us-west.controlplane", ControlPlaneConfig)
     assert isinstance(accepting, ControlPlaneConfig)
     assert isinstance(dialing, ControlPlaneConfig)
     assert accepting.spec.gateways == (plan.gateway_view("us-west", "ap-southeast"),)
-    assert dialing.spec.gateways == ()
+    # The dialer's Open names its gateways too, or the acceptor cannot reach what it exports.
+    assert dialing.spec.gateways == (plan.gateway_view("ap-southeast", "us-west"),)
 
 
 def test_control_plane_config_validates_and_points_at_the_cluster_directories() -> None:
