@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner, Result
@@ -19,6 +20,11 @@ from tests.snapbright.controlplane.conftest import (
     until,
     write_config,
 )
+
+
+def _rule(plane: Any, service: str) -> str | None:
+    decision = plane.failover.last_decision(service, "us-west")
+    return None if decision is None else str(decision.rule.value)
 
 
 async def _cli(*args: str) -> Result:
@@ -54,7 +60,8 @@ async def test_status_prints_the_gateways_table_and_failover_per_service(
     west, east = _peered_configs(tmp_path)
     async with control_plane(east) as exporter, control_plane(west) as importer:
         await _peer(exporter, importer)
-        await until(lambda: importer.failover.last_decision("pay", "us-west") is not None)
+        # After the start-up grace (one registration TTL) the missing local copy is a failure.
+        await until(lambda: _rule(importer, "pay") == "no-healthy-local")
         await until(lambda: bool(importer.journal.for_service("pay")))
         result = await _cli("status", "--api", importer.admin_url)
         as_json = await _cli("status", "--api", importer.admin_url, "-o", "json")
@@ -112,7 +119,7 @@ async def test_explain_prints_the_decision_chain_newest_first(tmp_path: Path) ->
         body = registration("pay-1", "pay", 9001)
         body["endpoint"]["health"] = "critical"
         assert (await call("POST", f"{plane.admin_url}/api/v1/registrations", body))[0] == 200
-        await until(lambda: bool(plane.journal.for_service("pay")))
+        await until(lambda: _rule(plane, "pay") == "no-healthy-local")
         result = await _cli("policy", "explain", "pay", "--state-dir", str(plane.state_dir))
         as_json = await _cli("policy", "explain", "pay", "--api", plane.admin_url, "-o", "json")
         limited = await _cli(

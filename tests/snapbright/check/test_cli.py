@@ -118,7 +118,9 @@ async def _peer(exporter: ControlPlane, importer: ControlPlane) -> None:
 
 
 def _peered_configs(tmp_path: Path) -> tuple[Path, Path]:
-    west = write_config(tmp_path / "west", "us-west")
+    # us-west has no local `pay`: after one registration TTL (a restarted control plane's grace
+    # for its services to register) that means no healthy local endpoint, so keep it short.
+    west = write_config(tmp_path / "west", "us-west", catalog="{registrationTtl: 1s}")
     east = write_config(tmp_path / "east", "ap-southeast")
     (tmp_path / "east" / "policies" / "exports.yaml").write_text(EXPORT_PAY)
     return west, east
