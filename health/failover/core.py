@@ -32,6 +32,11 @@ that target remains usable, so a reshuffled ranking moves nothing; a target that
 endpoints, disappears, or is itself degraded for ``enterAfter`` loses its share
 (``target-lost``). Failback takes share back from the least preferred targets first.
 
+Evidence: ``evidence.minSamples`` is for a target sent all of the caller's traffic. The local
+copy sent only part of it (at the cap, only the kept share) needs that many times its share,
+at least 5 (or ``minSamples`` if lower): 2 % of 60 requests/s gives about 12 samples in a 10 s
+window, and its recovery must still be seen, or failback never starts.
+
 Weights are integer basis points summing to ``TOTAL_WEIGHT`` (10000).
 """
 
@@ -140,8 +145,22 @@ def _fresh(obs: TargetObservation, p: _Params, now: float) -> bool:
     return now - obs.observed_at <= p.evidence.max_age
 
 
-def _has_evidence(obs: TargetObservation, p: _Params, now: float) -> bool:
-    return _fresh(obs, p, now) and obs.samples >= p.evidence.min_samples
+# A target holding a small share still needs this many samples: with 5 the percentile is
+# about the slowest answer seen, so recovery is judged conservatively, never on one or two.
+_MIN_SCALED_SAMPLES = 5
+
+
+def _required_samples(p: _Params, share: int) -> int:
+    """``minSamples`` assumes all of the caller's traffic; a target sent only ``share`` (basis
+    points) of it, such as the degraded local copy holding the kept share, can produce only that
+    fraction of the samples in the same window. Scale the requirement with the share (never
+    below ``_MIN_SCALED_SAMPLES``, never above ``minSamples``), so its recovery is still seen."""
+    scaled = math.ceil(p.evidence.min_samples * share / TOTAL)
+    return min(p.evidence.min_samples, max(_MIN_SCALED_SAMPLES, scaled))
+
+
+def _has_evidence(obs: TargetObservation, p: _Params, now: float, share: int = TOTAL) -> bool:
+    return _fresh(obs, p, now) and obs.samples >= _required_samples(p, share)
 
 
 def _tick(
@@ -160,9 +179,9 @@ def _tick(
 
 
 def _assess(
-    obs: TargetObservation, previous: ClusterClocks, p: _Params, now: float
+    obs: TargetObservation, previous: ClusterClocks, p: _Params, now: float, share: int = TOTAL
 ) -> tuple[ClusterClocks, _Health]:
-    evidence = _has_evidence(obs, p, now)
+    evidence = _has_evidence(obs, p, now, share)
     readings: list[tuple[str, TriggerClock, float | None, float, float]] = []
     latency_clock = error_clock = TriggerClock()
     if p.latency is not None:
@@ -299,8 +318,11 @@ def decide(
     clocks: dict[str, ClusterClocks] = {}
     health: dict[str, _Health] = {}
     for cluster, obs in seen.items():
+        # Only the local copy's samples follow the share this caller sends it; a remote
+        # target's statistics are its service's own, whatever this caller sends.
+        share = old.get(local, 0) if cluster == local else TOTAL
         clocks[cluster], health[cluster] = _assess(
-            obs, state.clocks.get(cluster, ClusterClocks()), p, now
+            obs, state.clocks.get(cluster, ClusterClocks()), p, now, share
         )
     expected = {
         c: e for c, o in seen.items() if health[c].evidence and (e := _expected(o, p)) is not None
@@ -388,7 +410,8 @@ class _Context:
                 f"exit {_pct(self.p.error_rate.exit)})"
             )
         if not self.health[self.local].evidence:
-            parts.append(f"only {self.local_obs.samples} samples: no evidence")
+            needed = _required_samples(self.p, self.old.get(self.local, 0))
+            parts.append(f"only {self.local_obs.samples} samples of {needed}: no evidence")
         return f"{self.local} " + ", ".join(parts) if parts else self.local
 
     def _held(self, side: Literal["over", "under"]) -> str:

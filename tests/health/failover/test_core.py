@@ -250,6 +250,48 @@ def test_failback_moves_back_in_steps_and_completes() -> None:
     assert _transitions(decisions) == [Direction.AWAY, Direction.BACK]
 
 
+def _share_scene(rate: float, start: float, end: float) -> Scene:
+    """A brownout whose local samples are what this caller's share produces over a 10s window
+    at ``rate`` requests/s (the remote copies report their own service-wide statistics)."""
+
+    def observe(t: float, weights: Mapping[str, int]) -> Observations:
+        share = weights.get(LOCAL, TOTAL_WEIGHT) / TOTAL_WEIGHT
+        local = {"p95": SLOW if start <= t < end else HEALTHY, "samples": round(rate * share * 10)}
+        base = _scene(lambda _: local)(t, weights)
+        return Observations(local=LOCAL, request_rate=rate, targets=base.targets)
+
+    return observe
+
+
+def test_the_kept_share_alone_is_enough_evidence_to_fail_back_completely() -> None:
+    # 2% of 60 requests/s is ~12 samples per 10s window, below minSamples 20: the requirement
+    # scales with the share the local copy is sent, so its recovery is seen.
+    decisions = _run(_policy(), _share_scene(60.0, start=10, end=30), 90)
+    assert max(_away(decisions)) == 9800
+    assert _away(decisions)[-1] == 0
+    assert decisions[-1].state.mode is Mode.STEADY
+    assert _transitions(decisions) == [Direction.AWAY, Direction.BACK]
+
+
+@pytest.mark.parametrize(
+    ("samples", "recovers"),
+    [(4, False), (5, True)],
+)
+def test_a_kept_share_with_fewer_than_five_samples_is_not_evidence(
+    samples: int, recovers: bool
+) -> None:
+    def observe(t: float, weights: Mapping[str, int]) -> Observations:
+        kept = weights.get(LOCAL, TOTAL_WEIGHT) <= 200  # the local copy holds only the kept 2%
+        local = {"p95": SLOW if 10 <= t < 30 else HEALTHY, "samples": samples if kept else 500}
+        return _scene(lambda _: local)(t, weights)
+
+    decisions = _run(_policy(), observe, 90)
+    assert max(_away(decisions)) == 9800
+    assert (_away(decisions)[-1] == 0) is recovers
+    if not recovers:
+        assert "only 4 samples of 5: no evidence" in decisions[-1].explanation
+
+
 def test_a_reading_above_exit_during_failback_pauses_it() -> None:
     scene = _scene(lambda t: {"p95": SLOW if 10 <= t < 30 else BETWEEN if t >= 46 else HEALTHY})
     decisions = _run(_policy(), scene, 80)
