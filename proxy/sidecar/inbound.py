@@ -7,6 +7,11 @@ tickets), so that a failed handshake is counted with a reason (``plaintext``,
 against the roots of the trust domain it claims ONLY (a chain to another federated root is
 ``foreign-root``); a refused peer is closed and counted.
 
+Trust can be withdrawn while a connection is open (``peering delete`` removes the peer's
+bundle; an empty bundle revokes the whole domain). Every verified connection is held in a
+registry by its caller's trust domain, and `Inbound.withdraw` aborts those of domains the new
+bundle set no longer trusts, counted as ``trust-withdrawn``; a request in flight on one fails.
+
 ALPN says what the connection carries. ``http/1.1``: the HTTP path of proxy/http takes it,
 with a `RequestGate` per connection that authorizes each request (SPIFFE ID, port, method,
 normalised path; `proxy.authz.core`) and answers 403 with the reason, and that replaces any
@@ -30,9 +35,11 @@ from proxy.authz.core import authorize
 from proxy.http.core import RequestGate, RoundRobinRoute, Route, StaticEndpoint
 from proxy.http.model import Limits, Timeouts
 from proxy.http.server import OutboundServer, serve_outbound
+from proxy.identity.bundle import TrustBundleSet
 from proxy.identity.model import SpiffeId, TrustDomain
 from proxy.identity.svid import Purpose, SvidError
 from proxy.policy.model import AuthorizationPolicy
+from proxy.sidecar.peers import PeerConnections, trusts
 from proxy.sidecar.pipe import PipeEnd, join
 from proxy.sidecar.tls import ALPN_TCP, TlsHolder
 from proxy.tls.context import verify_peer
@@ -242,9 +249,15 @@ class _TlsAccept(asyncio.Protocol):
             return
         if self._lost:
             return
+        if not trusts(inbound.tls.current.bundles, peer.trust_domain):
+            # Trust was withdrawn while this handshake ran with the contexts of before.
+            inbound.reject("trust-withdrawn")
+            transport.abort()
+            return
         if ssl_object.selected_alpn_protocol() == ALPN_TCP:
             await self._pipe(transport, peer)
             return
+        inbound.peers.add(peer.trust_domain, transport)
         inbound.verified[transport] = peer
         protocol = self._http()
         transport.set_protocol(protocol)
@@ -282,8 +295,10 @@ class _TlsAccept(asyncio.Protocol):
         if self._eof:
             caller.eof_received()
         inbound.pipes.add(caller)
+        inbound.peers.add(peer.trust_domain, transport)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait({caller.closed, app.closed})
+        inbound.peers.discard(peer.trust_domain, transport)
         inbound.pipes.discard(caller)
         caller.close()
         app.close()
@@ -307,6 +322,7 @@ class Inbound:
         self.handshake_timeout = handshake_timeout
         self.verified: dict[Any, SpiffeId] = {}
         self.pipes: set[PipeEnd] = set()
+        self.peers = PeerConnections()
         self._on_reject = on_reject
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: OutboundServer | None = None
@@ -320,6 +336,18 @@ class Inbound:
     def set_policies(self, local: TrustDomain, policies: tuple[AuthorizationPolicy, ...]) -> None:
         """The AuthorizationPolicies of this workload's service, swapped in at once."""
         self.policies = _Policies(local, policies)
+
+    def withdraw(self, bundles: TrustBundleSet) -> int:
+        """Close at once every connection from a domain ``bundles`` no longer trusts (absent
+        or revoked), each counted as ``trust-withdrawn``; how many were closed.
+
+        Call it after the `TlsHolder` has the new bundles, so no new connection of that
+        domain gets through the handshake either.
+        """
+        closed = self.peers.withdraw(bundles)
+        for _ in range(closed):
+            self.reject("trust-withdrawn")
+        return closed
 
     def reject(self, reason: str) -> None:
         """Count one refused connection or request."""

@@ -38,6 +38,7 @@ INBOUND_REJECT_REASONS = (
     "expired",
     "foreign-root",
     "forbidden",
+    "trust-withdrawn",
 )
 """Reasons created up front so that dashboards see zeros, not gaps (others appear on use)."""
 

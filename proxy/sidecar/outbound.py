@@ -5,7 +5,9 @@ TrafficPolicy connect timeout: TLS 1.3 with the sidecar's
 SVID, SNI ``<service>.<namespace>.<cluster>.<mesh>`` (so an east-west gateway can route it),
 a client context holding only the target's trust domain bundle, and after the handshake
 `verify_peer` expecting that trust domain. A refusal is an OSError (`PeerRejected`): the
-forwarder counts it as a connect failure, and `on_reject` counts the reason.
+forwarder counts it as a connect failure, and `on_reject` counts the reason. Every connection
+it opens is held by the target's trust domain: `MeshConnector.withdraw` aborts those of a
+domain no longer trusted, and the pool forgets an idle connection once its transport is lost.
 
 `serve_tcp` listens on 127.0.0.1 for one upstream: each accepted connection picks an
 endpoint through the upstream's route (weights, P2C, breaker) and pipes opaque bytes over
@@ -25,7 +27,9 @@ from typing import Any, cast
 
 from proxy.http.core import Overloaded
 from proxy.http.model import Failure
+from proxy.identity.bundle import TrustBundleSet
 from proxy.identity.svid import Purpose, SvidError
+from proxy.sidecar.peers import PeerConnections
 from proxy.sidecar.pipe import PipeEnd, join
 from proxy.sidecar.router import MeshEndpoint, MeshRoute
 from proxy.sidecar.tls import ALPN_HTTP, TlsHolder
@@ -57,6 +61,16 @@ class MeshConnector:
         self._alpn = alpn
         self._timeout = handshake_timeout
         self._on_reject = on_reject
+        self.peers = PeerConnections()
+
+    def withdraw(self, bundles: TrustBundleSet) -> int:
+        """Abort every connection to a domain ``bundles`` no longer trusts (absent or
+        revoked), each counted as ``trust-withdrawn``; how many were closed."""
+        closed = self.peers.withdraw(bundles)
+        if self._on_reject is not None:
+            for _ in range(closed):
+                self._on_reject("trust-withdrawn")
+        return closed
 
     async def __call__(self, factory: Callable[[], Any], endpoint: Any) -> tuple[Any, Any]:
         """Connect, handshake, verify the server's SVID; raise OSError on any failure."""
@@ -93,6 +107,7 @@ class MeshConnector:
         except SvidError as error:
             transport.abort()
             raise self._reject(error.reason.name.lower().replace("_", "-"), str(error)) from None
+        self.peers.add(target.trust_domain, transport)
         return transport, protocol
 
     def _reject(self, reason: str, detail: str) -> PeerRejected:

@@ -4,8 +4,10 @@ its config source, and the control-plane registration.
 `Sidecar.start` builds everything from the source's current `SidecarState`; each later
 state is applied in place: new contexts for new connections (`TlsHolder`), new plans swapped
 into the router's routes, new authorization policies for the inbound gate. Nothing open is
-dropped. `Sidecar.aclose` drains the listeners (requests in flight finish within the grace
-period), deregisters and stops the admin listener last.
+dropped, except connections (inbound and outbound) of a trust domain the new bundles no longer
+trust (removed by ``peering delete``, or revoked): those are aborted at once.
+`Sidecar.aclose` drains the listeners (requests in flight finish within the grace period),
+deregisters and stops the admin listener last.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Sidecar:
         self.tls: TlsHolder | None = None
         self.outbound: OutboundServer | None = None
         self.inbound: Inbound | None = None
+        self._connector: MeshConnector | None = None
         self.tcp: dict[str, TcpServer] = {}
         self._tcp_connector: MeshConnector | None = None
         self.admin: AdminServer | None = None
@@ -106,6 +109,7 @@ class Sidecar:
         self.apply(state)
         metrics = self.metrics
         connector = MeshConnector(self.tls, on_reject=metrics.outbound_rejected)
+        self._connector = connector
         self.outbound = await serve_outbound(
             listeners.outbound.address,
             listeners.outbound.port,
@@ -136,10 +140,14 @@ class Sidecar:
         self._ready = True
 
     def apply(self, state: SidecarState) -> None:
-        """Put ``state`` in force: TLS for new connections, routes, authorization."""
+        """Put ``state`` in force: TLS for new connections, routes, authorization, and
+        connections of domains no longer trusted closed."""
         self.state = state
-        if self.tls is not None:
-            self.tls.update(state.svid, state.bundles)
+        if self.tls is not None and self.tls.update(state.svid, state.bundles):
+            # New contexts first, so that no new connection of a withdrawn domain gets in.
+            for side in (self.inbound, self._connector, self._tcp_connector):
+                if side is not None:
+                    side.withdraw(state.bundles)
         self.router.apply(state)
         if self.inbound is not None:
             self.inbound.set_policies(state.trust_domain, state.authorization_for(state.service))
