@@ -22,6 +22,7 @@ import pytest
 from proxy.identity.bundle import TrustBundle
 from proxy.identity.svid import X509Svid
 from proxy.sidecar.process import Sidecar
+from proxy.sidecar.tls import ALPN_HTTP, ALPN_TCP
 from proxy.tls.context import client_context
 from tests.proxy.http.backend import Backend
 from tests.proxy.http.client import Client
@@ -97,8 +98,9 @@ class _Peer:
         self.writer = writer
 
     @classmethod
-    async def open(cls, port: int, svid: X509Svid, server: Cluster) -> _Peer:
+    async def open(cls, port: int, svid: X509Svid, server: Cluster, alpn: str = ALPN_HTTP) -> _Peer:
         context = client_context(svid, server.ca.bundle())
+        context.set_alpn_protocols([alpn])
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="payments"),
             5.0,
@@ -185,6 +187,24 @@ async def test_withdrawn_trust_closes_the_peers_open_connection_and_refuses_new_
     assert mesh.withdrawn() == 1.0
     east.close()
     west.close()
+
+
+async def test_withdrawn_trust_closes_an_opaque_tcp_connection_too(mesh: Mesh) -> None:
+    port = inbound_port(mesh.payments)
+    # ALPN snapbright-tcp: bytes piped to the app as they are (here the app speaks HTTP).
+    east = await _Peer.open(port, mesh.east.issue("checkout"), mesh.west, ALPN_TCP)
+    assert await east.get() == 200
+    _drop_east(mesh)
+    assert await east.closed_within(WITHIN)
+    assert mesh.withdrawn() == 1.0
+    inbound = mesh.payments.inbound
+    assert inbound is not None
+    for _ in range(int(WITHIN / 0.02)):
+        if not inbound.pipes:
+            break
+        await asyncio.sleep(0.02)
+    assert inbound.pipes == set()
+    east.close()
 
 
 async def test_a_bundle_set_that_still_trusts_the_domain_closes_nothing(mesh: Mesh) -> None:
