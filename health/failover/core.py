@@ -792,7 +792,9 @@ def simulate(
 
     Time starts at 0. Jitter is drawn from ``rng`` (by default seeded with the trace's seed),
     so a replay is repeatable. A remote cluster's reported headroom is the trace's headroom
-    minus what this caller currently sends it, so the capacity guard sees its own effect.
+    minus what this caller currently sends it, so the capacity guard sees its own effect; the
+    local cluster's sample count is the trace's times the share this caller sends it, so a
+    small kept share rests on few samples, as it does live.
     """
     spec = trace.spec
     draw = rng if rng is not None else random.Random(spec.seed)
@@ -858,10 +860,16 @@ def _observe(
     if headroom is not None and not local:
         # The trace's headroom is before this caller sends anything; report what is left.
         headroom -= weights.get(name, 0) / TOTAL * request_rate
+    samples = sample.samples if sample.samples is not None else 100
+    if local:
+        # The trace's count is with all of the caller's traffic local; the local copy sees only
+        # the share it is sent (at the cap, the kept share), as a real window would.
+        share = weights.get(name, 0) if weights else TOTAL  # no weights yet: all local
+        samples = round(samples * share / TOTAL)
     return TargetObservation(
         cluster=name,
         observed_at=now - (sample.age or 0.0),
-        samples=sample.samples if sample.samples is not None else 100,
+        samples=samples,
         healthy_endpoints=sample.healthy_endpoints if sample.healthy_endpoints is not None else 1,
         p50=latency["p50"],
         p90=latency["p90"],

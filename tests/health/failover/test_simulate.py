@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from health.failover.core import simulate
-from health.failover.model import TOTAL_WEIGHT, Decision, Direction, FailoverPolicy, Rule, Trace
+from health.failover.model import (
+    TOTAL_WEIGHT,
+    Decision,
+    Direction,
+    FailoverPolicy,
+    Mode,
+    Rule,
+    Trace,
+)
 from proxy.config.loader import Registry, load_bytes, load_file
 from proxy.config.model import Document
 
@@ -127,6 +135,34 @@ def test_trace_steps_segments_and_pulses_shape_the_observations() -> None:
     assert [local[t] for t in (30, 31, 33, 34, 35)] == [1.0, 0.040, 0.040, 1.0, 0.040]
     assert local[36] == -1.0  # 20s old: stale, so no evidence
     assert decisions[0].expected_latency["ap-southeast"] == pytest.approx(0.130)
+
+
+SLOW_CALLER = """\
+apiVersion: snapbright.io/v1alpha1
+kind: FailoverTrace
+metadata: {name: slow-caller}
+spec:
+  caller: us-west
+  duration: 150s
+  requestRate: 60
+  clusters:
+    us-west:
+      start: {p95: 45ms, samples: 600}
+      changes:
+        - {from: 10s, until: 40s, addLatency: 400ms}
+    ap-southeast:
+      start: {p95: 50ms, rtt: 80ms, headroom: 500, samples: 4000}
+"""
+
+
+def test_a_kept_share_of_a_slow_caller_is_enough_to_fail_back_completely() -> None:
+    # 60 requests/s over a 10s window: 600 samples, 12 of them on the kept 2% (minSamples 20).
+    decisions = simulate(_example_policy(), _trace(SLOW_CALLER))
+    assert min(d.weights[LOCAL] for d in decisions) == 200
+    assert "only 12 samples" not in decisions[60].explanation
+    assert decisions[-1].weights[LOCAL] == TOTAL_WEIGHT
+    assert decisions[-1].state.mode is Mode.STEADY
+    assert [d.transition for d in decisions if d.transition] == [Direction.AWAY, Direction.BACK]
 
 
 HARD_FAILURE = """\
