@@ -16,6 +16,20 @@ Rules, in the order they are checked:
    ``ramp.interval`` while a trigger stays above enter, held (``ramp-step``), up to
    ``min(maxShare, 100% - keepShare)`` (``cap-reached``). Between the exit and the enter
    thresholds nothing changes.
+
+   *What enter reads, and from when it counts.* When the observation carries a short span
+   (``recent_*``: the newest closed second of the caller's own statistics, with evidence),
+   the enter side reads it, and a new degradation's clock starts at the start of its first
+   slow span (when the evidence says it began), not at the tick that first saw it: a
+   brownout enters ``enterAfter`` after it began, ≈ 1 s earlier than counted from the tick,
+   and the p95 of one second crosses with a few slow answers, where one of 10 s needs half a
+   second of them. A one-second span holds a spike no longer than the seconds it touched, so
+   one slow second moves nothing with ``enterAfter`` ≥ 2 s; but a one-second blip that
+   straddles two windows reads as two slow seconds (``enterAfter: 2s`` then counts it as
+   held: choose ``enterAfter`` above the longest blip to ignore, in whole seconds, plus one).
+   Exit and failback read the long reading,
+   so recovery still needs the whole window below exit. Without a short span (traces, whose
+   readings are instants; remote summaries) the long reading is read to enter, from the tick.
 4. Recovery: every trigger below its exit threshold for its ``exitAfter`` (``exit-pending``
    while it holds), then the failback stable period, then steps of ``failback.step`` per
    ``failback.interval`` (``failback-step``) until all traffic is local
@@ -163,18 +177,36 @@ def _has_evidence(obs: TargetObservation, p: _Params, now: float, share: int = T
     return _fresh(obs, p, now) and obs.samples >= _required_samples(p, share)
 
 
+def _has_recent(obs: TargetObservation, p: _Params, now: float, share: int) -> bool:
+    return (
+        obs.recent_start is not None
+        and _fresh(obs, p, now)
+        and obs.recent_samples >= _required_samples(p, share)
+    )
+
+
 def _tick(
-    clock: TriggerClock, value: float | None, enter: float, exit_: float, now: float
+    clock: TriggerClock,
+    value: float | None,
+    entering: float | None,
+    began: float | None,
+    enter: float,
+    exit_: float,
+    now: float,
 ) -> TriggerClock:
-    if value is None:
+    """Advance one trigger's clocks: ``value`` is the long reading (exit), ``entering`` the one
+    read to enter (the short span's when it has evidence), ``began`` the start of that span."""
+    if value is None and entering is None:
         # No evidence: neither degraded nor healthy; both clocks start over.
         return TriggerClock()
-    over_since = (
-        (clock.over_since if clock.over_since is not None else now) if value > enter else None
-    )
-    under_since = (
-        (clock.under_since if clock.under_since is not None else now) if value < exit_ else None
-    )
+    over_since = None
+    if entering is not None and entering > enter:
+        # A new degradation is dated from the start of its first slow span, not this tick.
+        start = began if began is not None else now
+        over_since = clock.over_since if clock.over_since is not None else min(start, now)
+    under_since = None
+    if value is not None and value < exit_:
+        under_since = clock.under_since if clock.under_since is not None else now
     return TriggerClock(over_since=over_since, under_since=under_since)
 
 
@@ -182,17 +214,26 @@ def _assess(
     obs: TargetObservation, previous: ClusterClocks, p: _Params, now: float, share: int = TOTAL
 ) -> tuple[ClusterClocks, _Health]:
     evidence = _has_evidence(obs, p, now, share)
+    recent = _has_recent(obs, p, now, share)
+    began = obs.recent_start if recent else None
     readings: list[tuple[str, TriggerClock, float | None, float, float]] = []
     latency_clock = error_clock = TriggerClock()
     if p.latency is not None:
-        value = obs.latency(p.latency.percentile) if evidence else None
-        latency_clock = _tick(previous.latency, value, p.latency.enter, p.latency.exit, now)
+        pct = p.latency.percentile
+        value = obs.latency(pct) if evidence else None
+        entering = obs.recent_latency(pct) if recent else value
+        latency_clock = _tick(
+            previous.latency, value, entering, began, p.latency.enter, p.latency.exit, now
+        )
         readings.append(
             (_LATENCY, latency_clock, value, p.latency.enter_after, p.latency.exit_after)
         )
     if p.error_rate is not None:
         value = obs.error_rate if evidence else None
-        error_clock = _tick(previous.error_rate, value, p.error_rate.enter, p.error_rate.exit, now)
+        entering = obs.recent_error_rate if recent else value
+        error_clock = _tick(
+            previous.error_rate, value, entering, began, p.error_rate.enter, p.error_rate.exit, now
+        )
         readings.append(
             (_ERRORS, error_clock, value, p.error_rate.enter_after, p.error_rate.exit_after)
         )
@@ -217,6 +258,19 @@ def _assess(
 
 
 # --- Where traffic may go ---
+
+
+def _entering_view(obs: TargetObservation, p: _Params, now: float, share: int) -> TargetObservation:
+    if not _has_recent(obs, p, now, share):
+        return obs
+    return replace(
+        obs,
+        p50=obs.recent_p50,
+        p90=obs.recent_p90,
+        p95=obs.recent_p95,
+        p99=obs.recent_p99,
+        error_rate=obs.recent_error_rate,
+    )
 
 
 def _expected(obs: TargetObservation, p: _Params) -> float | None:
@@ -343,7 +397,16 @@ def decide(
             f"no fresh observation of the local cluster {local}: holding weights",
         )
     ctx = _Context(
-        p, local, local_obs, seen, health, clocks[local], old, now, observations.request_rate
+        p,
+        local,
+        local_obs,
+        seen,
+        health,
+        clocks[local],
+        old,
+        now,
+        observations.request_rate,
+        _entering_view(local_obs, p, now, old.get(local, 0)),
     )
     if local_obs.healthy_endpoints == 0:
         return ctx.hard_failure(state, kept, expected)
@@ -389,6 +452,9 @@ class _Context:
     old: Mapping[str, int]
     now: float
     request_rate: float
+    # The local copy as its triggers read it to enter (the short span, when it has evidence):
+    # a target must beat that, or a degradation seen early has nowhere to go.
+    local_entering: TargetObservation
 
     @property
     def away(self) -> int:
@@ -400,6 +466,10 @@ class _Context:
         if self.p.latency is not None:
             value = self.local_obs.latency(self.p.latency.percentile)
             shown = "n/a" if value is None else _ms(value)
+            recent = self.local_obs.recent_latency(self.p.latency.percentile)
+            if self.local_obs.recent_start is not None and recent is not None:
+                span = self.local_obs.observed_at - self.local_obs.recent_start
+                shown += f" (last {span:g}s {_ms(recent)})"
             parts.append(
                 f"{self.p.latency.percentile} {shown} (enter {_ms(self.p.latency.enter)}, "
                 f"exit {_ms(self.p.latency.exit)})"
@@ -466,7 +536,7 @@ class _Context:
             and obs.healthy_endpoints > 0
             and self.health[cluster].evidence
             and not self.health[cluster].over_now
-            and _better_than_local(obs, self.local_obs, reasons, self.p)
+            and _better_than_local(obs, self.local_entering, reasons, self.p)
         ]
         return _ranked(usable, self.p)
 

@@ -246,10 +246,28 @@ class TargetObservation:
     error_rate: float = 0.0
     rtt: float = 0.0
     headroom: float | None = None
+    # The same statistics over only the newest, short span of the evidence (``recent_start``
+    # to ``observed_at``), when the source has one: what a trigger reads to *enter*, so a
+    # degradation shows within a second instead of once enough of a long window is slow, and
+    # the start of the first slow span is when the degradation began. ``None``: no short span
+    # (a trace's readings are instants, a remote summary is a whole window); the long reading
+    # is used alone.
+    recent_start: float | None = None
+    recent_samples: int = 0
+    recent_p50: float | None = None
+    recent_p90: float | None = None
+    recent_p95: float | None = None
+    recent_p99: float | None = None
+    recent_error_rate: float = 0.0
 
     def latency(self, percentile: Percentile) -> float | None:
         """The service latency at ``percentile``, in seconds, if measured."""
         value: float | None = getattr(self, percentile)
+        return value
+
+    def recent_latency(self, percentile: Percentile) -> float | None:
+        """The service latency at ``percentile`` over the short span, if measured."""
+        value: float | None = getattr(self, f"recent_{percentile}")
         return value
 
 

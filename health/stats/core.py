@@ -60,6 +60,10 @@ SHORT_SPAN_S = 10
 LONG_SPAN_S = 60
 """The longer view, for people and the dashboard."""
 
+ENTER_SPAN_S = 1
+"""The short span the controller reads to *enter* degraded: the newest closed second. Longer
+spans would keep a one-second spike in view (and over the threshold) for as many ticks."""
+
 SKEW_S = 1
 """How many seconds ahead of ``now`` a window may start and still be kept."""
 UNREACHABLE_SPAN_S = 3
@@ -317,15 +321,19 @@ def observations(
     remotes: Iterable[RemoteService] = (),
     gateways: Mapping[str, ProbeStatus] | None = None,
     span_s: int = SHORT_SPAN_S,
+    enter_span_s: int = ENTER_SPAN_S,
     min_samples: int = 10,
 ) -> Observations:
     """What the failover core sees for ``service`` called from ``caller_cluster`` at ``now``.
 
     ``gateways`` holds the probe status of each peer's gateway, by cluster. ``min_samples``
-    is how many of our own requests to a remote target make our error rate count too.
+    is how many of our own requests to a remote target make our error rate count too. The
+    local copy also carries our callers' statistics over the last ``enter_span_s`` closed
+    seconds (``recent_*``), which the controller reads to enter degraded.
     """
     gateways = gateways or {}
     mine = stats.stats(service, caller_cluster, caller_cluster, now, span_s)
+    short = stats.stats(service, caller_cluster, caller_cluster, now, enter_span_s)
     everyone = stats.service_stats(service, caller_cluster, now, span_s)
     headroom = (
         None if local.capacity_rps is None else max(0.0, local.capacity_rps - everyone.rate_per_s)
@@ -350,6 +358,13 @@ def observations(
             error_rate=mine.error_rate or 0.0,
             rtt=0.0,
             headroom=headroom,
+            recent_start=float(math.floor(now) - enter_span_s),
+            recent_samples=short.requests,
+            recent_p50=short.p50,
+            recent_p90=short.p90,
+            recent_p95=short.p95,
+            recent_p99=short.p99,
+            recent_error_rate=short.error_rate or 0.0,
         )
     ]
     seen = {caller_cluster}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -189,6 +190,92 @@ def test_error_rate_held_over_enter_moves_traffic_even_to_a_slower_region() -> N
     assert _at(decisions, 11).weights[LOCAL] == TOTAL_WEIGHT
     assert _at(decisions, 12).rule is Rule.ENTER_DEGRADED
     assert _at(decisions, 12).weights[NEAR] == 2500
+
+
+# --- Entering from one-second windows: the short span, dated from when it began ---
+
+
+def _windowed(
+    recent: Callable[[float], float],
+    long: Callable[[float], float] | None = None,
+    *,
+    recent_samples: int = 60,
+) -> Scene:
+    """Live-like observations: at tick ``t`` the newest closed window is second ``t - 1``
+    (``recent``: its p95 then) and the long reading is ``long`` (by default the same)."""
+    whole = long if long is not None else recent
+
+    def observe(t: float, weights: Mapping[str, int]) -> Observations:
+        base = _scene(lambda _: {"p95": whole(t - 1)})(t, weights)
+        local = base.targets[0]
+        short = recent(t - 1)
+        windowed = TargetObservation(
+            **{
+                **{f: getattr(local, f) for f in local.__dataclass_fields__},
+                "recent_start": t - 1,
+                "recent_samples": recent_samples,
+                "recent_p50": short / 2,
+                "recent_p95": short,
+                "recent_p99": short * 1.5,
+                "recent_error_rate": local.error_rate,
+            }
+        )
+        return replace(base, targets=(windowed, *base.targets[1:]))
+
+    return observe
+
+
+def _slow_from(start: float, end: float = math.inf) -> Callable[[float], float]:
+    return lambda second: SLOW if start <= second < end else HEALTHY
+
+
+def test_enter_after_counts_from_the_start_of_the_first_slow_window() -> None:
+    # Second 10 is the first slow one; its window is seen at 11. enterAfter (2s) counted from
+    # 10 holds at 12; counted from the tick that first saw it, it would hold at 13.
+    decisions = _run(_policy(), _windowed(_slow_from(10)), 14)
+    assert _away(decisions)[10:14] == [0, 0, 2500, 5000]
+    assert decisions[12].rule is Rule.ENTER_DEGRADED
+    assert "last 1s 450ms" in decisions[12].explanation
+
+
+def test_the_short_window_enters_before_the_long_one_has_crossed() -> None:
+    # The long window's p95 crosses only after several slow seconds (here 4): entering reads
+    # the newest second.
+    decisions = _run(_policy(), _windowed(_slow_from(10), _slow_from(14)), 14)
+    assert decisions[12].rule is Rule.ENTER_DEGRADED
+
+
+@pytest.mark.parametrize(
+    "slow_seconds",
+    [
+        pytest.param([10], id="one slow second"),
+        pytest.param([10, 12, 14, 16], id="every other second"),
+        pytest.param([10, 11, 20, 30, 31], id="two slow seconds with enterAfter 3s"),
+    ],
+)
+def test_short_slow_spells_in_the_newest_window_move_nothing(slow_seconds: list[int]) -> None:
+    policy = _policy(
+        triggers={
+            "latency": {"enter": "300ms", "exit": "150ms", "enterAfter": "3s", "exitAfter": "5s"}
+        }
+    )
+    recent = lambda second: SLOW if second in slow_seconds else HEALTHY  # noqa: E731
+    decisions = _run(policy, _windowed(recent), 40)
+    assert not any(d.changed for d in decisions)
+
+
+def test_recovery_is_judged_on_the_long_window_not_the_newest_second() -> None:
+    # The newest second is healthy from 30 on, the long window only from 40: the exit clock
+    # (exitAfter 5s) starts at 41 (window 40), so recovery is declared at 46, not 36.
+    decisions = _run(_policy(), _windowed(_slow_from(10, 30), _slow_from(10, 40)), 50)
+    recovered = next(d.at for d in decisions if d.state.mode is Mode.FAILING_BACK)
+    assert recovered == 46.0
+
+
+def test_a_newest_second_with_too_few_samples_falls_back_to_the_long_reading() -> None:
+    # 5 samples in the newest second (minSamples 20): the long reading enters, from the tick.
+    decisions = _run(_policy(), _windowed(_slow_from(10), recent_samples=5), 14)
+    assert _away(decisions)[10:14] == [0, 0, 0, 2500]
 
 
 # --- Ramping: bounded steps, minimum interval, caps ---

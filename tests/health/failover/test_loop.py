@@ -165,8 +165,9 @@ def test_a_brownout_moves_weights_and_apply_gets_them() -> None:
     first = mesh.applied[0]
     assert first[1:3] == (PAYMENTS, US)
     assert 0 < _share(first[3], EU) <= 0.25
-    # Second 10 is slow; its window closes at 11 (over enter), held for enterAfter (1 s).
-    assert first[0] == 12.0
+    # Second 10 is slow; its window closes at 11 (over enter): slow since 10, so enterAfter
+    # (1 s), counted from when the evidence says the brownout began, has held at 11.
+    assert first[0] == 11.0
     assert mesh.weights == {US: 200, EU: 9800}  # all but the kept 2 %
     shares = [_share(w, EU) for *_, w in mesh.applied]
     assert shares == sorted(shares)  # in steps, one way
@@ -309,8 +310,8 @@ def test_a_policy_added_while_running_takes_effect_on_the_next_tick() -> None:
     mesh.loop.set_policies([_policy()])
     mesh.run(start=16, until=20)
     assert mesh.applied
-    # Its enterAfter (1 s) counts from the first tick under the policy (16).
-    assert mesh.applied[0][0] == 17.0
+    # The first tick under the policy (16) sees second 15 slow: enterAfter (1 s) has held.
+    assert mesh.applied[0][0] == 16.0
 
 
 def test_two_policies_for_one_service_are_refused_and_the_old_set_stays() -> None:
@@ -394,7 +395,7 @@ def test_every_decision_goes_to_the_observer_even_when_it_fails() -> None:
     mesh.run(until=20)
     assert [at for _, _, at, _ in seen] == [float(t) for t in range(1, 21)]
     assert {(service, caller) for service, caller, *_ in seen} == {(PAYMENTS, US)}
-    assert (PAYMENTS, US, 12.0, Rule.ENTER_DEGRADED) in seen
+    assert (PAYMENTS, US, 11.0, Rule.ENTER_DEGRADED) in seen
     assert _share(mesh.weights, EU) == 0.98
 
 

@@ -312,6 +312,18 @@ def test_the_local_target_is_what_our_callers_measured() -> None:
     assert local.observed_at == NOW  # the newest window closed at 100
 
 
+def test_the_local_target_carries_the_newest_second_apart_for_entering() -> None:
+    # Nine healthy seconds, then a quarter of second 99 slow: the 10s p95 stays low (2.5 %
+    # slow), the newest second's is slow, and its span starts at 99, when the slowness began.
+    stats = RegionalStats()
+    _steady(stats, range(80, 99), per_second=40, latency=0.030)
+    assert stats.add(US, _window(99, [0.450] * 10 + [0.030] * 30), NOW)
+    (local,) = observations(stats, PAYMENTS, US, NOW + 0.25, local=LocalService(3, NOW)).targets
+    assert local.p95 == pytest.approx(0.030, rel=RELATIVE_ERROR)
+    assert local.recent_p95 == pytest.approx(0.450, rel=RELATIVE_ERROR)
+    assert (local.recent_start, local.recent_samples) == (99.0, 40)
+
+
 def test_local_endpoints_from_probes_count_all_but_the_down_ones() -> None:
     settings = ProbeSettings(down_after=1)
     up = ProbeStatus().succeeded(0.001, 0.0, settings)
