@@ -482,6 +482,7 @@ class HealthView:
         stats: RegionalStats,
         *,
         span_s: int = SHORT_SPAN_S,
+        enter_span_s: int = ENTER_SPAN_S,
         min_samples: int = 10,
         local_from: float = -math.inf,
     ) -> None:
@@ -490,6 +491,7 @@ class HealthView:
         self.local_from = local_from
         """From when a missing or endpoint-less local copy counts as down (see above)."""
         self._span = span_s
+        self._enter_span = enter_span_s
         self._min_samples = min_samples
         self._local: dict[str, LocalService] = {}
         self._remote: dict[str, dict[str, RemoteService]] = {}
@@ -539,6 +541,7 @@ class HealthView:
             remotes=self._remote.get(service, {}).values(),
             gateways=self._gateways,
             span_s=self._span,
+            enter_span_s=self._enter_span,
             min_samples=self._min_samples,
         )
         if registered is None and now < self.local_from:

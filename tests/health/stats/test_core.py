@@ -531,6 +531,14 @@ def test_the_view_decides_for_services_we_serve_import_or_call() -> None:
     assert view.pairs(NOW) == [("orders", US), (PAYMENTS, US), ("search", US)]
 
 
+@pytest.mark.parametrize(("enter_span_s", "samples"), [(1, 20), (3, 60)])
+def test_the_view_reads_the_short_span_it_was_given(enter_span_s: int, samples: int) -> None:
+    view = HealthView(US, _local_traffic(per_second=20), enter_span_s=enter_span_s)
+    view.set_local(PAYMENTS, LocalService(3, NOW))
+    (local,) = view.observe(PAYMENTS, US, NOW).targets
+    assert (local.recent_start, local.recent_samples) == (NOW - enter_span_s, samples)
+
+
 def test_the_view_observes_with_its_local_remote_and_gateway_knowledge() -> None:
     view = HealthView(US, _local_traffic())
     view.set_local(PAYMENTS, LocalService(3, NOW))
