@@ -113,7 +113,10 @@ def test_up_runs_the_default_mesh_and_ctrl_c_leaves_no_process(tmp_path: Path) -
         pids = {p["name"]: p["pid"] for p in document["processes"]}
         assert {"us-west.controlplane", "ap-southeast.gateway", "wan"} <= set(pids)
         assert [name for name, pid in pids.items() if not _alive(pid)] == []
-        assert "Ctrl-C stops the mesh" in output.read_text()
+        # The table is printed right after endpoints.json is written: wait for it (bounded).
+        while "Ctrl-C stops the mesh" not in output.read_text():
+            assert time.monotonic() - started < 55, f"no table:\n{output.read_text()}"
+            time.sleep(0.1)
 
         for cluster in ("us-west", "ap-southeast"):
             entry = document["clusters"][cluster]
