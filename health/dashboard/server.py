@@ -129,6 +129,12 @@ class EventHub:
             if wait > 0:
                 await asyncio.sleep(wait)
             version = self._state.version
+            if not self._clients:
+                # Nobody listens, and the state costs O(services) to build: skip it. A stream
+                # that connects later opens with the current state (and its own replay).
+                newest = self._state.decisions(limit=1)
+                last_id = newest[0].id if newest else last_id
+                continue
             try:
                 fresh = self._state.decisions(after=last_id, limit=self._settings.replay)
                 messages = [_event("decision", decision_json(e), e.id) for e in reversed(fresh)]

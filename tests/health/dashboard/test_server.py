@@ -356,3 +356,34 @@ async def test_a_failing_provider_skips_a_version_and_the_stream_goes_on(
         assert "could not be read" in caplog.text
     finally:
         await server.close()
+
+
+class _CountingBoard(Board):
+    """A real board that counts how often its whole state is built."""
+
+    snapshots = 0
+
+    def snapshot(self) -> Snapshot:
+        self.snapshots += 1
+        return super().snapshot()
+
+
+async def test_with_no_stream_connected_the_state_is_not_built_on_every_change(
+    http: aiohttp.ClientSession,
+) -> None:
+    board = _CountingBoard("us-west")
+    feed = example_feed(board, start=time.time() - 10)
+    server = await start_dashboard(board, settings=DashboardSettings(min_interval=0.0))
+    try:
+        for _ in range(20):
+            feed.run(1)
+            await asyncio.sleep(0)  # let the hub see each change
+        await asyncio.sleep(0.05)
+        assert board.snapshots == 0
+        # A stream that connects later still opens with the current state.
+        async with http.get(server.url + "api/v1/events") as response:
+            event = await until(response, "state")
+        assert event.data["version"] == board.version
+        assert board.snapshots >= 1
+    finally:
+        await server.close()
