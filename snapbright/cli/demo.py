@@ -7,14 +7,14 @@ Errors print one line saying why and exit 1.
 from __future__ import annotations
 
 import asyncio
-import signal
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 import uvloop
 from pydantic import TypeAdapter, ValidationError
 
 from proxy.config.model import Duration, Share
+from snapbright.cli.lifecycle import fail, until_stopped
 from snapbright.demo.core import Knobs
 from snapbright.demo.server import DemoApp, DemoSettings, Upstream
 
@@ -75,14 +75,14 @@ def demo_app(
             report_every=_parse(_DURATION, "--report-every", report_every),
         )
     except ValueError as error:
-        _fail(str(error))
+        fail(str(error))
 
     async def _run() -> None:
         app = await DemoApp(settings).start()
         grpc = "" if app.grpc_port is None else f", grpc on {host}:{app.grpc_port}"
         typer.echo(f"demo-app {name}@{cluster} replica {replica}: http on {host}:{app.port}{grpc}")
         try:
-            await _until_stopped()
+            await until_stopped()
         finally:
             await app.close()
 
@@ -92,7 +92,7 @@ def demo_app(
     except KeyboardInterrupt:
         pass
     except OSError as error:
-        _fail(f"demo-app: {error}")
+        fail(f"demo-app: {error}")
 
 
 def _share(text: str) -> float | str:
@@ -114,21 +114,3 @@ def _upstream(text: str) -> Upstream:
     if not sep or not name or not url.startswith(("http://", "https://")):
         raise ValueError(f"--upstream {text!r}: write NAME=URL, e.g. pay=http://127.0.0.1:15001/")
     return Upstream(name, url)
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(message, err=True)
-    raise typer.Exit(code=1)
-
-
-async def _until_stopped() -> None:
-    # SIGTERM (how `snapbright up` stops its processes) and SIGINT close cleanly, exit 0.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)

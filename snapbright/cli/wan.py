@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import signal
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 import uvloop
@@ -22,6 +21,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from snapbright.cli.lifecycle import fail, until_stopped
 from snapbright.up.endpoints import NoMeshRunning, read_endpoints
 from snapbright.wan.model import DEFAULT_ADMIN_PORT, WanConfig
 from snapbright.wan.server import WanEmulator
@@ -58,9 +58,9 @@ def serve(
     try:
         settings = WanConfig.model_validate_json(config.read_bytes())
     except OSError as error:
-        _fail(f"{config}: {error.strerror or error}")
+        fail(f"{config}: {error.strerror or error}")
     except ValidationError as error:
-        _fail(f"{config}: {_reasons(error)}")
+        fail(f"{config}: {_reasons(error)}")
 
     async def _run() -> None:
         emulator = await WanEmulator(settings).start()
@@ -70,7 +70,7 @@ def serve(
         )
         typer.echo(f"wan: admin on 127.0.0.1:{emulator.admin_port}; forwards: {ports or 'none'}")
         try:
-            await _until_stopped()
+            await until_stopped()
         finally:
             await emulator.close()
 
@@ -80,7 +80,7 @@ def serve(
     except KeyboardInterrupt:
         pass
     except OSError as error:
-        _fail(f"wan: {error}")
+        fail(f"wan: {error}")
 
 
 @app.command("set")
@@ -152,7 +152,7 @@ def _admin(given: str | None, state_dir: Path) -> str:
         return _ADMIN
     wan = document.get("wan")
     if not isinstance(wan, dict) or not isinstance(wan.get("admin"), str):
-        _fail(f"the mesh running from {state_dir} has no WAN emulator (no links to shape)")
+        fail(f"the mesh running from {state_dir} has no WAN emulator (no links to shape)")
     return str(wan["admin"]).removeprefix("http://").rstrip("/")
 
 
@@ -167,7 +167,7 @@ def _loss(text: str) -> float | str:
 def _call(admin: str, method: str, path: str, body: dict[str, Any] | None) -> list[dict[str, Any]]:
     host, _, port_text = admin.rpartition(":")
     if not host or not port_text.isdigit():
-        _fail(f"--admin {admin!r}: write HOST:PORT, e.g. {_ADMIN}")
+        fail(f"--admin {admin!r}: write HOST:PORT, e.g. {_ADMIN}")
     connection = http.client.HTTPConnection(host, int(port_text), timeout=10)
     try:
         payload = None if body is None else json.dumps(body).encode()
@@ -176,16 +176,16 @@ def _call(admin: str, method: str, path: str, body: dict[str, Any] | None) -> li
         response = connection.getresponse()
         answer = json.loads(response.read() or b"{}")
     except OSError as error:
-        _fail(
+        fail(
             f"no WAN emulator answers on {admin} ({error}); is `snapbright up` running? "
             "(--admin or SNAPBRIGHT_WAN_ADMIN)"
         )
     except ValueError:
-        _fail(f"{admin} did not answer with JSON: is it the WAN emulator's admin port?")
+        fail(f"{admin} did not answer with JSON: is it the WAN emulator's admin port?")
     finally:
         connection.close()
     if response.status != 200:
-        _fail(str(answer.get("error", f"HTTP {response.status}")))
+        fail(str(answer.get("error", f"HTTP {response.status}")))
     links: list[dict[str, Any]] = answer["links"]
     return links
 
@@ -217,21 +217,3 @@ def _reasons(error: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}" for e in error.errors()
     )
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(message, err=True)
-    raise typer.Exit(code=1)
-
-
-async def _until_stopped() -> None:
-    # SIGTERM (how `snapbright up` stops its processes) and SIGINT close cleanly, exit 0.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
