@@ -277,13 +277,14 @@ class Plan:
     recovery: float
     noise: float
     hard_failure: float
+    policy: Path = POLICY
 
 
 async def _run(plan: Plan, endpoints: dict[str, Any], record: Recording, remote: Recording) -> None:
     loop = asyncio.get_running_loop()
     cluster = endpoints["clusters"][LOCAL]
     admin = cluster["admin"]
-    policy_file = Path(cluster["policyDirectory"]) / POLICY.name
+    policy_file = Path(cluster["policyDirectory"]) / plan.policy.name
     outbound = cluster["services"][CALLER][0]["sidecar"]["outbound"]
     # The remote region's own users: its copy of payments serves traffic, so the health it
     # publishes to us-west carries evidence (an idle copy publishes none).
@@ -341,7 +342,7 @@ async def _run(plan: Plan, endpoints: dict[str, Any], record: Recording, remote:
             mark("static_end")
 
             say("FailoverPolicy on (hot reload)")
-            shutil.copyfile(POLICY, policy_file)
+            shutil.copyfile(plan.policy, policy_file)
             await _until_policy(control, admin, SERVICE)
             await asyncio.sleep(plan.baseline)
 
@@ -379,7 +380,7 @@ async def _run(plan: Plan, endpoints: dict[str, Any], record: Recording, remote:
                     if record.weights[-1].local >= TOTAL_WEIGHT:
                         break
                     await asyncio.sleep(0.5)
-                shutil.copyfile(POLICY, policy_file)
+                shutil.copyfile(plan.policy, policy_file)
                 await _until_policy(control, admin, SERVICE)
             mark("hard_baseline")
             await asyncio.sleep(plan.baseline)
@@ -566,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hard-failure", type=float, default=20.0)
     parser.add_argument("--workdir", type=Path, help="keep the mesh's state and logs here")
     parser.add_argument(
+        "--policy",
+        type=Path,
+        default=POLICY,
+        help="the FailoverPolicy file for the controller phases (default: the example)",
+    )
+    parser.add_argument(
         "--from-recording",
         type=Path,
         help="no run: the figures of a recording.json an earlier run wrote",
@@ -581,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         args.recovery,
         args.noise,
         args.hard_failure,
+        args.policy,
     )
     if args.from_recording is not None:
         saved = json.loads(args.from_recording.read_text())
