@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from proxy.resilience.core import jittered_backoff
+
 
 class IndexEvent(StrEnum):
     """What a blocking query's returned ``X-Consul-Index`` says about the response."""
@@ -65,8 +67,7 @@ class Backoff:
         """Seconds to wait after ``failures`` consecutive failures (``failures >= 1``)."""
         if failures < 1:
             raise ValueError("failures must be at least 1")
-        ceiling = min(self.cap, self.base * 2.0 ** min(failures - 1, 64))
-        return ceiling / 2 + rng.random() * ceiling / 2
+        return jittered_backoff(failures, self.base, self.cap, rng)
 
 
 def blocking_timeout(wait: float, margin: float) -> float:

@@ -61,6 +61,7 @@ from federation.peering.model import (
     sni_name,
 )
 from proxy.identity.model import TrustDomain
+from proxy.resilience.core import jittered_backoff
 
 # --- What we export, per peer. ---
 
@@ -304,8 +305,7 @@ class SessionSettings:
     def backoff(self, failures: int, rng: random.Random) -> float:
         """Wait before reconnect number ``failures`` (>= 1): half to all of an exponential
         ceiling, so clusters that lost each other together do not redial in lockstep."""
-        ceiling = min(self.backoff_cap, self.backoff_base * 2.0 ** min(failures - 1, 64))
-        return ceiling / 2 + rng.random() * ceiling / 2
+        return jittered_backoff(failures, self.backoff_base, self.backoff_cap, rng)
 
 
 @dataclass(frozen=True, slots=True)

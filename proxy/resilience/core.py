@@ -63,6 +63,14 @@ def _check_int(name: str, value: int, *, minimum: int) -> int:
 # --- retries ----------------------------------------------------------------------------------
 
 
+def jittered_backoff(failures: int, base: float, cap: float, rng: Random) -> float:
+    """Seconds to wait after ``failures`` consecutive failures (``>= 1``): between half and
+    all of ``min(cap, base * 2**(failures-1))``, so clients that failed together do not all
+    come back together. The one backoff of the mesh: retries, reconnects, watches."""
+    ceiling = min(cap, base * 2.0 ** min(failures - 1, 64))
+    return ceiling / 2 + rng.random() * ceiling / 2
+
+
 class RetryBudget:
     """Retries allowed over a sliding window, relative to the requests seen in it.
 
@@ -244,8 +252,7 @@ class RetryPolicy:
 
     def backoff_s(self, retry: int, rng: Random) -> float:
         """Seconds to wait before retry number ``retry`` (1 for the first retry)."""
-        cap = min(self._max, self._base * 2.0 ** min(retry - 1, 62))
-        return cap * (0.5 + 0.5 * rng.random())
+        return jittered_backoff(retry, self._base, self._max, rng)
 
     def plan_retry(
         self,
