@@ -374,6 +374,15 @@ class TrustBundleUpdate:
         _check_count(self.sequence, "bundle sequence")
 
 
+class HealthSource(enum.StrEnum):
+    """What a summary's latencies rest on."""
+
+    TRAFFIC = "traffic"
+    """Requests from its callers."""
+    PROBES = "probes"
+    """Too few requests (an idle copy): its own cluster's health probes of its endpoints."""
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceHealth:
     """Health of one exported service as its own cluster sees it."""
@@ -386,6 +395,9 @@ class ServiceHealth:
     request_rate: float
     headroom_rps: float | None
     healthy_endpoints: int
+    source: HealthSource = HealthSource.TRAFFIC
+    probe_samples: int = 0
+    """With ``source`` probes: how many probe round trips the latencies rest on."""
 
     def __post_init__(self) -> None:
         # These feed the failover controller: a NaN or a negative latency must stop here.
@@ -401,6 +413,9 @@ class ServiceHealth:
         if not (_non_negative(self.success_rate) and self.success_rate <= 1.0):
             raise PeeringValueError(f"success rate of {self.key} must be between 0 and 1")
         _check_count(self.healthy_endpoints, "healthy endpoint count")
+        _check_count(self.probe_samples, "probe sample count")
+        if not isinstance(self.source, HealthSource):
+            raise PeeringValueError(f"health source of {self.key} must be a HealthSource")
 
 
 def _non_negative(value: float) -> bool:

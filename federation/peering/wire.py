@@ -15,6 +15,7 @@ from federation.peering.model import (
     Close,
     ExportedService,
     GatewayAddress,
+    HealthSource,
     HealthSummaries,
     Heartbeat,
     Open,
@@ -179,6 +180,13 @@ def _service_of(message: pb.ExportedService) -> ExportedService:
     )
 
 
+_SOURCE_TO_PROTO = {
+    HealthSource.TRAFFIC: pb.HEALTH_SOURCE_TRAFFIC,
+    HealthSource.PROBES: pb.HEALTH_SOURCE_PROBES,
+}
+_SOURCE_OF = {value: source for source, value in _SOURCE_TO_PROTO.items()}
+
+
 def _health_to_proto(health: ServiceHealth) -> pb.ServiceHealth:
     return pb.ServiceHealth(
         name=health.key.name,
@@ -190,6 +198,8 @@ def _health_to_proto(health: ServiceHealth) -> pb.ServiceHealth:
         request_rate=health.request_rate,
         headroom_rps=health.headroom_rps,
         healthy_endpoints=health.healthy_endpoints,
+        source=_SOURCE_TO_PROTO[health.source],
+        probe_samples=health.probe_samples,
     )
 
 
@@ -203,4 +213,8 @@ def _health_of(message: pb.ServiceHealth) -> ServiceHealth:
         request_rate=message.request_rate,
         headroom_rps=message.headroom_rps if message.HasField("headroom_rps") else None,
         healthy_endpoints=message.healthy_endpoints,
+        # An unknown (newer) source is not evidence we can read: count it as traffic, whose
+        # request rate then says how much evidence there is.
+        source=_SOURCE_OF.get(message.source, HealthSource.TRAFFIC),
+        probe_samples=message.probe_samples,
     )

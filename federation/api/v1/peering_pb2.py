@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64\x65ration/api/v1/peering.proto\x12\x18snapbright.federation.v1\"\xf0\x03\n\x0ePeeringMessage\x12.\n\x04open\x18\x01 \x01(\x0b\x32\x1e.snapbright.federation.v1.OpenH\x00\x12G\n\x11services_snapshot\x18\x02 \x01(\x0b\x32*.snapbright.federation.v1.ServicesSnapshotH\x00\x12\x41\n\x0eservices_delta\x18\x03 \x01(\x0b\x32\'.snapbright.federation.v1.ServicesDeltaH\x00\x12\x43\n\x0ctrust_bundle\x18\x04 \x01(\x0b\x32+.snapbright.federation.v1.TrustBundleUpdateH\x00\x12;\n\x06health\x18\x05 \x01(\x0b\x32).snapbright.federation.v1.HealthSummariesH\x00\x12\x38\n\theartbeat\x18\x06 \x01(\x0b\x32#.snapbright.federation.v1.HeartbeatH\x00\x12,\n\x03\x61\x63k\x18\x07 \x01(\x0b\x32\x1d.snapbright.federation.v1.AckH\x00\x12\x30\n\x05\x63lose\x18\x08 \x01(\x0b\x32\x1f.snapbright.federation.v1.CloseH\x00\x42\x06\n\x04\x62ody\"\xa4\x01\n\x04Open\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0c\n\x04mesh\x18\x02 \x01(\t\x12\x14\n\x0ctrust_domain\x18\x03 \x01(\t\x12\x18\n\x10\x65stablish_secret\x18\x04 \x01(\x0c\x12\x1d\n\x15services_version_seen\x18\x05 \x01(\x04\x12\x1c\n\x14\x62undle_sequence_seen\x18\x06 \x01(\x04\x12\x10\n\x08gateways\x18\x07 \x03(\t\"Z\n\x0f\x45xportedService\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03sni\x18\x03 \x01(\t\x12\x19\n\x11healthy_endpoints\x18\x04 \x01(\r\"`\n\x10ServicesSnapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12;\n\x08services\x18\x02 \x03(\x0b\x32).snapbright.federation.v1.ExportedService\"\x84\x01\n\rServicesDelta\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12;\n\x08upserted\x18\x03 \x03(\x0b\x32).snapbright.federation.v1.ExportedService\x12\x0f\n\x07removed\x18\x04 \x03(\t\"r\n\x11TrustBundleUpdate\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x1a\n\x12spiffe_bundle_json\x18\x03 \x01(\x0c\x12\x19\n\x11intermediates_der\x18\x04 \x03(\x0c\"\xfa\x01\n\rServiceHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x1b\n\x13latency_p50_seconds\x18\x03 \x01(\x01\x12\x1b\n\x13latency_p95_seconds\x18\x04 \x01(\x01\x12\x1b\n\x13latency_p99_seconds\x18\x05 \x01(\x01\x12\x14\n\x0csuccess_rate\x18\x06 \x01(\x01\x12\x14\n\x0crequest_rate\x18\x07 \x01(\x01\x12\x19\n\x0cheadroom_rps\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x11healthy_endpoints\x18\t \x01(\rB\x0f\n\r_headroom_rps\"`\n\x0fHealthSummaries\x12\x12\n\nat_unix_ms\x18\x01 \x01(\x03\x12\x39\n\x08services\x18\x02 \x03(\x0b\x32\'.snapbright.federation.v1.ServiceHealth\"e\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x14\n\x0csent_unix_ms\x18\x02 \x01(\x03\x12\x15\n\recho_sequence\x18\x03 \x01(\x04\x12\x19\n\x11\x65\x63ho_sent_unix_ms\x18\x04 \x01(\x03\"8\n\x03\x41\x63k\x12\x18\n\x10services_version\x18\x01 \x01(\x04\x12\x17\n\x0f\x62undle_sequence\x18\x02 \x01(\x04\"\x17\n\x05\x43lose\x12\x0e\n\x06reason\x18\x01 \x01(\t2m\n\x07Peering\x12\x62\n\x08\x45xchange\x12(.snapbright.federation.v1.PeeringMessage\x1a(.snapbright.federation.v1.PeeringMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64\x65ration/api/v1/peering.proto\x12\x18snapbright.federation.v1\"\xf0\x03\n\x0ePeeringMessage\x12.\n\x04open\x18\x01 \x01(\x0b\x32\x1e.snapbright.federation.v1.OpenH\x00\x12G\n\x11services_snapshot\x18\x02 \x01(\x0b\x32*.snapbright.federation.v1.ServicesSnapshotH\x00\x12\x41\n\x0eservices_delta\x18\x03 \x01(\x0b\x32\'.snapbright.federation.v1.ServicesDeltaH\x00\x12\x43\n\x0ctrust_bundle\x18\x04 \x01(\x0b\x32+.snapbright.federation.v1.TrustBundleUpdateH\x00\x12;\n\x06health\x18\x05 \x01(\x0b\x32).snapbright.federation.v1.HealthSummariesH\x00\x12\x38\n\theartbeat\x18\x06 \x01(\x0b\x32#.snapbright.federation.v1.HeartbeatH\x00\x12,\n\x03\x61\x63k\x18\x07 \x01(\x0b\x32\x1d.snapbright.federation.v1.AckH\x00\x12\x30\n\x05\x63lose\x18\x08 \x01(\x0b\x32\x1f.snapbright.federation.v1.CloseH\x00\x42\x06\n\x04\x62ody\"\xa4\x01\n\x04Open\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0c\n\x04mesh\x18\x02 \x01(\t\x12\x14\n\x0ctrust_domain\x18\x03 \x01(\t\x12\x18\n\x10\x65stablish_secret\x18\x04 \x01(\x0c\x12\x1d\n\x15services_version_seen\x18\x05 \x01(\x04\x12\x1c\n\x14\x62undle_sequence_seen\x18\x06 \x01(\x04\x12\x10\n\x08gateways\x18\x07 \x03(\t\"Z\n\x0f\x45xportedService\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03sni\x18\x03 \x01(\t\x12\x19\n\x11healthy_endpoints\x18\x04 \x01(\r\"`\n\x10ServicesSnapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12;\n\x08services\x18\x02 \x03(\x0b\x32).snapbright.federation.v1.ExportedService\"\x84\x01\n\rServicesDelta\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12;\n\x08upserted\x18\x03 \x03(\x0b\x32).snapbright.federation.v1.ExportedService\x12\x0f\n\x07removed\x18\x04 \x03(\t\"r\n\x11TrustBundleUpdate\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x1a\n\x12spiffe_bundle_json\x18\x03 \x01(\x0c\x12\x19\n\x11intermediates_der\x18\x04 \x03(\x0c\"\xc9\x02\n\rServiceHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x1b\n\x13latency_p50_seconds\x18\x03 \x01(\x01\x12\x1b\n\x13latency_p95_seconds\x18\x04 \x01(\x01\x12\x1b\n\x13latency_p99_seconds\x18\x05 \x01(\x01\x12\x14\n\x0csuccess_rate\x18\x06 \x01(\x01\x12\x14\n\x0crequest_rate\x18\x07 \x01(\x01\x12\x19\n\x0cheadroom_rps\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x11healthy_endpoints\x18\t \x01(\r\x12\x36\n\x06source\x18\n \x01(\x0e\x32&.snapbright.federation.v1.HealthSource\x12\x15\n\rprobe_samples\x18\x0b \x01(\rB\x0f\n\r_headroom_rps\"`\n\x0fHealthSummaries\x12\x12\n\nat_unix_ms\x18\x01 \x01(\x03\x12\x39\n\x08services\x18\x02 \x03(\x0b\x32\'.snapbright.federation.v1.ServiceHealth\"e\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x14\n\x0csent_unix_ms\x18\x02 \x01(\x03\x12\x15\n\recho_sequence\x18\x03 \x01(\x04\x12\x19\n\x11\x65\x63ho_sent_unix_ms\x18\x04 \x01(\x03\"8\n\x03\x41\x63k\x12\x18\n\x10services_version\x18\x01 \x01(\x04\x12\x17\n\x0f\x62undle_sequence\x18\x02 \x01(\x04\"\x17\n\x05\x43lose\x12\x0e\n\x06reason\x18\x01 \x01(\t*C\n\x0cHealthSource\x12\x19\n\x15HEALTH_SOURCE_TRAFFIC\x10\x00\x12\x18\n\x14HEALTH_SOURCE_PROBES\x10\x01\x32m\n\x07Peering\x12\x62\n\x08\x45xchange\x12(.snapbright.federation.v1.PeeringMessage\x1a(.snapbright.federation.v1.PeeringMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'federation.api.v1.peering_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_HEALTHSOURCE']._serialized_start=1784
+  _globals['_HEALTHSOURCE']._serialized_end=1851
   _globals['_PEERINGMESSAGE']._serialized_start=62
   _globals['_PEERINGMESSAGE']._serialized_end=558
   _globals['_OPEN']._serialized_start=561
@@ -44,15 +46,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRUSTBUNDLEUPDATE']._serialized_start=1052
   _globals['_TRUSTBUNDLEUPDATE']._serialized_end=1166
   _globals['_SERVICEHEALTH']._serialized_start=1169
-  _globals['_SERVICEHEALTH']._serialized_end=1419
-  _globals['_HEALTHSUMMARIES']._serialized_start=1421
-  _globals['_HEALTHSUMMARIES']._serialized_end=1517
-  _globals['_HEARTBEAT']._serialized_start=1519
-  _globals['_HEARTBEAT']._serialized_end=1620
-  _globals['_ACK']._serialized_start=1622
-  _globals['_ACK']._serialized_end=1678
-  _globals['_CLOSE']._serialized_start=1680
-  _globals['_CLOSE']._serialized_end=1703
-  _globals['_PEERING']._serialized_start=1705
-  _globals['_PEERING']._serialized_end=1814
+  _globals['_SERVICEHEALTH']._serialized_end=1498
+  _globals['_HEALTHSUMMARIES']._serialized_start=1500
+  _globals['_HEALTHSUMMARIES']._serialized_end=1596
+  _globals['_HEARTBEAT']._serialized_start=1598
+  _globals['_HEARTBEAT']._serialized_end=1699
+  _globals['_ACK']._serialized_start=1701
+  _globals['_ACK']._serialized_end=1757
+  _globals['_CLOSE']._serialized_start=1759
+  _globals['_CLOSE']._serialized_end=1782
+  _globals['_PEERING']._serialized_start=1853
+  _globals['_PEERING']._serialized_end=1962
 # @@protoc_insertion_point(module_scope)

@@ -12,6 +12,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,6 +23,21 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _HealthSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HealthSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HealthSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HEALTH_SOURCE_TRAFFIC: _HealthSource.ValueType  # 0
+    HEALTH_SOURCE_PROBES: _HealthSource.ValueType  # 1
+
+class HealthSource(_HealthSource, metaclass=_HealthSourceEnumTypeWrapper): ...
+
+HEALTH_SOURCE_TRAFFIC: HealthSource.ValueType  # 0
+HEALTH_SOURCE_PROBES: HealthSource.ValueType  # 1
+Global___HealthSource: _TypeAlias = HealthSource  # noqa: Y015
 
 @_typing.final
 class PeeringMessage(_message.Message):
@@ -246,6 +262,8 @@ class ServiceHealth(_message.Message):
     REQUEST_RATE_FIELD_NUMBER: _builtins.int
     HEADROOM_RPS_FIELD_NUMBER: _builtins.int
     HEALTHY_ENDPOINTS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PROBE_SAMPLES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     namespace: _builtins.str
     latency_p50_seconds: _builtins.float
@@ -256,6 +274,10 @@ class ServiceHealth(_message.Message):
     headroom_rps: _builtins.float
     """Spare capacity in requests per second; absent when unknown."""
     healthy_endpoints: _builtins.int
+    source: Global___HealthSource.ValueType
+    """What the latencies rest on: callers' requests, or (an idle copy) its cluster's probes."""
+    probe_samples: _builtins.int
+    """With source PROBES: how many probe round trips the latencies rest on."""
     def __init__(
         self,
         *,
@@ -268,10 +290,12 @@ class ServiceHealth(_message.Message):
         request_rate: _builtins.float = ...,
         headroom_rps: _builtins.float | None = ...,
         healthy_endpoints: _builtins.int = ...,
+        source: Global___HealthSource.ValueType = ...,
+        probe_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_headroom_rps", b"_headroom_rps", "headroom_rps", b"headroom_rps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_headroom_rps", b"_headroom_rps", "headroom_rps", b"headroom_rps", "healthy_endpoints", b"healthy_endpoints", "latency_p50_seconds", b"latency_p50_seconds", "latency_p95_seconds", b"latency_p95_seconds", "latency_p99_seconds", b"latency_p99_seconds", "name", b"name", "namespace", b"namespace", "request_rate", b"request_rate", "success_rate", b"success_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_headroom_rps", b"_headroom_rps", "headroom_rps", b"headroom_rps", "healthy_endpoints", b"healthy_endpoints", "latency_p50_seconds", b"latency_p50_seconds", "latency_p95_seconds", b"latency_p95_seconds", "latency_p99_seconds", b"latency_p99_seconds", "name", b"name", "namespace", b"namespace", "probe_samples", b"probe_samples", "request_rate", b"request_rate", "source", b"source", "success_rate", b"success_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__headroom_rps: _TypeAlias = _typing.Literal["headroom_rps"]  # noqa: Y015
     _WhichOneofArgType__headroom_rps: _TypeAlias = _typing.Literal["_headroom_rps", b"_headroom_rps"]  # noqa: Y015

@@ -19,6 +19,7 @@ from federation.peering.model import (
     Close,
     ExportedService,
     GatewayAddress,
+    HealthSource,
     HealthSummaries,
     Heartbeat,
     Open,
@@ -56,6 +57,10 @@ MESSAGES: list[PeeringMessage] = [
     ServicesDelta(10, 12, (SERVICE,), (ServiceKey("shop", "cart"),)),
     TrustBundleUpdate(AP, 7, b'{"keys": []}', (b"\x30\x82", b"\x30\x83")),
     HealthSummaries(1_800_000_000_000, (health(None), health(40.5))),
+    # An idle copy: latencies from its cluster's probes of its endpoints, marked as such.
+    HealthSummaries(
+        1, (ServiceHealth(PAY, 0.002, 0.004, 0.004, 1.0, 0.0, None, 2, HealthSource.PROBES, 20),)
+    ),
     Heartbeat(9, 1_800_000_000_123, 8, 1_800_000_000_001),
     Ack(12, 7),
     Close("peering deleted"),
