@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -138,3 +139,33 @@ class ProbeStatus:
             last_probe_at=now,
             last_error=reason,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeLatency:
+    """Latency percentiles over the recent probe round trips of a service's endpoints: the
+    evidence an idle copy has (no callers, so no request statistics)."""
+
+    p50: float
+    p95: float
+    p99: float
+    samples: int
+
+
+def probe_latency(statuses: Iterable[ProbeStatus]) -> ProbeLatency | None:
+    """Percentiles (nearest rank) over the ``recent`` round trips of every endpoint that is up;
+    ``None`` without any. A down endpoint's old round trips say nothing about what callers
+    would get now, and an unknown one has none."""
+    values = sorted(rtt for s in statuses if s.state is ProbeState.UP for rtt in s.recent)
+    if not values:
+        return None
+    return ProbeLatency(
+        p50=_nearest_rank(values, 0.50),
+        p95=_nearest_rank(values, 0.95),
+        p99=_nearest_rank(values, 0.99),
+        samples=len(values),
+    )
+
+
+def _nearest_rank(ordered: list[float], q: float) -> float:
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]

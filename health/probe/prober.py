@@ -1,6 +1,6 @@
-"""The prober: probes local endpoints over HTTP and peer gateways over mTLS, on a loop clock.
+"""The prober: probes local endpoints and peer gateways, on a loop clock.
 
-Two kinds of target:
+Three kinds of target:
 
 - :class:`HttpTarget`, a local endpoint's health URL: a GET that answers 2xx in time is a
   success. Every probe opens a new connection, so a listener that stopped accepting fails
@@ -13,6 +13,12 @@ Two kinds of target:
   needs a 2xx back, and **keeps the connection**: later probes send their request on it, and
   only a broken connection (or a rotated SVID) is dialled again. With
   ``exchange="handshake"`` the server's Finished is the response (a new connection each time).
+- :class:`EndpointTarget`, a local endpoint as callers reach it: its sidecar's inbound
+  listener, over mTLS with our SVID, proving an identity of our own trust domain, then
+  ``GET /healthz`` (by default) through to the app on a kept connection, like a gateway's
+  ``http`` exchange. Its round trips are an idle copy's latency evidence
+  (:func:`~health.probe.core.probe_latency`), which its health summary publishes when it
+  has too few requests of its own.
 
 The round trip of an HTTP probe runs from the connect to the response (a local endpoint: the
 connect is part of what is checked). A gateway probe measures one network round trip, which is
@@ -92,7 +98,28 @@ class GatewayTarget:
         )
 
 
-ProbeTarget = HttpTarget | GatewayTarget
+@dataclass(frozen=True, slots=True)
+class EndpointTarget:
+    """A local endpoint reached as callers reach it: its sidecar's inbound listener, over mTLS
+    with our SVID, proving an identity of our own trust domain; ``GET path`` must answer 2xx.
+    Its round trips are the latency evidence of a copy that has no callers."""
+
+    name: str
+    host: str
+    port: int
+    sni: str
+    trust_domain: TrustDomain
+    path: str = "/healthz"
+
+    @classmethod
+    def for_endpoint(
+        cls, service: str, host: str, port: int, trust_domain: TrustDomain, path: str = "/healthz"
+    ) -> EndpointTarget:
+        """The probe of one endpoint of ``service``, named ``service@host:port``."""
+        return cls(f"{service}@{host}:{port}", host, port, service, trust_domain, path)
+
+
+ProbeTarget = HttpTarget | GatewayTarget | EndpointTarget
 
 Identity = Callable[[], tuple[X509Svid, TrustBundleSet]]
 """Our current SVID and the trust bundles we hold (read at every probe: SVIDs rotate)."""
@@ -220,6 +247,9 @@ class Prober:
             async with asyncio.timeout(self._settings.timeout):
                 if isinstance(target, HttpTarget):
                     return await self._probe_http(target)
+                if isinstance(target, EndpointTarget):
+                    context, bundles = self._client(target.trust_domain)
+                    return await self._exchange_kept(target, context, bundles)
                 return await self._probe_gateway(target)
         except TimeoutError:
             self._drop(target.name)  # an answer may still come: never read it as the next one
@@ -244,14 +274,17 @@ class Prober:
                 raise ProbeFailed(f"status {response.status}")
         return time.perf_counter() - started
 
-    async def _probe_gateway(self, target: GatewayTarget) -> float:
+    def _client(self, domain: TrustDomain) -> tuple[ssl.SSLContext, TrustBundleSet]:
         if self._identity is None:
-            raise ProbeFailed("no identity: a gateway probe needs our SVID")
+            raise ProbeFailed("no identity: an mTLS probe needs our SVID")
         svid, bundles = self._identity()
-        bundle = bundles.get(target.trust_domain)
+        bundle = bundles.get(domain)
         if bundle is None:
-            raise ProbeFailed(f"no trust bundle for {target.trust_domain}")
-        context = self._contexts.client(svid, bundle)
+            raise ProbeFailed(f"no trust bundle for {domain}")
+        return self._contexts.client(svid, bundle), bundles
+
+    async def _probe_gateway(self, target: GatewayTarget) -> float:
+        context, bundles = self._client(target.trust_domain)
         if target.exchange == "http":
             return await self._exchange_kept(target, context, bundles)
         _, writer = await asyncio.open_connection(target.host, target.port)
@@ -276,7 +309,10 @@ class Prober:
                 await writer.wait_closed()
 
     async def _exchange_kept(
-        self, target: GatewayTarget, context: ssl.SSLContext, bundles: TrustBundleSet
+        self,
+        target: GatewayTarget | EndpointTarget,
+        context: ssl.SSLContext,
+        bundles: TrustBundleSet,
     ) -> float:
         """One ``GET /`` timed on the target's kept connection (dialled when there is none,
         it broke, or our SVID changed); a kept connection that fails is dialled again once."""
@@ -286,7 +322,7 @@ class Prober:
             kept = None
         if kept is not None:
             try:
-                return await self._exchange(target.name, kept, target.sni)
+                return await self._exchange(target, kept)
             except (OSError, ssl.SSLError, ProbeFailed):
                 self._drop(target.name)  # broken while idle: one fresh connection decides
         reader, writer = await asyncio.open_connection(target.host, target.port)
@@ -301,15 +337,18 @@ class Prober:
                 Purpose.SERVER,
                 target.trust_domain,
             )
-            return await self._exchange(target.name, kept, target.sni)
+            return await self._exchange(target, kept)
         except BaseException:
             self._drop(target.name)
             raise
 
-    async def _exchange(self, name: str, kept: _KeptConnection, sni: str) -> float:
-        rtt, keep = await kept.exchange(sni)
+    async def _exchange(
+        self, target: GatewayTarget | EndpointTarget, kept: _KeptConnection
+    ) -> float:
+        path = target.path if isinstance(target, EndpointTarget) else "/"
+        rtt, keep = await kept.exchange(target.sni, path)
         if not keep:
-            self._drop(name)  # an endpoint that closes after each answer: dial next time
+            self._drop(target.name)  # an endpoint that closes after each answer: dial next time
         return rtt
 
 
@@ -325,11 +364,11 @@ class _KeptConnection:
         self.writer = writer
         self.context = context
 
-    async def exchange(self, sni: str) -> tuple[float, bool]:
-        """Send ``GET /``, read the whole 2xx response: the seconds it took, and whether the
+    async def exchange(self, sni: str, path: str) -> tuple[float, bool]:
+        """Send ``GET path``, read the whole 2xx response: the seconds it took, and whether the
         endpoint keeps the connection."""
         started = time.perf_counter()
-        self.writer.write(f"GET / HTTP/1.1\r\nHost: {sni}\r\n\r\n".encode())
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {sni}\r\n\r\n".encode())
         await self.writer.drain()
         _check_status_line(await self.reader.readline())
         length, keep = 0, True

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from health.probe.core import ProbeError, ProbeSettings, ProbeState, ProbeStatus
+from health.probe.core import (
+    ProbeError,
+    ProbeLatency,
+    ProbeSettings,
+    ProbeState,
+    ProbeStatus,
+    probe_latency,
+)
 
 SETTINGS = ProbeSettings(interval=1.0, down_after=3, up_after=3, rtt_alpha=0.5, samples=4)
 
@@ -152,3 +159,34 @@ def test_bad_settings_name_the_field(field: str, value: float) -> None:
 def test_a_negative_rtt_is_rejected() -> None:
     with pytest.raises(ProbeError, match="rtt"):
         ProbeStatus().succeeded(-0.001, 0.0, SETTINGS)
+
+
+# --- Probe latency: the evidence an idle copy publishes ---
+
+
+def _up_with(*rtts: float) -> ProbeStatus:
+    status = ProbeStatus()
+    for index, rtt in enumerate(rtts):
+        status = status.succeeded(rtt, float(index), ProbeSettings(samples=10))
+    return status
+
+
+def test_probe_latency_reads_percentiles_over_every_up_endpoints_recent_round_trips() -> None:
+    fast = _up_with(*[0.002] * 9, 0.050)  # one slow probe of ten
+    other = _up_with(*[0.003] * 10)
+    latency = probe_latency([fast, other])
+    assert latency == ProbeLatency(p50=0.003, p95=0.003, p99=0.050, samples=20)
+
+
+def test_probe_latency_ignores_down_and_unknown_endpoints() -> None:
+    down = _up_with(0.500, 0.500)
+    for second in range(3):
+        down = down.failed("refused", 10.0 + second, ProbeSettings())
+    assert down.state is ProbeState.DOWN
+    latency = probe_latency([down, ProbeStatus(), _up_with(0.004)])
+    assert latency == ProbeLatency(p50=0.004, p95=0.004, p99=0.004, samples=1)
+
+
+def test_no_probe_latency_without_an_up_endpoint() -> None:
+    assert probe_latency([ProbeStatus()]) is None
+    assert probe_latency([]) is None
