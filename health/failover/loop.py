@@ -1,9 +1,9 @@
 """The failover loop: the thin shell around ``decide`` that ticks, applies and records.
 
 Every tick (default 1 s, on an injectable clock and sleep), for each (service, caller
-cluster) that the health view names, and for each service with a policy: build the
-observations, call :func:`~health.failover.core.decide` with the policy in force (or none:
-default behaviour), keep the new controller state, and
+cluster) that needs a decision (below): build the observations, call
+:func:`~health.failover.core.decide` with the policy in force (or none: default behaviour),
+keep the new controller state, and
 
 - when the weights differ from those last applied, call ``apply(service, caller, weights)``
   (the control plane pushes them to the caller's sidecars through the discovery stream); if
@@ -14,9 +14,32 @@ default behaviour), keep the new controller state, and
   ``no-local-data`` for an idle service, is the same story going on, and would otherwise
   push the interesting records out of the bounded journal);
 - hand every decision, holds included, to ``on_decision`` (the dashboard's live view);
-- update the metrics: ``snapbright_route_weight`` (share 0..1 per target),
-  ``snapbright_failover_transitions_total`` (each time traffic starts moving the other way)
-  and ``snapbright_failover_decisions_total`` (every decision, by rule).
+- update the metrics: ``snapbright_route_weight`` (share 0..1 per target, set when the
+  weights change), ``snapbright_failover_transitions_total`` (each time traffic starts
+  moving the other way), ``snapbright_failover_decisions_total`` (every decision, by rule:
+  not by service, whose story is in the journal; a per-service counter touched every tick
+  is a series per service for every scrape) and ``snapbright_failover_pairs`` (how many
+  pairs the last tick decided).
+
+**Which pairs are decided.** Deciding every service every second is O(services) of work
+per tick, although most imported services are called by nobody here. A pair is decided
+when
+
+- ``pairs(now)`` names it: the control plane's are the services called from this cluster
+  (statistics held for them) and those with a local copy and a remote one (a failure of the
+  local copy can move traffic);
+- its service has a policy (for callers in this cluster);
+- or the loop holds it and its traffic is not settled: traffic away from a healthy local
+  copy must come home (failback), so the pair stays until it is (mode ``steady``, all
+  local) or the local copy is down (``local-down``: nothing to fail back to).
+
+Any other pair is left to discovery's default weights (all local while a local endpoint
+is healthy, else the healthy remote copies): what a controller without a policy would
+choose for it, give or take which remote copy, and nobody calls it. A pair the loop held
+and no longer decides is released: its state and gauges are forgotten, and if weights were
+applied for it, ``apply(service, caller, {})`` hands it back to the default (retried on
+the next ticks if that raises). A pair that needs a decision again starts from the initial
+state. So a tick costs O(decided pairs), and the metrics change only with the weights.
 
 Policies are swapped in whole by :meth:`FailoverLoop.set_policies`; a tick reads the set once,
 so it never sees half of an update. A removed policy means default behaviour from the next
@@ -69,6 +92,7 @@ from health.failover.model import (
     Decision,
     Direction,
     FailoverPolicy,
+    Mode,
     Observations,
     Rule,
 )
@@ -80,7 +104,8 @@ Pair = tuple[str, str]
 """(service, caller cluster)."""
 
 Apply = Callable[[str, str, Mapping[str, int]], None]
-"""Push ``weights`` (basis points by target cluster) for a service to a caller's sidecars."""
+"""Push ``weights`` (basis points by target cluster) for a service to a caller's sidecars;
+empty weights hand the service back to discovery's default weights."""
 
 
 class _Metrics:
@@ -100,13 +125,19 @@ class _Metrics:
         self.decisions = Counter(
             "snapbright_failover_decisions_total",
             "Failover controller decisions, by the rule that fired.",
-            ["service", "rule"],
+            ["rule"],
+            registry=registry,
+        )
+        self.pairs = Gauge(
+            "snapbright_failover_pairs",
+            "(service, caller cluster) pairs the failover controller decided in its last tick.",
             registry=registry,
         )
 
 
 class FailoverLoop:
-    """Runs the failover controller for every (service, caller cluster) of one cluster."""
+    """Runs the failover controller for the (service, caller cluster) pairs of one cluster
+    that need a decision (see the module's docstring)."""
 
     def __init__(
         self,
@@ -143,8 +174,10 @@ class FailoverLoop:
         self._on_decision = on_decision
         self._policies: Mapping[str, FailoverPolicy] = MappingProxyType({})
         self._last: dict[Pair, Decision] = {}  # its state is what the next tick starts from
-        self._applied: dict[Pair, dict[str, int]] = {}
-        self._gauged: dict[Pair, set[str]] = {}
+        self._unsettled: set[Pair] = set()  # held pairs whose traffic must still come home
+        self._applied: dict[Pair, dict[str, int]] = {}  # absent: none given (the default)
+        self._releasing: set[Pair] = set()  # released pairs whose ``apply({})`` failed
+        self._gauged: dict[Pair, Mapping[str, int]] = {}
         self.set_policies(policies)
 
     # --- Policies ---
@@ -170,12 +203,13 @@ class FailoverLoop:
     # --- What the controller holds ---
 
     def state(self, service: str, caller_cluster: str) -> ControllerState | None:
-        """The controller state of a pair, if it has been decided for."""
+        """The controller state of a pair, if it is decided for."""
         last = self._last.get((service, caller_cluster))
         return None if last is None else last.state
 
     def last_decision(self, service: str, caller_cluster: str) -> Decision | None:
-        """The latest decision of a pair (hold included): the live end of its chain."""
+        """The latest decision of a pair (hold included): the live end of its chain; None
+        for a pair not decided (its weights are discovery's default)."""
         return self._last.get((service, caller_cluster))
 
     @property
@@ -205,20 +239,31 @@ class FailoverLoop:
             await self._sleep(next_at - now)
 
     def tick(self, now: float | None = None) -> dict[Pair, Decision]:
-        """One tick at ``now`` (default: the clock): every pair decided, applied, recorded."""
+        """One tick at ``now`` (default: the clock): every pair that needs a decision
+        decided, applied, recorded; pairs that no longer need one released."""
         now = self._clock() if now is None else now
         policies = self._policies  # one consistent set for the whole tick
         pairs = dict.fromkeys(self._pairs(now))
         pairs.update(dict.fromkeys((service, self.cluster) for service in policies))
-        for gone in set(self._last) - set(pairs):
-            self._forget(gone)
+        pairs.update(dict.fromkeys(self._unsettled))
+        for pair in [pair for pair in self._releasing if pair not in pairs]:
+            self._hand_back(pair)  # a release that failed before: offered again
+        for gone in [pair for pair in self._last if pair not in pairs]:
+            self._release(gone)
         decisions: dict[Pair, Decision] = {}
+        rules: dict[Rule, int] = {}
         for pair in pairs:
+            self._releasing.discard(pair)
             try:
-                decisions[pair] = self._tick_one(pair, policies.get(pair[0]), now)
+                decision = decisions[pair] = self._tick_one(pair, policies.get(pair[0]), now)
             except Exception:
                 # One broken pair must not stop failover for every other service.
                 _log.exception("failover tick for %s from %s failed", *pair)
+                continue
+            rules[decision.rule] = rules.get(decision.rule, 0) + 1
+        for rule, count in rules.items():
+            self._metrics.decisions.labels(rule.value).inc(count)
+        self._metrics.pairs.set(len(decisions))
         return decisions
 
     def _tick_one(self, pair: Pair, policy: FailoverPolicy | None, now: float) -> Decision:
@@ -228,7 +273,10 @@ class FailoverLoop:
         inputs = self._observe(service, caller, now)
         decision = decide(policy, state, inputs, now)
         self._last[pair] = decision
-        self._metrics.decisions.labels(service, decision.rule.value).inc()
+        if _settled(decision, caller):
+            self._unsettled.discard(pair)
+        else:
+            self._unsettled.add(pair)
         self._gauge(pair, decision)
         if decision.transition is not None:
             origin, destination = _transition_ends(decision, caller)
@@ -266,20 +314,50 @@ class FailoverLoop:
         self._applied[pair] = weights
 
     def _gauge(self, pair: Pair, decision: Decision) -> None:
+        gauged = self._gauged.get(pair)
+        if gauged == decision.weights:
+            return  # the gauges already read these weights
         service, caller = pair
-        clusters = self._gauged.setdefault(pair, set())
-        for cluster in clusters - set(decision.weights):
+        for cluster in set(gauged or ()) - set(decision.weights):
             self._metrics.route_weight.remove(service, caller, cluster)
         for cluster, weight in decision.weights.items():
-            self._metrics.route_weight.labels(service, caller, cluster).set(weight / TOTAL_WEIGHT)
-        self._gauged[pair] = set(decision.weights)
+            if gauged is None or gauged.get(cluster) != weight:
+                self._metrics.route_weight.labels(service, caller, cluster).set(
+                    weight / TOTAL_WEIGHT
+                )
+        self._gauged[pair] = decision.weights
 
-    def _forget(self, pair: Pair) -> None:
+    def _release(self, pair: Pair) -> None:
+        """Stop deciding ``pair``: forget its state and gauges; discovery's default weights
+        apply again."""
         service, caller = pair
-        for cluster in self._gauged.pop(pair, set()):
+        for cluster in self._gauged.pop(pair, {}):
             self._metrics.route_weight.remove(service, caller, cluster)
         self._last.pop(pair, None)
-        self._applied.pop(pair, None)
+        self._unsettled.discard(pair)
+        self._hand_back(pair)
+
+    def _hand_back(self, pair: Pair) -> None:
+        if pair not in self._applied:
+            self._releasing.discard(pair)
+            return  # nothing was given: the default is in force
+        try:
+            self._apply(pair[0], pair[1], {})
+        except Exception:
+            _log.exception("handing %s from %s back to default weights failed; retrying", *pair)
+            self._releasing.add(pair)
+            return
+        del self._applied[pair]
+        self._releasing.discard(pair)
+
+
+def _settled(decision: Decision, caller: str) -> bool:
+    """Whether a pair's traffic needs no more decisions to come home: all local and steady,
+    or the local copy down (nothing to come home to; discovery's default does the same)."""
+    mode = decision.state.mode
+    if mode is Mode.LOCAL_DOWN:
+        return True
+    return mode is Mode.STEADY and decision.weights.get(caller, 0) == TOTAL_WEIGHT
 
 
 def _transition_ends(decision: Decision, local: str) -> tuple[str, str]:

@@ -3,6 +3,7 @@
 us-west calls payments at 100 requests/s; eu-west serves it in 60 ms (p95) 80 ms away. The
 sidecars' per-second windows go into real :class:`RegionalStats`, eu-west's summary and the
 gateway probe into a real :class:`HealthView`, and the loop is ticked once per virtual second.
+The loop decides the pairs the view names (every service it knows) unless a test names them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,7 @@ class Mesh:
         apply: Callable[[str, str, Mapping[str, int]], None] | None = None,
         observe: Callable[[HealthView], Observe] | None = None,
         on_decision: Callable[[str, str, Decision], None] | None = None,
+        pairs: Callable[[float], Iterable[tuple[str, str]]] | None = None,
     ) -> None:
         self.latency = latency
         self.healthy_local = healthy_local
@@ -94,7 +96,7 @@ class Mesh:
         self.weights: dict[str, int] = {US: TOTAL_WEIGHT}
         self.loop = FailoverLoop(
             US,
-            pairs=self.view.pairs,
+            pairs=pairs or self.view.pairs,
             observe=observe(self.view) if observe is not None else self.view.observe,
             apply=apply or self._apply,
             journal=journal or Journal(),
@@ -107,7 +109,9 @@ class Mesh:
 
     def _apply(self, service: str, caller: str, weights: Mapping[str, int]) -> None:
         self.applied.append((self.now, service, caller, dict(weights)))
-        self.weights = dict(weights)
+        if service == PAYMENTS:
+            # None given (the pair released): discovery's default, all to the healthy local.
+            self.weights = dict(weights) or {US: TOTAL_WEIGHT}
 
     def run(self, until: int, start: int = 1) -> None:
         """Tick once per second from ``start`` to ``until``; traffic follows applied weights."""
@@ -220,9 +224,10 @@ def test_metrics_show_route_weights_and_one_transition() -> None:
             1.0,
         )
     ]
-    holds = mesh.metric("snapbright_failover_decisions_total", service=PAYMENTS, rule="hold")
+    holds = mesh.metric("snapbright_failover_decisions_total", rule="hold")
     assert holds is not None
     assert holds >= 10
+    assert mesh.metric("snapbright_failover_pairs") == 1.0
 
 
 def test_the_exposition_passes_promtool() -> None:
@@ -321,6 +326,128 @@ def test_two_policies_for_one_service_are_refused_and_the_old_set_stays() -> Non
     assert mesh.loop.policies[PAYMENTS].metadata.name == "payments"
 
 
+# --- Which pairs are decided, and handing them back ---
+
+LEDGER = "ledger"  # imported from eu-west only: no local copy
+
+
+class _Named:
+    """The pairs the control plane names each tick (callers seen, a local copy that can
+    fail over), as a test sets them."""
+
+    def __init__(self, *services: str) -> None:
+        self.services = set(services)
+
+    def __call__(self, _now: float) -> list[tuple[str, str]]:
+        return [(service, US) for service in sorted(self.services)]
+
+
+def _import_ledger(mesh: Mesh) -> None:
+    mesh.view.set_remote(LEDGER, RemoteService(EU, 2))
+
+
+def _ledger(mesh: Mesh) -> list[tuple[float, dict[str, int]]]:
+    return [(t, weights) for t, service, _, weights in mesh.applied if service == LEDGER]
+
+
+def _gauge(mesh: Mesh, service: str, target: str) -> float | None:
+    return mesh.metric(
+        "snapbright_route_weight", service=service, source_cluster=US, target_cluster=target
+    )
+
+
+def test_a_service_nobody_names_and_without_a_policy_is_not_decided() -> None:
+    mesh = Mesh(lambda _: HEALTHY, pairs=_Named())
+    _import_ledger(mesh)
+    mesh.run(until=5)
+    assert mesh.loop.last_decision(LEDGER, US) is None
+    assert _ledger(mesh) == []
+    assert mesh.loop.journal.for_service(LEDGER) == []
+    assert _gauge(mesh, LEDGER, EU) is None
+    # payments is named by nobody either, but has a policy.
+    assert mesh.loop.last_decision(PAYMENTS, US) is not None
+    assert mesh.metric("snapbright_failover_pairs") == 1.0
+
+
+def test_a_called_import_goes_remote_and_is_handed_back_to_the_default_when_calls_stop() -> None:
+    named = _Named(LEDGER)
+    mesh = Mesh(lambda _: HEALTHY, pairs=named)
+    _import_ledger(mesh)
+    mesh.run(until=3)
+    decision = mesh.loop.last_decision(LEDGER, US)
+    assert decision is not None
+    assert (decision.rule, decision.state.mode) == (Rule.NO_HEALTHY_LOCAL, Mode.LOCAL_DOWN)
+    assert _ledger(mesh) == [(1.0, {EU: TOTAL_WEIGHT})]
+    assert _gauge(mesh, LEDGER, EU) == 1.0
+    named.services.clear()
+    mesh.run(start=4, until=6)
+    # Nothing to come home to (no local copy): released at once, to discovery's default.
+    assert _ledger(mesh) == [(1.0, {EU: TOTAL_WEIGHT}), (4.0, {})]
+    assert mesh.loop.last_decision(LEDGER, US) is None
+    assert _gauge(mesh, LEDGER, EU) is None
+    assert _gauge(mesh, LEDGER, US) is None
+    # Called again: decided from the initial state, as the first time.
+    named.services.add(LEDGER)
+    mesh.run(start=7, until=7)
+    assert _ledger(mesh)[-1] == (7.0, {EU: TOTAL_WEIGHT})
+    assert [r.rule for r in mesh.loop.journal.for_service(LEDGER)] == [
+        Rule.NO_HEALTHY_LOCAL,
+        Rule.NO_HEALTHY_LOCAL,
+    ]
+
+
+def test_traffic_away_is_decided_until_it_is_home_then_handed_back() -> None:
+    named = _Named(PAYMENTS)
+    mesh = Mesh(_brownout(start=10, end=25), pairs=named)
+    mesh.run(until=20)
+    assert _share(mesh.weights, EU) == 0.98
+    # Neither named nor with a policy any more, but 98 % is away from a healthy local copy.
+    named.services.clear()
+    mesh.loop.set_policies([])
+    mesh.run(start=21, until=80)
+    home = next(t for t, *_, w in mesh.applied if w == {US: TOTAL_WEIGHT})
+    assert home > 25
+    back = [_share(w, EU) for t, *_, w in mesh.applied if 20 < t <= home]
+    assert len(back) >= 4  # gradually, not at once
+    assert back == sorted(back, reverse=True)
+    # The tick after it came home, the pair is released (and its gauges go).
+    assert mesh.applied[-1][0] == home + 1
+    assert mesh.applied[-1][1:] == (PAYMENTS, US, {})
+    assert mesh.loop.last_decision(PAYMENTS, US) is None
+    assert _gauge(mesh, PAYMENTS, US) is None
+    assert mesh.metric("snapbright_failover_pairs") == 0.0
+
+
+def test_a_failed_hand_back_is_offered_again_on_the_next_tick() -> None:
+    calls: list[tuple[str, dict[str, int]]] = []
+
+    def flaky(service: str, caller: str, weights: Mapping[str, int]) -> None:
+        calls.append((service, dict(weights)))
+        if not weights and sum(1 for _, w in calls if not w) == 1:
+            raise ConnectionError("discovery stream down")
+
+    named = _Named(LEDGER)
+    mesh = Mesh(lambda _: HEALTHY, pairs=named, apply=flaky)
+    _import_ledger(mesh)
+    mesh.run(until=2)
+    named.services.clear()
+    mesh.run(start=3, until=6)
+    assert [w for service, w in calls if service == LEDGER] == [{EU: TOTAL_WEIGHT}, {}, {}]
+
+
+def test_route_weight_gauges_follow_every_change_and_only_the_targets_held() -> None:
+    mesh = Mesh(_brownout(start=10, end=25))
+    seen: list[tuple[float | None, float | None]] = []
+    for t in range(1, 81):
+        mesh.run(start=t, until=t)
+        seen.append((_gauge(mesh, PAYMENTS, US), _gauge(mesh, PAYMENTS, EU)))
+        decision = mesh.loop.last_decision(PAYMENTS, US)
+        assert decision is not None
+        expected = {c: w / TOTAL_WEIGHT for c, w in decision.weights.items()}
+        assert seen[-1] == (expected.get(US), expected.get(EU))
+    assert len(set(seen)) > 5  # it moved away and back in steps
+
+
 # --- Applying, recording, forgetting ---
 
 
@@ -344,9 +471,7 @@ def test_a_repeated_rule_with_nothing_changed_is_recorded_once() -> None:
     mesh.run(until=30)
     idle = mesh.loop.journal.for_service("idle")
     assert [r.rule for r in idle] == [Rule.NO_LOCAL_DATA]
-    decisions = mesh.metric(
-        "snapbright_failover_decisions_total", service="idle", rule="no-local-data"
-    )
+    decisions = mesh.metric("snapbright_failover_decisions_total", rule="no-local-data")
     assert decisions == 30.0
 
 
