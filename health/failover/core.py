@@ -49,7 +49,10 @@ endpoints, disappears, or is itself degraded for ``enterAfter`` loses its share
 Evidence: ``evidence.minSamples`` is for a target sent all of the caller's traffic. The local
 copy sent only part of it (at the cap, only the kept share) needs that many times its share,
 at least 5 (or ``minSamples`` if lower): 2 % of 60 requests/s gives about 12 samples in a 10 s
-window, and its recovery must still be seen, or failback never starts.
+window, and its recovery must still be seen, or failback never starts. An idle remote copy
+has no requests: its cluster publishes the round trips of its probes of its endpoints instead
+(``source`` ``probes``), which count with at least 5 of them (probes come at a fixed pace,
+not with load); its expected latency is that plus the RTT, and the explanation says so.
 
 Weights are integer basis points summing to ``TOTAL_WEIGHT`` (10000).
 """
@@ -58,7 +61,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -173,8 +176,19 @@ def _required_samples(p: _Params, share: int) -> int:
     return min(p.evidence.min_samples, max(_MIN_SCALED_SAMPLES, scaled))
 
 
+# Probes come at a fixed pace (about one per endpoint per second), not with load: minSamples,
+# sized for requests, could take one endpoint's probes longer than its summary keeps them.
+_MIN_PROBE_SAMPLES = 5
+
+
+def _required(obs: TargetObservation, p: _Params, share: int) -> int:
+    if obs.source == "probes":
+        return min(p.evidence.min_samples, _MIN_PROBE_SAMPLES)
+    return _required_samples(p, share)
+
+
 def _has_evidence(obs: TargetObservation, p: _Params, now: float, share: int = TOTAL) -> bool:
-    return _fresh(obs, p, now) and obs.samples >= _required_samples(p, share)
+    return _fresh(obs, p, now) and obs.samples >= _required(obs, p, share)
 
 
 def _has_recent(obs: TargetObservation, p: _Params, now: float, share: int) -> bool:
@@ -779,7 +793,7 @@ def _finish(
     state: ControllerState,
     kept: ControllerState,
     local: str,
-    seen: Iterable[str],
+    seen: Mapping[str, TargetObservation],
     old: Mapping[str, int],
     new: Mapping[str, int],
     rule: Rule,
@@ -810,7 +824,13 @@ def _finish(
         weights=weights,
         previous_weights=previous,
         state=kept,
-        explanation=_explain(note, previous, weights, expected),
+        explanation=_explain(
+            note,
+            previous,
+            weights,
+            expected,
+            frozenset(c for c, o in seen.items() if o.source == "probes"),
+        ),
         transition=transition,
         expected_latency=dict(expected),
     )
@@ -821,6 +841,7 @@ def _explain(
     previous: Mapping[str, int],
     weights: Mapping[str, int],
     expected: Mapping[str, float],
+    probed: frozenset[str],
 ) -> str:
     changes = [
         f"{c} {_pct(previous[c] / TOTAL)}→{_pct(weights[c] / TOTAL)}"
@@ -831,7 +852,11 @@ def _explain(
     parts = [note, moved]
     if expected:
         parts.append(
-            "expected latency " + ", ".join(f"{c} {_ms(e)}" for c, e in sorted(expected.items()))
+            "expected latency "
+            + ", ".join(
+                f"{c} {_ms(e)}" + (" (probes + RTT: the copy is idle)" if c in probed else "")
+                for c, e in sorted(expected.items())
+            )
         )
     return "; ".join(parts)
 

@@ -43,6 +43,10 @@ Percentile = Literal["p50", "p90", "p95", "p99"]
 
 NEAREST: Final = "nearest"
 
+EvidenceSource = Literal["traffic", "probes"]
+"""What a target's latencies rest on: requests, or (an idle remote copy) its own cluster's
+health probes of its endpoints."""
+
 _CLUSTER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -232,7 +236,7 @@ class TargetObservation:
     without the network between; ``rtt`` is that network, from this caller cluster to the
     target's gateway (0 for the local cluster). ``headroom`` is the requests/s the target can
     take beyond its current load, or ``None`` when it does not say. ``samples`` is how many
-    requests (or probes) the statistics rest on.
+    requests (or, with ``source`` ``probes``, probe round trips) the statistics rest on.
     """
 
     cluster: str
@@ -259,6 +263,8 @@ class TargetObservation:
     recent_p95: float | None = None
     recent_p99: float | None = None
     recent_error_rate: float = 0.0
+    # ``probes``: an idle remote copy's latencies, from its cluster's probes of its endpoints.
+    source: EvidenceSource = "traffic"
 
     def latency(self, percentile: Percentile) -> float | None:
         """The service latency at ``percentile``, in seconds, if measured."""

@@ -29,6 +29,15 @@ of the remote cluster's own traffic. Consequences, each tested:
 - errors on the path (the gateway, the WAN) are invisible to the peer: when our callers have
   sent the target enough requests themselves, the higher of the two error rates counts.
 
+**An idle copy.** A remote copy with no callers of its own has no request statistics, so its
+summary would carry no evidence and it would never be chosen, however slow our local copy
+gets. Its cluster probes its local endpoints (:class:`~health.probe.prober.EndpointTarget`);
+when fewer than ``min_samples`` requests reached the copy in the span, :func:`health_summary`
+publishes the probes' round trips instead, marked ``source: probes`` with their count. The
+receiver reads them as the service latency (plus the RTT, as for any remote target) with the
+probe count as its evidence, and the controller's explanation says the figure came from
+probes.
+
 **Local endpoints that cannot be reached.** Registrations lapse only after their TTL, but our
 sidecars see dead local replicas at once: a refused connect is counted (``connect-failure``)
 and the endpoint taken out of rotation. When over the last ``UNREACHABLE_SPAN_S`` seconds our
@@ -50,9 +59,9 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from federation.peering.model import ServiceHealth, ServiceKey
+from federation.peering.model import HealthSource, ServiceHealth, ServiceKey
 from health.failover.model import Observations, TargetObservation
-from health.probe.core import ProbeState, ProbeStatus
+from health.probe.core import ProbeLatency, ProbeState, ProbeStatus
 from proxy.stats.core import Histogram, Outcome, StatsWindow
 
 SHORT_SPAN_S = 10
@@ -407,10 +416,13 @@ def _remote(
     error_rate = 1.0 - summary.success_rate
     if measured.requests >= min_samples and measured.error_rate is not None:
         error_rate = max(error_rate, measured.error_rate)
+    probed = summary.source is HealthSource.PROBES
     return TargetObservation(
         cluster=remote.cluster,
         observed_at=remote.received_at if remote.received_at is not None else -math.inf,
-        samples=round(summary.request_rate * remote.summary_span_s),
+        samples=(
+            summary.probe_samples if probed else round(summary.request_rate * remote.summary_span_s)
+        ),
         healthy_endpoints=healthy,
         p50=summary.latency_p50_seconds,
         p90=None,  # summaries carry p50/p95/p99 only
@@ -419,6 +431,7 @@ def _remote(
         error_rate=error_rate,
         rtt=rtt,
         headroom=summary.headroom_rps,
+        source="probes" if probed else "traffic",
     )
 
 
@@ -434,16 +447,34 @@ def health_summary(
     healthy_endpoints: int,
     capacity_rps: float | None = None,
     span_s: int = SHORT_SPAN_S,
+    probes: ProbeLatency | None = None,
+    min_samples: int = 10,
 ) -> ServiceHealth:
     """The health of our copy of ``key`` (served in ``cluster``) that we publish to peers.
 
     Latencies, success rate and request rate cover every caller cluster's requests to our
     copy over the last ``span_s`` seconds. Headroom is the declared capacity minus the current
-    rate (at least 0), or unknown without a declared capacity. Without requests the latencies
-    read 0 and the success rate 1 with a request rate of 0: receivers see no evidence.
+    rate (at least 0), or unknown without a declared capacity. With fewer than
+    ``min_samples`` requests and ``probes`` (our probes of the copy's endpoints), the
+    latencies are the probes', marked ``source: probes`` with their count. Without requests or
+    probes the latencies read 0 and the success rate 1 with a request rate of 0: receivers
+    see no evidence.
     """
     served = stats.service_stats(key.name, cluster, now, span_s)
     headroom = None if capacity_rps is None else max(0.0, capacity_rps - served.rate_per_s)
+    if probes is not None and served.requests < min_samples:
+        return ServiceHealth(
+            key=key,
+            latency_p50_seconds=probes.p50,
+            latency_p95_seconds=probes.p95,
+            latency_p99_seconds=probes.p99,
+            success_rate=served.success_rate if served.success_rate is not None else 1.0,
+            request_rate=served.rate_per_s,
+            headroom_rps=headroom,
+            healthy_endpoints=healthy_endpoints,
+            source=HealthSource.PROBES,
+            probe_samples=probes.samples,
+        )
     return ServiceHealth(
         key=key,
         latency_p50_seconds=served.p50 or 0.0,

@@ -18,6 +18,7 @@ from health.failover.model import (
     ControllerState,
     Decision,
     Direction,
+    EvidenceSource,
     FailoverPolicy,
     Mode,
     Observations,
@@ -68,6 +69,7 @@ def _target(
     healthy: int = 3,
     samples: int = 500,
     age: float = 0.0,
+    source: EvidenceSource = "traffic",
 ) -> TargetObservation:
     return TargetObservation(
         cluster=cluster,
@@ -80,6 +82,7 @@ def _target(
         error_rate=errors,
         rtt=rtt,
         headroom=headroom,
+        source=source,
     )
 
 
@@ -484,6 +487,37 @@ def test_an_unusable_target_is_skipped_for_the_next(near: dict[str, Any], why: s
     decision = _run(policy, scene, 12)[12]
     assert decision.weights[NEAR] == 0, why
     assert decision.weights[FAR] == 2500, why
+
+
+@pytest.mark.parametrize(
+    ("samples", "source", "chosen"),
+    [
+        (5, "traffic", False),  # requests: minSamples (20) holds
+        (19, "traffic", False),
+        (5, "probes", True),  # an idle copy's probes: five round trips are evidence
+        (4, "probes", False),
+    ],
+)
+def test_probe_evidence_of_an_idle_copy_needs_five_round_trips_not_min_samples(
+    samples: int, source: EvidenceSource, chosen: bool
+) -> None:
+    scene = _scene(
+        lambda t: {"p95": SLOW if t >= 10 else HEALTHY},
+        near=lambda t: {"samples": samples, "source": source, "p95": 0.004},
+        far=None,
+    )
+    decision = _run(_policy(), scene, 12)[12]
+    assert (decision.weights[NEAR] > 0) is chosen
+
+
+def test_an_explanation_says_when_an_expected_latency_came_from_probes() -> None:
+    scene = _scene(
+        lambda t: {"p95": SLOW if t >= 10 else HEALTHY},
+        near=lambda t: {"samples": 10, "source": "probes", "p95": 0.004},
+    )
+    moved = next(d for d in _run(_policy(), scene, 12) if d.changed)
+    assert "ap-southeast 84ms (probes + RTT: the copy is idle)" in moved.explanation
+    assert "eu-central 195ms, " in moved.explanation  # traffic evidence: no mark
 
 
 def test_share_on_a_target_that_loses_its_endpoints_moves_to_the_next_at_once() -> None:

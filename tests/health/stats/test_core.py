@@ -8,10 +8,11 @@ from collections.abc import Sequence
 
 import pytest
 
-from federation.peering.model import ServiceHealth, ServiceKey
+from federation.peering.model import HealthSource, HealthSummaries, ServiceHealth, ServiceKey
+from federation.peering.wire import from_proto, to_proto
 from health.failover.core import decide
 from health.failover.model import TOTAL_WEIGHT, ControllerState, FailoverPolicy, Rule
-from health.probe.core import ProbeSettings, ProbeStatus
+from health.probe.core import ProbeLatency, ProbeSettings, ProbeStatus, probe_latency
 from health.stats.core import (
     LONG_SPAN_S,
     SHORT_SPAN_S,
@@ -516,6 +517,73 @@ def test_a_summary_published_by_a_peer_becomes_its_target_observation() -> None:
     ).targets[1]
     assert target.p95 == pytest.approx(0.060, rel=RELATIVE_ERROR)
     assert (target.samples, target.headroom, target.healthy_endpoints) == (400, 60.0, 5)
+
+
+# --- An idle copy: probe evidence ---
+
+PROBED = ProbeLatency(p50=0.003, p95=0.004, p99=0.006, samples=20)
+
+
+def test_an_idle_copy_publishes_its_probe_latency_marked_as_probes() -> None:
+    stats = RegionalStats()
+    _steady(stats, range(95, 100), per_second=1, latency=0.500, caller=EU, target=EU)  # 5 < 10
+    summary = health_summary(stats, KEY, EU, NOW, healthy_endpoints=2, probes=PROBED)
+    assert summary.source is HealthSource.PROBES
+    assert summary.probe_samples == 20
+    assert (summary.latency_p50_seconds, summary.latency_p95_seconds) == (0.003, 0.004)
+    assert summary.latency_p99_seconds == 0.006
+    assert summary.request_rate == 0.5  # what did reach it is still said
+
+
+def test_a_copy_with_enough_requests_publishes_them_whatever_the_probes_say() -> None:
+    stats = RegionalStats()
+    _steady(stats, range(90, 100), per_second=2, latency=0.060, caller=EU, target=EU)  # 20
+    summary = health_summary(stats, KEY, EU, NOW, healthy_endpoints=2, probes=PROBED)
+    assert summary.source is HealthSource.TRAFFIC
+    assert summary.probe_samples == 0
+    assert summary.latency_p95_seconds == pytest.approx(0.060, rel=RELATIVE_ERROR)
+
+
+def test_probe_evidence_becomes_the_targets_latency_with_the_probe_count_as_samples() -> None:
+    published = health_summary(RegionalStats(), KEY, EU, NOW, healthy_endpoints=2, probes=PROBED)
+    target = observations(
+        _local_traffic(),
+        PAYMENTS,
+        US,
+        NOW,
+        local=LocalService(3, NOW),
+        remotes=[RemoteService(EU, 2, published, received_at=NOW)],
+        gateways={EU: ALIVE_GATEWAY},
+    ).targets[1]
+    assert (target.source, target.samples, target.p95, target.rtt) == ("probes", 20, 0.004, 0.080)
+
+
+def test_an_idle_remote_copy_is_chosen_on_its_probes_through_the_peering_wire() -> None:
+    """End to end of the pieces: eu-west's copy has no callers; its cluster probes it, and the
+    summary crosses the wire to us-west, whose controller shifts a slow local copy to it."""
+    theirs = ProbeStatus()
+    for second in range(10):
+        theirs = theirs.succeeded(0.004, float(second), ProbeSettings())
+    probes = probe_latency([theirs])
+    summary = health_summary(RegionalStats(), KEY, EU, NOW, healthy_endpoints=1, probes=probes)
+    message = from_proto(to_proto(HealthSummaries(1, (summary,))))
+    assert isinstance(message, HealthSummaries)
+    (received,) = message.services
+    view = HealthView(US, _local_traffic(p95_latency=0.450, per_second=40))
+    view.set_local(PAYMENTS, LocalService(3, NOW))
+    view.set_remote(PAYMENTS, RemoteService(EU, 1, received, received_at=NOW))
+    view.set_gateways({EU: ALIVE_GATEWAY})
+    state = ControllerState.initial(US)
+    decisions = []
+    for tick in range(3):
+        decision = decide(_policy(), state, view.observe(PAYMENTS, US, NOW + tick), NOW + tick)
+        decisions.append(decision)
+        state = decision.state
+    moved = next(d for d in decisions if d.changed)
+    assert moved.rule is Rule.ENTER_DEGRADED
+    assert moved.weights[EU] > 0
+    assert moved.expected_latency[EU] == pytest.approx(0.084)
+    assert "eu-west 84ms (probes + RTT: the copy is idle)" in moved.explanation
 
 
 # --- The view the loop reads ---
