@@ -20,9 +20,14 @@ Phases, in one run:
 5. brownout with the controller, then recovery (failback);
 6. hard failure: us-west's payments demo apps and their sidecars are killed (SIGKILL).
 
+ap-southeast's copy of payments has no callers of its own (unless ``--remote-rate``): the
+controller can choose it only on the latency its control plane measures by probing it, which
+its health summary publishes (``source: probes``) while it serves too few requests.
+
 Prints a table and, last, one line of JSON::
 
     .venv/bin/python -m bench.failover [--rate 60] [--brownout 120] [--static-brownout 120]
+        [--policy deploy/examples/failover-payments.yaml] [--remote-rate 0]
 """
 
 from __future__ import annotations
@@ -286,8 +291,8 @@ async def _run(plan: Plan, endpoints: dict[str, Any], record: Recording, remote:
     admin = cluster["admin"]
     policy_file = Path(cluster["policyDirectory"]) / plan.policy.name
     outbound = cluster["services"][CALLER][0]["sidecar"]["outbound"]
-    # The remote region's own users: its copy of payments serves traffic, so the health it
-    # publishes to us-west carries evidence (an idle copy publishes none).
+    # Optional: the remote region's own users (by default none: its copy is idle, and the
+    # health it publishes to us-west rests on its control plane's probes of it).
     remote_outbound = endpoints["clusters"][REMOTE]["services"][SERVICE][0]["sidecar"]["outbound"]
     replicas = cluster["services"][SERVICE]
     apps = [r["app"] for r in replicas]
@@ -554,8 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--remote-rate",
         type=float,
-        default=20.0,
-        help=f"requests per second of {REMOTE}'s own callers to its {SERVICE} (0: none)",
+        default=0.0,
+        help=f"requests per second of {REMOTE}'s own callers to its {SERVICE} (default 0: "
+        "none, its copy is idle and known only by its probes)",
     )
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--baseline", type=float, default=8.0)
@@ -625,9 +631,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     width = max(len(r[0]) for r in rows)
+    shown = plan.policy.relative_to(REPO) if plan.policy.is_relative_to(REPO) else plan.policy
     print(
         f"failover benchmark: {SERVICE} called from {LOCAL} at {plan.rate:.0f} req/s "
-        f"(open loop; {REMOTE}'s own callers at {plan.remote_rate:.0f} req/s)"
+        f"(open loop; {REMOTE}'s own callers at {plan.remote_rate:.0f} req/s); policy {shown}"
     )
     for label, value, note in rows:
         print(f"  {label:<{width}}  {value:<58}  {note}")

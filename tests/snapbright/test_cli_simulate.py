@@ -32,7 +32,7 @@ def test_brownout_moves_away_in_steps_and_fails_back_gradually() -> None:
     assert rules[-1] == "failback-complete"
     assert rules.count("failback-step") >= 2  # gradual, not all at once
     assert "2 transitions (away at 62s, back at" in lines[-1]
-    assert "lowest share kept on us-west: 2.00%" in lines[-1]
+    assert "lowest share kept on us-west: 1.50%" in lines[-1]
 
 
 def test_noise_moves_nothing() -> None:
@@ -54,7 +54,7 @@ def test_json_output_lists_every_tick_with_weights_summing_to_the_total() -> Non
 
 def test_a_bad_policy_file_is_reported_with_its_position_and_exits_1(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text(POLICY.read_text().replace("step: 35%", "step: 135%"))
+    bad.write_text(POLICY.read_text().replace("step: 50%", "step: 150%"))
     run = _snapbright("policy", "simulate", bad, "--trace", EXAMPLES / "trace-brownout.yaml")
     assert run.returncode == 1
     assert f"{bad}:" in run.stderr

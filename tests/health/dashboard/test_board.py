@@ -42,8 +42,8 @@ def test_decisions_page_by_limit_and_after() -> None:
     board = _board()
     example_feed(board, start=START).run_until(BROWNOUT_START + 8)
     every = board.decisions(limit=500)
-    assert len(every) >= 3
-    assert board.decisions(limit=2) == every[:2]
+    assert len(every) >= 2  # the example moves in two steps: enter-degraded, cap-reached
+    assert board.decisions(limit=1) == every[:1]
     assert board.decisions(after=every[1].id) == every[:1]
     assert board.decisions(service="nothing-here") == ()
 

@@ -100,9 +100,10 @@ async def test_decisions_after_returns_only_newer_entries(
 ) -> None:
     served = await serve(until=BROWNOUT_START + 8)
     everything = served.board.decisions(limit=500)
-    async with http.get(served.url + f"api/v1/decisions?after={everything[2].id}") as response:
+    assert len(everything) >= 2  # the example moves away in two steps
+    async with http.get(served.url + f"api/v1/decisions?after={everything[1].id}") as response:
         body = await response.json()
-    assert [e["id"] for e in body["decisions"]] == [e.id for e in everything[:2]]
+    assert [e["id"] for e in body["decisions"]] == [e.id for e in everything[:1]]
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=501", "limit=ten", "limit=-1", "after=x"])
@@ -139,14 +140,14 @@ async def test_events_replay_the_decisions_a_reconnecting_client_missed(
 ) -> None:
     served = await serve(until=BROWNOUT_START + 8)
     everything = served.board.decisions(limit=500)
-    seen = everything[2].id
+    seen = everything[1].id
     headers = {"Last-Event-ID": str(seen)}
     async with http.get(served.url + "api/v1/events", headers=headers) as response:
         replayed = []
         while (event := await next_event(response)).name != "state":
             if event.name == "decision":
                 replayed.append(event.data["id"])
-    assert replayed == sorted(e.id for e in everything[:2])
+    assert replayed == [everything[0].id]
 
 
 async def test_events_coalesce_changes_to_one_state_per_interval(

@@ -156,10 +156,11 @@ spec:
 
 
 def test_a_kept_share_of_a_slow_caller_is_enough_to_fail_back_completely() -> None:
-    # 60 requests/s over a 10s window: 600 samples, 12 of them on the kept 2% (minSamples 20).
+    # 60 requests/s over a 10s window: 600 samples, 9 of them on the kept 1.5% (minSamples
+    # 20): above the 5 that a copy sent a small share needs, so its recovery is seen.
     decisions = simulate(_example_policy(), _trace(SLOW_CALLER))
-    assert min(d.weights[LOCAL] for d in decisions) == 200
-    assert "only 12 samples" not in decisions[60].explanation
+    assert min(d.weights[LOCAL] for d in decisions) == 150
+    assert "only 9 samples" not in decisions[60].explanation
     assert decisions[-1].weights[LOCAL] == TOTAL_WEIGHT
     assert decisions[-1].state.mode is Mode.STEADY
     assert [d.transition for d in decisions if d.transition] == [Direction.AWAY, Direction.BACK]
