@@ -23,6 +23,7 @@ attributes. Example::
       maxShare: 100%
       keepShare: 2%
       failback: {stableFor: 10s, step: 20%, interval: 2s}
+      evidence: {minSamples: 10, maxAge: 5s, enterSpan: 1s}
 """
 
 from __future__ import annotations
@@ -171,13 +172,32 @@ class Capacity(_Spec):
     respect_headroom: bool = True
 
 
+_MAX_ENTER_SPAN = 10.0  # the window the controller decides on (health.stats.core.SHORT_SPAN_S)
+
+
 class Evidence(_Spec):
     """What counts as evidence: at least ``min_samples`` requests, observed within ``max_age``.
     A target without evidence is neither degraded nor healthy: it is not chosen, and its clocks
-    do not run."""
+    do not run.
+
+    ``enter_span`` is how many of the newest closed seconds of the callers' statistics a
+    trigger reads to *enter* degraded (exit and failback read the whole window). Short, so a
+    brownout shows within a second; longer keeps a one-second spike over the threshold for as
+    many ticks. Whole seconds: the statistics come in one-second windows."""
 
     min_samples: int = Field(default=10, ge=1)
     max_age: Duration = 5.0
+    enter_span: Duration = 1.0
+
+    @field_validator("enter_span")
+    @classmethod
+    def _whole_seconds(cls, span: float) -> float:
+        if span != int(span) or not 1 <= span <= _MAX_ENTER_SPAN:
+            raise ValueError(
+                f"must be a whole number of seconds from 1s to {_MAX_ENTER_SPAN:g}s "
+                "(the statistics come in one-second windows; the decision window is 10s)"
+            )
+        return span
 
 
 class FailoverPolicySpec(_Spec):

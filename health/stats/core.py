@@ -60,7 +60,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from federation.peering.model import HealthSource, ServiceHealth, ServiceKey
-from health.failover.model import Observations, TargetObservation
+from health.failover.model import FailoverPolicy, Observations, TargetObservation
 from health.probe.core import ProbeLatency, ProbeState, ProbeStatus
 from proxy.stats.core import Histogram, Outcome, StatsWindow
 
@@ -70,8 +70,9 @@ LONG_SPAN_S = 60
 """The longer view, for people and the dashboard."""
 
 ENTER_SPAN_S = 1
-"""The short span the controller reads to *enter* degraded: the newest closed second. Longer
-spans would keep a one-second spike in view (and over the threshold) for as many ticks."""
+"""The short span the controller reads to *enter* degraded by default: the newest closed
+second (a FailoverPolicy sets its own, ``evidence.enterSpan``). Longer spans would keep a
+one-second spike in view (and over the threshold) for as many ticks."""
 
 SKEW_S = 1
 """How many seconds ahead of ``now`` a window may start and still be kept."""
@@ -524,9 +525,15 @@ class HealthView:
         self._span = span_s
         self._enter_span = enter_span_s
         self._min_samples = min_samples
+        self._enter_spans: Mapping[str, int] = {}
         self._local: dict[str, LocalService] = {}
         self._remote: dict[str, dict[str, RemoteService]] = {}
         self._gateways: dict[str, ProbeStatus] = {}
+
+    def set_policies(self, policies: Iterable[FailoverPolicy]) -> None:
+        """The policies in force: a service with one is observed with its ``evidence.enterSpan``
+        (the others with the view's ``enter_span_s``)."""
+        self._enter_spans = {p.spec.service: int(p.spec.evidence.enter_span) for p in policies}
 
     def set_local(self, service: str, local: LocalService | None) -> None:
         """Our own copy of ``service`` (``None``: we have none)."""
@@ -572,7 +579,7 @@ class HealthView:
             remotes=self._remote.get(service, {}).values(),
             gateways=self._gateways,
             span_s=self._span,
-            enter_span_s=self._enter_span,
+            enter_span_s=self._enter_spans.get(service, self._enter_span),
             min_samples=self._min_samples,
         )
         if registered is None and now < self.local_from:

@@ -53,6 +53,7 @@ def test_a_minimal_policy_gets_small_safe_defaults() -> None:
     assert (spec.ramp.step, spec.ramp.interval) == (0.25, 1.0)
     assert (spec.failback.stable_for, spec.failback.step, spec.failback.interval) == (10, 0.2, 2)
     assert spec.capacity.respect_headroom is True
+    assert spec.evidence.enter_span == 1.0  # the newest closed second, as before it was set
     assert spec.triggers.latency is not None
     assert spec.triggers.latency.percentile == "p95"
     assert (spec.triggers.latency.enter_after, spec.triggers.latency.exit_after) == (1.0, 5.0)
@@ -109,6 +110,9 @@ def test_a_bad_trigger_is_reported_at_its_field(
         ("capacity: {respectHeadroom: yes please}", "spec.capacity.respectHeadroom",
          "must be true or false"),
         ("evidence: {minSamples: 0}", "spec.evidence.minSamples", "greater than or equal to 1"),
+        ("evidence: {enterSpan: 1500ms}", "spec.evidence.enterSpan", "whole number of seconds"),
+        ("evidence: {enterSpan: 0s}", "spec.evidence.enterSpan", "from 1s to 10s"),
+        ("evidence: {enterSpan: 11s}", "spec.evidence.enterSpan", "from 1s to 10s"),
         ("keep_share: 2%", "spec.keep_share", "unknown field"),
     ],
 )  # fmt: skip

@@ -11,7 +11,7 @@ import pytest
 from federation.peering.model import HealthSource, HealthSummaries, ServiceHealth, ServiceKey
 from federation.peering.wire import from_proto, to_proto
 from health.failover.core import decide
-from health.failover.model import TOTAL_WEIGHT, ControllerState, FailoverPolicy, Rule
+from health.failover.model import TOTAL_WEIGHT, ControllerState, Evidence, FailoverPolicy, Rule
 from health.probe.core import ProbeLatency, ProbeSettings, ProbeStatus, probe_latency
 from health.stats.core import (
     LONG_SPAN_S,
@@ -605,6 +605,27 @@ def test_the_view_reads_the_short_span_it_was_given(enter_span_s: int, samples: 
     view.set_local(PAYMENTS, LocalService(3, NOW))
     (local,) = view.observe(PAYMENTS, US, NOW).targets
     assert (local.recent_start, local.recent_samples) == (NOW - enter_span_s, samples)
+
+
+def test_a_service_with_a_policy_is_observed_with_the_policys_enter_span() -> None:
+    view = HealthView(US, _local_traffic(per_second=20))
+    view.set_local(PAYMENTS, LocalService(3, NOW))
+    view.set_local("orders", LocalService(3, NOW))
+    three = _policy().model_copy(
+        update={
+            "spec": _policy().spec.model_copy(
+                update={"evidence": Evidence.model_validate({"enterSpan": "3s"})}
+            )
+        }
+    )
+    view.set_policies([three])
+    (local,) = view.observe(PAYMENTS, US, NOW).targets
+    assert (local.recent_start, local.recent_samples) == (NOW - 3, 60)
+    (other,) = view.observe("orders", US, NOW).targets
+    assert other.recent_start == NOW - 1  # no policy: the view's default
+    view.set_policies([])
+    (local,) = view.observe(PAYMENTS, US, NOW).targets
+    assert local.recent_start == NOW - 1
 
 
 def test_the_view_observes_with_its_local_remote_and_gateway_knowledge() -> None:
