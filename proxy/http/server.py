@@ -206,7 +206,6 @@ class _Downstream(asyncio.Protocol):
         "_endpoint",
         "_gate",
         "_hdr",
-        "_held",
         "_last_block",
         "_last_hdr",
         "_local",
@@ -244,7 +243,6 @@ class _Downstream(asyncio.Protocol):
         "_time",
         "_transport",
         "_up",
-        "_up_idle",
         "_up_out",
         "_upgrade_buf",
         "_url",
@@ -304,8 +302,6 @@ class _Downstream(asyncio.Protocol):
         self._closing = False
         self._parse_dead = False
         self._blocked = False
-        self._held: UpstreamConnection | None = None
-        self._up_idle = timeouts.upstream_idle
         self._up: UpstreamConnection | None = None
         self._up_out: list[bytes] = []
         self._endpoint: EndpointAddress | None = None
@@ -422,7 +418,6 @@ class _Downstream(asyncio.Protocol):
         if task is not None:
             self._connect_task = None
             task.cancel()
-        self._release_held()
         up = self._up
         if up is not None:
             self._up = None
@@ -758,23 +753,9 @@ class _Downstream(asyncio.Protocol):
         self._retryable = not has_body and method in _RETRYABLE_METHODS and not self.upgrading
         self._up_out.append(head)
         if delay:
-            self._release_held()
             self._connect(endpoint, delay)
             return True
-        conn = self._held
-        if conn is not None:
-            # The connection kept from this client's previous request, if it goes there.
-            self._held = None
-            conn.holder = None
-            if (
-                conn.endpoint is not endpoint
-                or conn.transport is None
-                or conn.transport.is_closing()
-            ):
-                self._pool.release(conn)
-                conn = self._pool.take(endpoint)
-        else:
-            conn = self._pool.take(endpoint)
+        conn = self._pool.take(endpoint)
         if conn is not None:
             self._state = _WAITING
             self.deadline = self._request_deadline = self._time() + self._t_request
@@ -911,9 +892,9 @@ class _Downstream(asyncio.Protocol):
         self._resp_done = True
         now = self._time()
         if conn is not None:
-            conn.holder = self
-            conn.deadline = now + self._up_idle
-            self._held = conn
+            # Back to the pool at once: an idle client holds no upstream connection, and the
+            # next request of any client can take it.
+            self._pool.release(conn)
         if self.request_done:
             if not (
                 self._queue
@@ -991,19 +972,6 @@ class _Downstream(asyncio.Protocol):
             up.close()
 
     # -- ends of a request -----------------------------------------------------------------
-
-    def lost_held(self, conn: UpstreamConnection) -> None:
-        """The upstream connection kept for the next request closed."""
-        if self._held is conn:
-            self._held = None
-
-    def _release_held(self) -> None:
-        held = self._held
-        if held is not None:
-            self._held = None
-            held.holder = None
-            if held.transport is not None:
-                self._pool.release(held)
 
     def _cycle_end(self, now: float) -> None:
         """Request and response are both complete: close, or serve the next request."""
@@ -1123,7 +1091,6 @@ class _Downstream(asyncio.Protocol):
     def _close(self) -> None:
         self._state = _DEAD
         self.deadline = math.inf
-        self._release_held()
         transport = self._transport
         if transport is not None:
             transport.close()

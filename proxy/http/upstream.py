@@ -1,9 +1,9 @@
 """The upstream side: keep-alive connections pooled per endpoint, and response re-framing.
 
 An `UpstreamConnection` carries one exchange at a time for the downstream connection bound to
-it (its owner). Between requests the client connection keeps it (its holder) as long as the
-route picks the same endpoint, as HAProxy does; otherwise, and when the client goes, it goes
-back to the `UpstreamPool`.
+it (its owner). When the response is complete it goes back to the `UpstreamPool` at once
+(LIFO per endpoint, so the most recently used connection is reused first): an idle client
+connection holds no upstream connection, and a thousand sequential clients share one.
 
 It parses the response with llhttp as strictly as requests are parsed, removes hop-by-hop
 headers, re-frames the body for the client (chunked for HTTP/1.1 clients when the
@@ -132,7 +132,6 @@ class UpstreamConnection(asyncio.Protocol):
         "_upgraded",
         "deadline",
         "endpoint",
-        "holder",
         "owner",
         "reused",
         "transport",
@@ -144,7 +143,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser: Any = httptools.HttpResponseParser(self)
         self.owner: _Downstream | None = None
-        self.holder: _Downstream | None = None
         self._down: asyncio.Transport | None = None
         self._hdr: list[tuple[bytes, bytes]] = []
         self._last_hdr: list[tuple[bytes, bytes]] | None = None
@@ -201,10 +199,6 @@ class UpstreamConnection(asyncio.Protocol):
         """Close the connection now (it is never returned to the pool)."""
         self._broken = True
         self.owner = None
-        holder = self.holder
-        if holder is not None:
-            self.holder = None
-            holder.lost_held(self)
         transport = self.transport
         if transport is not None:
             transport.abort()
@@ -275,10 +269,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = None
         owner = self.owner
         if owner is None:
-            holder = self.holder
-            if holder is not None:
-                self.holder = None
-                holder.lost_held(self)
             self._pool.forget(self)
             return
         if self._pipe:
@@ -502,7 +492,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser = httptools.HttpResponseParser(self)
         self._until_close = False
         if self._keep_alive and not self._broken and owner.request_done and self.transport:
-            # Kept by the client connection for its next request (back to the pool if not).
+            # Reusable: the owner puts it back in the pool.
             owner.response_done(self)
         else:
             self.close()

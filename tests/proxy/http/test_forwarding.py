@@ -36,6 +36,21 @@ async def test_requests_from_separate_clients_reuse_pooled_connections(
     assert backend.connections == 1
 
 
+async def test_idle_clients_that_stay_connected_share_one_upstream_connection(
+    backend: Backend, sidecar: OutboundServer
+) -> None:
+    # Each client makes one request and stays open: none keeps an upstream connection.
+    clients = []
+    for _ in range(10):
+        client = await Client.open(sidecar.port)
+        await client.send(GET)
+        assert (await client.read()).status == 200
+        clients.append(client)
+    assert backend.connections == 1
+    for client in clients:
+        await client.close()
+
+
 async def test_chunked_request_is_reframed_and_delivered_whole(
     backend: Backend, sidecar: OutboundServer
 ) -> None:
