@@ -178,6 +178,7 @@ class FailoverLoop:
         self._applied: dict[Pair, dict[str, int]] = {}  # absent: none given (the default)
         self._releasing: set[Pair] = set()  # released pairs whose ``apply({})`` failed
         self._gauged: dict[Pair, Mapping[str, int]] = {}
+        self._ticked_at: float | None = None
         self.set_policies(policies)
 
     # --- Policies ---
@@ -211,6 +212,11 @@ class FailoverLoop:
         """The latest decision of a pair (hold included): the live end of its chain; None
         for a pair not decided (its weights are discovery's default)."""
         return self._last.get((service, caller_cluster))
+
+    @property
+    def ticked_at(self) -> float | None:
+        """When the last tick ran, on the loop's clock (None before the first)."""
+        return self._ticked_at
 
     @property
     def journal(self) -> Journal:
@@ -264,6 +270,7 @@ class FailoverLoop:
         for rule, count in rules.items():
             self._metrics.decisions.labels(rule.value).inc(count)
         self._metrics.pairs.set(len(decisions))
+        self._ticked_at = now
         return decisions
 
     def _tick_one(self, pair: Pair, policy: FailoverPolicy | None, now: float) -> Decision:

@@ -248,29 +248,59 @@ async def _explain(request: web.Request) -> web.Response:
     # Oldest first; with a limit, the newest ``limit`` records.
     records = plane.journal.for_service(service, caller_cluster=plane.cluster, limit=limit or None)
     live = plane.failover.last_decision(service, plane.cluster)
-    known = any(key.name == service for key in plane.view.upstreams(time.time()))
-    if not records and live is None and not known:
+    now = time.time()
+    upstream = _upstreams_by_name(plane, now).get(service)
+    if not records and live is None and upstream is None:
         return _error(f"no service {service!r} here, and no decision about it", 404)
     policy = plane.failover.policies.get(service)
+    shown: dict[str, Any] | None = None
+    if live is not None:
+        shown = {
+            "at": live.at,
+            "rule": live.rule.value,
+            "mode": live.state.mode.value,
+            "explanation": live.explanation,
+            "weights": dict(live.weights),
+            "expectedLatency": dict(live.expected_latency),
+        }
+    elif upstream is not None:
+        shown = _default(upstream, now) | {"expectedLatency": {}}
     return web.json_response(
         {
             "service": service,
             "cluster": plane.cluster,
             "policy": None if policy is None else policy.metadata.name,
-            "live": None
-            if live is None
-            else {
-                "at": live.at,
-                "rule": live.rule.value,
-                "mode": live.state.mode.value,
-                "explanation": live.explanation,
-                "weights": dict(live.weights),
-                "expectedLatency": dict(live.expected_latency),
-            },
+            "live": shown,
             "records": [r.to_json() for r in records],
         },
         dumps=_dumps,
     )
+
+
+_DEFAULT = "default"
+"""The mode and rule shown for a service the failover loop does not decide."""
+
+
+def _default(upstream: FederatedUpstream | None, now: float) -> dict[str, Any]:
+    """A service the failover loop does not decide (no callers here, no policy; see
+    health/failover/loop.py): discovery's default weights, and why."""
+    note = "" if upstream is None else f"; discovery's weights ({upstream.note})"
+    return {
+        "at": now,
+        "rule": _DEFAULT,
+        "mode": _DEFAULT,
+        "explanation": f"default: no callers, no policy{note}",
+        "weights": {} if upstream is None else upstream.weights(),
+    }
+
+
+def _upstreams_by_name(plane: ControlPlane, now: float) -> dict[str, FederatedUpstream]:
+    """The federated upstreams by service name (the failover loop's key; the first
+    namespace's if a name is in several)."""
+    by_name: dict[str, FederatedUpstream] = {}
+    for key, upstream in sorted(plane.view.upstreams(now).items(), reverse=True):
+        by_name[key.name] = upstream
+    return by_name
 
 
 def _dumps(value: Any) -> str:
@@ -413,15 +443,29 @@ def _exports(plane: ControlPlane, catalog: Catalog | None) -> list[dict[str, Any
 
 
 def _failover(plane: ControlPlane, now: float) -> list[dict[str, Any]]:
-    """The live failover state of every (service, caller) the loop decides for."""
+    """The failover state of every (service, caller) we know of: the loop's live decision,
+    or for a service it does not decide (no callers, no policy), the default weights."""
     pairs = dict.fromkeys(plane.health.pairs(now))
     pairs.update(dict.fromkeys((service, plane.cluster) for service in plane.failover.policies))
     rows = []
+    upstreams: dict[str, FederatedUpstream] | None = None  # built once, if needed
     for service, caller in sorted(pairs):
         live = plane.failover.last_decision(service, caller)
-        if live is None:
-            continue
         policy = plane.failover.policies.get(service)
+        if live is None:
+            if upstreams is None:
+                upstreams = _upstreams_by_name(plane, now)
+            default = _default(upstreams.get(service), now)
+            rows.append(
+                {
+                    "service": service,
+                    "caller": caller,
+                    "policy": None if policy is None else policy.metadata.name,
+                    **default,
+                    "lastRecord": None,
+                }
+            )
+            continue
         recorded = plane.journal.for_service(service, caller_cluster=caller, limit=1)
         rows.append(
             {

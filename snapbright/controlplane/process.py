@@ -105,6 +105,7 @@ from proxy.identity.model import TrustDomain
 from proxy.identity.svid import X509Svid
 from proxy.stats.core import StatsWindow
 from snapbright.controlplane import api
+from snapbright.controlplane.health import ClusterHealth
 from snapbright.controlplane.model import (
     ENDPOINTS_FILE,
     ClusterEndpoints,
@@ -140,7 +141,7 @@ class ControlPlane:
     policies: PolicyDirectory
     discovery: Discovery
     peering: PeeringManager
-    health: HealthView
+    health: ClusterHealth
     failover: FailoverLoop
     journal: Journal
     board: Board
@@ -211,7 +212,7 @@ async def running(
         regional = RegionalStats()
         # No "no healthy local endpoint" until the catalog was read and local services had
         # a registration TTL to register again (set by _follow_catalog).
-        health = HealthView(spec.cluster, regional, local_from=math.inf)
+        health = ClusterHealth(spec.cluster, regional, local_from=math.inf)
         # Filled in below, once the ports are known; the builder reads it lazily.
         view = ClusterView(
             MirrorSettings(spec.cluster, spec.mesh, trust_domain, spec.stale_grace),
@@ -295,12 +296,13 @@ async def running(
         board = Board(spec.cluster)
 
         def apply_weights(service: str, _caller: str, weights: Mapping[str, int]) -> None:
-            view.set_weights(service, weights)
+            view.set_weights(service, weights)  # empty: back to the default weights
             changed()
 
         failover = FailoverLoop(
             spec.cluster,
-            pairs=health.pairs,
+            # Only what needs a decision: the rest keep discovery's default weights.
+            pairs=health.failover_pairs,
             observe=health.observe,
             apply=apply_weights,
             journal=journal,
@@ -355,8 +357,13 @@ async def running(
                     if loaded.active.name != ca.active.name:
                         reissue_at = loaded.sequence
                     ca, rotated = loaded, True
-            pruned = ca.prune(now)
+            # A staged root signs once every peer has acked the bundle that carries it (not in
+            # the tick that loaded it: our proxies get it first); see ClusterCA.advance.
+            acked = not rotated and peering.bundle_acked_by_all(ca.sequence)
+            pruned = ca.advance(now, bundle_acked=acked)
             if pruned is not ca:
+                if pruned.active.name != ca.active.name:
+                    reissue_at = 0  # the switch already waited for peers (or its deadline)
                 ca_store.save_ca(state_dir, pruned)
                 ca, ca_stamp, rotated = pruned, _ca_stamp(state_dir), True
             if rotated:

@@ -122,9 +122,13 @@ class ClusterView:
     # -- what the process's callbacks change --
 
     def set_weights(self, service: str, weights: Mapping[str, int]) -> None:
-        """The failover loop's decision for callers in this cluster."""
+        """The failover loop's decision for callers in this cluster; empty: none (the
+        service is no longer decided), so mirroring's default weights apply."""
         weights = dict(weights)
-        if self.weights.get(service) != weights:
+        if not weights:
+            if self.weights.pop(service, None) is not None:
+                self._dirty_names.add(service)
+        elif self.weights.get(service) != weights:
             self.weights[service] = weights
             self._dirty_names.add(service)
 

@@ -60,11 +60,35 @@ async def test_status_prints_the_gateways_table_and_failover_per_service(
     west, east = _peered_configs(tmp_path)
     async with control_plane(east) as exporter, control_plane(west) as importer:
         await _peer(exporter, importer)
-        # After the start-up grace (one registration TTL) the missing local copy is a failure.
+        # Imported only, nobody here calls it, no policy: not decided, the default weights.
+        await until(lambda: ("pay", "us-west") in importer.health.pairs(0.0))
+        idle = await _cli("status", "--api", importer.admin_url)
+        idle_explained = await _cli("policy", "explain", "pay", "--api", importer.admin_url)
+        # A policy makes it decided: after the start-up grace (one registration TTL) the
+        # missing local copy is a failure.
+        (tmp_path / "west" / "policies" / "failover.yaml").write_text(FAILOVER_PAY)
         await until(lambda: _rule(importer, "pay") == "no-healthy-local")
         await until(lambda: bool(importer.journal.for_service("pay")))
         result = await _cli("status", "--api", importer.admin_url)
         as_json = await _cli("status", "--api", importer.admin_url, "-o", "json")
+    assert idle.exit_code == 0, idle.output
+    idle_lines = idle.output.splitlines()
+    header = next(i for i, line in enumerate(idle_lines) if line.startswith("SERVICE"))
+    assert idle_lines[header + 1].split() == [
+        "pay",
+        "us-west",
+        "default",
+        "ap-southeast",
+        "100%",
+        "default",
+        "-",
+    ]
+    assert idle_explained.exit_code == 0, idle_explained.output
+    said = idle_explained.output.splitlines()
+    assert said[0] == "pay called from us-west (no FailoverPolicy: default behaviour)"
+    assert said[1] == "now: ap-southeast 100%  (mode default, rule default)"
+    assert said[2].strip().startswith("default: no callers, no policy; discovery's weights (")
+
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == "us-west (mesh acme, ready)"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from proxy.api.v1 import discovery_pb2 as pb
+from snapbright.controlplane.process import ControlPlane
 from tests.snapbright.controlplane.conftest import (
     call,
     control_plane,
@@ -98,20 +100,67 @@ async def test_status_reports_readiness_bundles_certificates_and_subscribers(
     assert body["policies"]["ok"] is True
 
 
+def _rule(plane: ControlPlane, service: str) -> str | None:
+    decision = plane.failover.last_decision(service, "us-west")
+    return None if decision is None else decision.rule.value
+
+
+FAILOVER_PAY = """\
+apiVersion: snapbright.io/v1alpha1
+kind: FailoverPolicy
+metadata: {name: pay-failover}
+spec:
+  service: pay
+  triggers: {errorRate: {enter: 10%, exit: 5%}}
+"""
+
+
 async def test_explain_shows_the_failover_decisions_for_a_service(tmp_path: Path) -> None:
-    async with control_plane(write_config(tmp_path, "us-west")) as plane:
+    config = write_config(tmp_path, "us-west")
+    (tmp_path / "policies" / "failover.yaml").write_text(FAILOVER_PAY)
+    async with control_plane(config) as plane:
         unknown = await call("GET", f"{plane.admin_url}/api/v1/explain/nothing")
         assert unknown[0] == 404
         body = registration("pay-1", "pay", 9001)
         body["endpoint"]["health"] = "critical"
         assert (await call("POST", f"{plane.admin_url}/api/v1/registrations", body))[0] == 200
-        await until(lambda: plane.failover.last_decision("pay", "us-west") is not None)
+        await until(lambda: _rule(plane, "pay") == "no-healthy-local")
         status, explained = await call("GET", f"{plane.admin_url}/api/v1/explain/pay")
     assert status == 200
     assert explained["service"] == "pay"
-    assert explained["policy"] is None
+    assert explained["policy"] == "pay-failover"
     assert explained["live"]["explanation"]
     assert all(r["service"] == "pay" for r in explained["records"])
+
+
+async def test_a_service_nobody_calls_without_a_policy_is_explained_as_default(
+    tmp_path: Path,
+) -> None:
+    async with control_plane(write_config(tmp_path, "us-west")) as plane:
+        body = registration("pay-1", "pay", 9001)
+        body["endpoint"]["health"] = "critical"
+        assert (await call("POST", f"{plane.admin_url}/api/v1/registrations", body))[0] == 200
+        await until(lambda: ("pay", "us-west") in plane.health.pairs(0.0))
+        known = time.time()
+        await until(lambda: (plane.failover.ticked_at or 0.0) > known)
+        decision = plane.failover.last_decision("pay", "us-west")
+        status, explained = await call("GET", f"{plane.admin_url}/api/v1/explain/pay")
+        _, answer = await call("GET", f"{plane.admin_url}/api/v1/status")
+    assert decision is None  # a local-only copy nobody calls: nowhere to move, nothing to do
+    assert status == 200
+    assert explained["policy"] is None
+    live = explained["live"]
+    assert (live["mode"], live["rule"]) == ("default", "default")
+    assert live["weights"] == {"us-west": 10_000}
+    assert live["explanation"].startswith("default: no callers, no policy; discovery's weights")
+    (pay,) = answer["failover"]
+    assert (pay["service"], pay["caller"], pay["mode"], pay["rule"]) == (
+        "pay",
+        "us-west",
+        "default",
+        "default",
+    )
+    assert pay["lastRecord"] is None
 
 
 async def test_metrics_ready_and_live_answer_and_other_hosts_are_refused(tmp_path: Path) -> None:
@@ -171,11 +220,14 @@ async def test_the_dashboard_is_served_on_the_admin_port_with_this_cluster(
 async def test_status_reports_the_ca_the_failover_state_and_explain_honours_a_limit(
     tmp_path: Path,
 ) -> None:
-    async with control_plane(write_config(tmp_path, "us-west")) as plane:
+    config = write_config(tmp_path, "us-west")
+    (tmp_path / "policies" / "failover.yaml").write_text(FAILOVER_PAY)
+    async with control_plane(config) as plane:
         body = registration("pay-1", "pay", 9001)
         body["endpoint"]["health"] = "critical"
         assert (await call("POST", f"{plane.admin_url}/api/v1/registrations", body))[0] == 200
-        await until(lambda: plane.failover.last_decision("pay", "us-west") is not None)
+        # With a policy, pay is decided from the start (no-local-data until it registers).
+        await until(lambda: _rule(plane, "pay") == "no-healthy-local")
         status, answer = await call("GET", f"{plane.admin_url}/api/v1/status")
         limited = await call("GET", f"{plane.admin_url}/api/v1/explain/pay?limit=1")
         bad = await call("GET", f"{plane.admin_url}/api/v1/explain/pay?limit=x")

@@ -254,6 +254,28 @@ def test_a_failover_decision_recomputes_only_that_service(tmp_path: Path) -> Non
     assert {t.cluster: t.weight for t in upstream.targets} == {"us-west": 5_000, "peer-0": 5_000}
 
 
+def test_weights_handed_back_by_the_failover_loop_give_the_defaults_again(
+    tmp_path: Path,
+) -> None:
+    view, feed = _view(tmp_path)
+    feed.publish(_catalog(Endpoint("pay", "10.0.0.1", 8080, health=Health.CRITICAL)))
+    view.set_peer(_peer(GatewayAddress("192.0.2.10", 15443)))
+    view.set_weights("pay", {"us-west": 10_000})
+    decided = view.build(SIDECAR)
+    view.set_weights("pay", {})  # the loop no longer decides pay
+    work = view.upstreams_federated
+    released = view.build(SIDECAR)
+    assert decided is not None
+    assert released is not None
+    assert _weights(decided) == {"us-west": 10_000, "ap-southeast": 0}
+    assert _weights(released) == {"us-west": 0, "ap-southeast": 10_000}
+    assert view.upstreams_federated - work == 1
+    assert "pay" not in view.weights
+    view.set_weights("pay", {})  # again: nothing to recompute
+    view.build(SIDECAR)
+    assert view.upstreams_federated - work == 1
+
+
 def test_a_catalog_change_recomputes_only_the_services_that_differ(tmp_path: Path) -> None:
     view, feed = _view(tmp_path)
     endpoints = [Endpoint(f"local-{i}", f"10.0.0.{i}", 8080) for i in range(20)]
