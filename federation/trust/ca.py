@@ -13,10 +13,26 @@ Certificates follow the SPIFFE X509-SVID spec:
   keyUsage digitalSignature only (critical), EKU serverAuth+clientAuth, SKI and AKI, and it
   never outlives its issuer.
 
-Rotation: :meth:`ClusterCA.rotate` adds a new authority, which signs every SVID from then on,
-and keeps the old root in the bundle until ``now + overlap`` so that SVIDs issued under it
-stay valid while workloads renew. :meth:`ClusterCA.prune` drops it after that. Each change of
-the bundle increments its sequence.
+Rotation keeps every peer able to verify every leaf, in three steps:
+
+1. :meth:`ClusterCA.rotate` *stages* a new authority: its root joins the bundle (the sequence
+   goes up, so it is published to proxies and peers), but it signs nothing yet. The old
+   authority keeps signing, and is scheduled to leave the bundle at ``now + overlap``; leaves
+   it signs from now on never outlive that date (they are capped at it).
+2. :meth:`ClusterCA.advance` switches: the staged authority signs from then on, once the caller
+   says every peer has acknowledged a bundle that carries it (``bundle_acked``), or, when no
+   acknowledgement comes (a peer is down, or no control plane runs), by itself at the
+   rotation's switch deadline (half the overlap by default, so leaves re-issued under the new
+   root have the other half to spread before the old root leaves). The old authority's keys
+   are dropped then: it never signs again.
+3. ``advance`` (or :meth:`ClusterCA.prune`) drops the old root at its retirement date: by then
+   the last leaf it signed since the rotation has expired. Leaves it signed before the
+   rotation are re-issued by the control plane when the new root takes over; the default
+   overlap (72 h) is longer than the default leaf lifetime (24 h), so even a leaf that is never
+   re-issued expires before its root leaves.
+
+Both roots are in the bundle from step 1 to step 3. Each change of the bundle increments its
+sequence (the switch does not change the bundle).
 """
 
 from __future__ import annotations
@@ -50,7 +66,9 @@ class CaError(Exception):
 class Authority:
     """One generation of the CA: a root, maybe an intermediate, and when it leaves the bundle.
 
-    Keys are ``None`` once the authority is retired: it never signs again.
+    Keys are ``None`` once the authority is retired: it never signs again. ``retire_at`` is
+    when it leaves the bundle (``None``: not scheduled). ``switch_by`` is set while it is
+    *staged* by a rotation: in the bundle, not signing yet, and taking over at the latest then.
     """
 
     root: x509.Certificate
@@ -58,6 +76,12 @@ class Authority:
     intermediate: x509.Certificate | None = None
     intermediate_key: ec.EllipticCurvePrivateKey | None = None
     retire_at: datetime | None = None
+    switch_by: datetime | None = None
+
+    @property
+    def staged(self) -> bool:
+        """True while a rotation has added this authority but it does not sign yet."""
+        return self.switch_by is not None
 
     @property
     def name(self) -> str:
@@ -75,8 +99,14 @@ class ClusterCA:
 
     @property
     def active(self) -> Authority:
-        """The authority that signs new SVIDs."""
-        return self.authorities[-1]
+        """The authority that signs new SVIDs (never a staged one)."""
+        return next(a for a in reversed(self.authorities) if not a.staged)
+
+    @property
+    def staged(self) -> Authority | None:
+        """The authority a rotation in progress has added, until it takes over."""
+        last = self.authorities[-1]
+        return last if last.staged else None
 
     def bundle(self) -> TrustBundle:
         """The domain's trust bundle: every root not yet pruned, plus intermediates."""
@@ -130,6 +160,9 @@ class ClusterCA:
         if issuer_key is None:
             raise CaError("the active authority has no signing key")
         not_after = min(now + ttl, issuer.not_valid_after_utc, authority.root.not_valid_after_utc)
+        if authority.retire_at is not None:
+            # A rotation is under way: no leaf of the old root may outlive the old root.
+            not_after = min(not_after, authority.retire_at)
         if not_after <= now or now < issuer.not_valid_before_utc:
             raise CaError(
                 f"the CA is not valid at {now.isoformat()} "
@@ -167,33 +200,68 @@ class ClusterCA:
         now: datetime,
         overlap: timedelta = DEFAULT_ROTATION_OVERLAP,
         root_ttl: timedelta = DEFAULT_ROOT_TTL,
+        switch_within: timedelta | None = None,
     ) -> ClusterCA:
-        """Add a new authority that signs from now on; the old roots stay until ``now+overlap``.
-
-        An authority that is already retiring keeps its earlier date.
-        """
+        """Stage a new authority (see the module docstring): its root joins the bundle now,
+        it signs once peers have acknowledged it (:meth:`advance`) or at ``now +
+        switch_within`` (default: half the overlap), and the old roots leave the bundle at
+        ``now + overlap`` (one already retiring keeps its earlier date)."""
         if overlap < timedelta(0):
             raise CaError("the rotation overlap must not be negative")
-        retiring = tuple(
-            replace(
-                a,
-                root_key=None,
-                intermediate_key=None,
-                retire_at=a.retire_at if a.retire_at is not None else now + overlap,
+        switch_within = overlap / 2 if switch_within is None else switch_within
+        if not timedelta(0) <= switch_within <= overlap:
+            raise CaError("the new root must take over within the overlap, not after it")
+        staged = self.staged
+        if staged is not None:
+            raise CaError(
+                f"a rotation is in progress: root {staged.name} takes over once peers hold it,"
+                f" at the latest at {staged.switch_by.isoformat() if staged.switch_by else '?'}"
             )
+        retiring = tuple(
+            replace(a, retire_at=a.retire_at if a.retire_at is not None else now + overlap)
             for a in self.authorities
         )
-        fresh = _new_authority(
-            self.trust_domain, now, root_ttl, intermediate=self.active.intermediate is not None
+        fresh = replace(
+            _new_authority(
+                self.trust_domain, now, root_ttl, intermediate=self.active.intermediate is not None
+            ),
+            switch_by=now + switch_within,
         )
         return replace(self, authorities=(*retiring, fresh), sequence=self.sequence + 1)
 
+    def advance(self, now: datetime, *, bundle_acked: bool = False) -> ClusterCA:
+        """The CA at ``now``: a staged authority takes over if ``bundle_acked`` (every peer,
+        and every local proxy, holds a bundle of this CA at :attr:`sequence` or later) or its
+        switch deadline has passed; then authorities whose retirement date has come are
+        dropped. Returns ``self`` when nothing changes."""
+        ca = self
+        staged = ca.staged
+        if staged is not None and (bundle_acked or (staged.switch_by and now >= staged.switch_by)):
+            ca = ca._switch(staged)
+        kept = tuple(
+            a
+            for a in ca.authorities
+            if a.staged or a.root_key is not None or a.retire_at is None or now < a.retire_at
+        )
+        if len(kept) != len(ca.authorities):
+            ca = replace(ca, authorities=kept, sequence=ca.sequence + 1)
+        return ca
+
     def prune(self, now: datetime) -> ClusterCA:
-        """Drop authorities whose overlap has ended (returns ``self`` if none has)."""
-        kept = tuple(a for a in self.authorities if a.retire_at is None or now < a.retire_at)
-        if len(kept) == len(self.authorities):
-            return self
-        return replace(self, authorities=kept, sequence=self.sequence + 1)
+        """:meth:`advance` with no acknowledgement: a staged authority takes over only at its
+        deadline, and retired roots are dropped (returns ``self`` if nothing changes)."""
+        return self.advance(now)
+
+    def _switch(self, staged: Authority) -> ClusterCA:
+        # The old authorities never sign again; their retirement dates stand, and each is
+        # after the last leaf they signed since the rotation (sign_svid caps them).
+        authorities = tuple(
+            replace(a, switch_by=None)
+            if a is staged
+            else replace(a, root_key=None, intermediate_key=None)
+            for a in self.authorities
+        )
+        return replace(self, authorities=authorities)
 
 
 def create_ca(

@@ -95,6 +95,7 @@ def save_ca(state_dir: Path, ca: ClusterCA) -> None:
             {
                 "name": a.name,
                 "retire_at": a.retire_at.isoformat() if a.retire_at else None,
+                "switch_by": a.switch_by.isoformat() if a.switch_by else None,
             }
             for a in ca.authorities
         ],
@@ -159,17 +160,19 @@ def load_ca(state_dir: Path) -> ClusterCA:
         if state["format"] != _FORMAT:
             raise StoreError(f"{path}: unknown format {state['format']!r}")
         authorities = tuple(
-            _load_authority(root / entry["name"], entry["retire_at"])
+            _load_authority(root / entry["name"], entry["retire_at"], entry.get("switch_by"))
             for entry in state["authorities"]
         )
         if not authorities:
             raise StoreError(f"{path}: no authority")
+        if authorities[0].staged or any(a.staged for a in authorities[:-1]):
+            raise StoreError(f"{path}: only the newest of several authorities may be staged")
         return ClusterCA(TrustDomain(state["trust_domain"]), authorities, int(state["sequence"]))
     except (KeyError, TypeError, ValueError) as error:
         raise StoreError(f"{path}: damaged CA state ({error})") from None
 
 
-def _load_authority(directory: Path, retire_at: str | None) -> Authority:
+def _load_authority(directory: Path, retire_at: str | None, switch_by: str | None) -> Authority:
     try:
         root = x509.load_pem_x509_certificate((directory / "root.pem").read_bytes())
         intermediate_path = directory / "intermediate.pem"
@@ -186,6 +189,8 @@ def _load_authority(directory: Path, retire_at: str | None) -> Authority:
         intermediate=intermediate,
         intermediate_key=_load_key(directory / "intermediate.key"),
         retire_at=datetime.fromisoformat(retire_at) if retire_at else None,
+        # Absent in files written before rotations were staged: nothing is staged there.
+        switch_by=datetime.fromisoformat(switch_by) if switch_by else None,
     )
 
 

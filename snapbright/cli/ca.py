@@ -1,8 +1,10 @@
 """`snapbright ca …`: the cluster CA (init, issue, show, rotate).
 
 The CA lives in a state directory, ``.snapbright/state/<cluster>`` unless ``--state-dir`` says
-otherwise. Every command first drops roots whose rotation overlap has ended (and saves that,
-with a higher bundle sequence), so the bundle on disk never lists a root past its time.
+otherwise. Every command first lets a staged root take over once its switch deadline has
+passed, and drops roots whose rotation overlap has ended (and saves that, with a higher bundle
+sequence), so the bundle on disk never lists a root past its time. A running control plane
+switches earlier, as soon as every peer has acknowledged the new root.
 Errors print one line saying why and exit 1.
 """
 
@@ -181,7 +183,12 @@ def show(
         typer.echo(f"sequence      {summary['sequence']}")
         for entry in summary["certificates"]:
             leaves = f", leaves the bundle at {entry['retire_at']}" if entry["retire_at"] else ""
-            typer.echo(f"{entry['role']} ({entry['state']}{leaves})")
+            signs = (
+                f", signs once peers hold it, at the latest at {entry['signs_by']}"
+                if entry["signs_by"]
+                else ""
+            )
+            typer.echo(f"{entry['role']} ({entry['state']}{signs}{leaves})")
             typer.echo(f"  valid    {entry['not_before']} to {entry['not_after']}")
             typer.echo(f"  SHA-256  {entry['sha256']}")
 
@@ -189,8 +196,9 @@ def show(
 def _summary(ca: ClusterCA) -> dict[str, Any]:
     certificates = []
     for authority in ca.authorities:
-        state = "active" if authority is ca.active else "retiring"
+        state = "staged" if authority.staged else "active" if authority is ca.active else "retiring"
         retire = authority.retire_at.isoformat() if authority.retire_at else None
+        switch = authority.switch_by.isoformat() if authority.switch_by else None
         pairs = [("root", authority.root), ("intermediate", authority.intermediate)]
         for role, cert in pairs:
             if cert is None:
@@ -202,6 +210,7 @@ def _summary(ca: ClusterCA) -> dict[str, Any]:
                     "not_before": cert.not_valid_before_utc.isoformat(),
                     "not_after": cert.not_valid_after_utc.isoformat(),
                     "retire_at": retire,
+                    "signs_by": switch,
                     "sha256": _fingerprint(cert),
                 }
             )
@@ -218,16 +227,32 @@ def rotate(
     overlap: Annotated[
         str, typer.Option("--overlap", help="How long the old root stays trusted, e.g. 72h.")
     ] = _DEFAULT_OVERLAP,
+    switch_within: Annotated[
+        str | None,
+        typer.Option(
+            "--switch-within",
+            help="When the new root signs if peers never acknowledge it (default: half the "
+            "overlap).",
+        ),
+    ] = None,
     cluster: ClusterOption = None,
     state_dir: StateDirOption = None,
 ) -> None:
-    """Add a new root (it signs from now on); drop the old one after the overlap."""
+    """Add a new root: published at once, it signs once every peer holds it (the control plane
+    switches when they have acknowledged it); the old root leaves after the overlap."""
     with _errors():
         keep = _duration(overlap, "--overlap")
+        within = None if switch_within is None else _duration(switch_within, "--switch-within")
         now = _now()
         directory = _state_dir(cluster, state_dir)
-        rotated = _load(directory, now).rotate(now, keep)
+        rotated = _load(directory, now).rotate(now, keep, switch_within=within)
+        staged = rotated.authorities[-1]  # rotate() stages the new authority last
+        signs_by = staged.switch_by.isoformat() if staged.switch_by else now.isoformat()
         store.save_ca(directory, rotated)
-        typer.echo(f"new root SHA-256 {_fingerprint(rotated.active.root)}")
+        typer.echo(f"new root SHA-256 {_fingerprint(staged.root)}")
+        typer.echo(
+            f"it signs once every peer holds it, at the latest at {signs_by}; "
+            "the previous root signs until then"
+        )
         typer.echo(f"the previous root leaves the bundle at {(now + keep).isoformat()}")
         typer.echo(f"bundle sequence {rotated.sequence}")

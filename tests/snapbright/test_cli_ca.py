@@ -120,33 +120,66 @@ def test_openssl_rejects_the_svid_against_another_clusters_bundle(tmp_path: Path
     assert "unable to get local issuer certificate" in verified.stdout + verified.stderr
 
 
-def test_rotate_then_show_lists_both_roots_and_issue_uses_the_new_one(tmp_path: Path) -> None:
+def test_rotate_publishes_the_new_root_and_issue_uses_it_only_after_the_switch(
+    tmp_path: Path,
+) -> None:
     _cli("ca init --cluster us-west --mesh acme", cwd=tmp_path)
     assert (tmp_path / ".snapbright/state/us-west/ca/ca.json").is_file()  # the default dir
     before = json.loads(_cli("ca show -o json", cwd=tmp_path).stdout)
-    _cli("ca rotate --overlap 72h --cluster us-west", cwd=tmp_path)
+    rotated = _cli("ca rotate --overlap 72h --cluster us-west", cwd=tmp_path).stdout
     after = json.loads(_cli("ca show -o json", cwd=tmp_path).stdout)
 
+    assert "it signs once every peer holds it, at the latest at" in rotated
     assert before["sequence"] == 1
     assert after["sequence"] == 2
-    assert [c["state"] for c in after["certificates"]] == ["retiring", "active"]
+    assert [c["state"] for c in after["certificates"]] == ["active", "staged"]
     assert after["certificates"][0]["sha256"] == before["certificates"][0]["sha256"]
+    assert after["certificates"][0]["retire_at"] is not None
     assert len(after["bundle"]["keys"]) == 2
     assert after["bundle"]["spiffe_sequence"] == 2
+    text = _cli("ca show", cwd=tmp_path).stdout
+    assert "trust domain  spiffe://us-west.acme" in text
+    assert "root (staged, signs once peers hold it, at the latest at" in text
 
+    # Until the switch, leaves come from the old root, which every peer already trusts.
     out = tmp_path / "out"
     _cli("ca issue --namespace payments --service-account api", "--out", str(out), cwd=tmp_path)
+    assert _signer_fingerprint(out) == after["certificates"][0]["sha256"]
+
+
+def _signer_fingerprint(out: Path) -> str:
     leaf = x509.load_pem_x509_certificate((out / "svid.pem").read_bytes())
     roots = x509.load_pem_x509_certificates((out / "bundle.pem").read_bytes())
     assert len(roots) == 2
     signer = next(r for r in roots if r.subject == leaf.issuer)
     leaf.verify_directly_issued_by(signer)
-    assert (
-        signer.fingerprint(hashes.SHA256()).hex(":").upper() == after["certificates"][1]["sha256"]
-    )
-    text = _cli("ca show", cwd=tmp_path).stdout
-    assert "trust domain  spiffe://us-west.acme" in text
-    assert "root (retiring, leaves the bundle at" in text
+    return signer.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def test_with_no_control_plane_the_new_root_signs_at_the_switch_deadline(tmp_path: Path) -> None:
+    runner = CliRunner()
+    state = ["--state-dir", str(tmp_path)]
+    start = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    issue = ["ca", "issue", "--namespace", "payments", "--service-account", "api", *state]
+
+    with time_machine.travel(start, tick=False):
+        assert (
+            runner.invoke(app, ["ca", "init", "--cluster", "c", "--mesh", "m", *state]).exit_code
+            == 0
+        )
+        rotate = ["ca", "rotate", "--overlap", "10h", "--switch-within", "1h", *state]
+        assert runner.invoke(app, rotate).exit_code == 0
+    with time_machine.travel(start + timedelta(minutes=59), tick=False):
+        shown = json.loads(runner.invoke(app, ["ca", "show", "-o", "json", *state]).stdout)
+        assert runner.invoke(app, [*issue, "--out", str(tmp_path / "early")]).exit_code == 0
+    assert [c["state"] for c in shown["certificates"]] == ["active", "staged"]
+    assert _signer_fingerprint(tmp_path / "early") == shown["certificates"][0]["sha256"]
+    with time_machine.travel(start + timedelta(hours=1), tick=False):
+        shown = json.loads(runner.invoke(app, ["ca", "show", "-o", "json", *state]).stdout)
+        assert runner.invoke(app, [*issue, "--out", str(tmp_path / "late")]).exit_code == 0
+    assert [c["state"] for c in shown["certificates"]] == ["retiring", "active"]
+    assert shown["sequence"] == 2  # the switch changes no bundle
+    assert _signer_fingerprint(tmp_path / "late") == shown["certificates"][1]["sha256"]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -189,39 +190,155 @@ def test_intermediate_is_a_path_length_zero_ca_under_the_root(
     assert ca_with_intermediate.bundle().intermediates == (intermediate,)
 
 
-def test_rotation_adds_the_new_root_first_and_drops_the_old_after_the_overlap() -> None:
+HOUR = timedelta(hours=1)
+
+
+def _issuer_key_id(leaf: x509.Certificate) -> bytes | None:
+    return _ext(leaf, x509.AuthorityKeyIdentifier).value.key_identifier
+
+
+def _key_id(cert: x509.Certificate) -> bytes:
+    return _ext(cert, x509.SubjectKeyIdentifier).value.digest
+
+
+def test_a_rotation_publishes_the_new_root_but_the_old_one_keeps_signing() -> None:
     ca = create_ca(TD, NOW)
-    old_svid = ca.issue(API, NOW)
     old_root = ca.active.root
-    rotated = ca.rotate(NOW + timedelta(hours=1), overlap=timedelta(hours=72))
+    rotated = ca.rotate(NOW + HOUR, overlap=72 * HOUR)
+    staged = rotated.staged
+    assert staged is not None
     assert rotated.sequence == ca.sequence + 1
-    assert rotated.bundle().roots == (old_root, rotated.active.root)
-    assert rotated.authorities[0].root_key is None  # the old root never signs again
-    new_svid = rotated.issue(API, NOW + timedelta(hours=1))
-    new_svid.leaf.verify_directly_issued_by(rotated.active.root)
+    assert rotated.bundle().roots == (old_root, staged.root)
+    assert rotated.active.root == old_root
+    leaf = rotated.issue(API, NOW + 2 * HOUR).leaf
+    assert _issuer_key_id(leaf) == _key_id(old_root)
+    # A peer that holds only the bundle from before the rotation accepts it.
+    before = TrustBundleSet([ca.bundle()])
+    assert validate_svid(leaf, [], before, NOW + 2 * HOUR, Purpose.CLIENT) == API
 
-    during = rotated.prune(NOW + timedelta(hours=72))
-    assert during is rotated
-    bundles = TrustBundleSet([during.bundle()])
-    at = NOW + timedelta(hours=20)
-    assert validate_svid(old_svid.leaf, [], bundles, at, Purpose.CLIENT) == API
-    assert validate_svid(new_svid.leaf, [], bundles, at, Purpose.CLIENT) == API
 
-    after = rotated.prune(NOW + timedelta(hours=73))
-    assert after.bundle().roots == (rotated.active.root,)
-    assert after.sequence == rotated.sequence + 1
+def test_leaves_signed_during_a_rotation_never_outlive_the_old_root() -> None:
+    rotated = create_ca(TD, NOW).rotate(NOW, overlap=10 * HOUR)
+    leaf = rotated.issue(API, NOW + HOUR, ttl=24 * HOUR).leaf
+    assert leaf.not_valid_after_utc == NOW + 10 * HOUR
+    with pytest.raises(CaError, match="not valid"):
+        rotated.issue(API, NOW + 10 * HOUR)  # only reachable without advance(): it switches
+
+
+@pytest.mark.parametrize(
+    ("at", "acked", "switched"),
+    [
+        (NOW + HOUR, False, False),
+        (NOW + HOUR, True, True),
+        (NOW + 36 * HOUR - timedelta(seconds=1), False, False),
+        (NOW + 36 * HOUR, False, True),
+    ],
+    ids=["waiting", "peers-acked", "just-before-deadline", "deadline"],
+)
+def test_the_new_root_takes_over_when_peers_ack_it_or_at_half_the_overlap(
+    at: datetime, acked: bool, switched: bool
+) -> None:
+    rotated = create_ca(TD, NOW).rotate(NOW, overlap=72 * HOUR)
+    staged = rotated.staged
+    assert staged is not None
+    advanced = rotated.advance(at, bundle_acked=acked)
+    assert (advanced.active.root == staged.root) is switched
+    assert (advanced is rotated) is not switched
+    # The bundle does not change at the switch: nothing new to publish.
+    assert advanced.bundle() == rotated.bundle()
+
+
+def test_after_the_switch_only_the_new_root_signs_and_the_old_keys_are_gone() -> None:
+    rotated = create_ca(TD, NOW, intermediate=True).rotate(NOW, overlap=72 * HOUR)
+    switched = rotated.advance(NOW + HOUR, bundle_acked=True)
+    old, new = switched.authorities
+    assert (old.root_key, old.intermediate_key) == (None, None)
+    assert new.switch_by is None
+    assert switched.staged is None
+    assert new.intermediate is not None
+    leaf = switched.issue(API, NOW + HOUR, ttl=24 * HOUR).leaf
+    assert _issuer_key_id(leaf) == _key_id(new.intermediate)
+    assert leaf.not_valid_after_utc == NOW + 25 * HOUR  # no cap: the new root is not retiring
+
+
+def test_the_old_root_leaves_the_bundle_once_its_last_leaf_has_expired() -> None:
+    ca = create_ca(TD, NOW)
+    rotated = ca.rotate(NOW, overlap=10 * HOUR)
+    last_old = rotated.issue(API, NOW + HOUR).leaf  # the last leaf it signs: switched next
+    switched = rotated.advance(NOW + HOUR, bundle_acked=True)
+    during = switched.advance(NOW + 10 * HOUR - timedelta(seconds=1))
+    assert during is switched
+    assert len(during.bundle().roots) == 2
+    at_end = NOW + 10 * HOUR - timedelta(seconds=1)
+    assert validate_svid(last_old, [], TrustBundleSet([during.bundle()]), at_end, Purpose.CLIENT)
+
+    after = switched.advance(NOW + 10 * HOUR)
+    assert after.bundle().roots == (switched.active.root,)
+    assert after.sequence == switched.sequence + 1
+    assert last_old.not_valid_after_utc <= NOW + 10 * HOUR  # expired when its root left
     with pytest.raises(SvidError) as caught:
-        validate_svid(old_svid.leaf, [], TrustBundleSet([after.bundle()]), at, Purpose.CLIENT)
+        validate_svid(last_old, [], TrustBundleSet([after.bundle()]), at_end, Purpose.CLIENT)
     assert caught.value.reason is Rejection.UNTRUSTED_CHAIN
 
 
-def test_a_second_rotation_keeps_the_first_retirement_date() -> None:
+def test_every_leaf_of_a_rotation_validates_at_a_peer_holding_what_it_acked() -> None:
+    """Virtual time, a minute a step: the peer holds the bundle from before the rotation until
+    minute 5, then everything we publish. Every unexpired leaf validates there, every minute."""
     ca = create_ca(TD, NOW)
-    once = ca.rotate(NOW, overlap=timedelta(hours=10))
-    twice = once.rotate(NOW + timedelta(hours=1), overlap=timedelta(hours=72))
+    old_root = ca.active.root
+    peer_bundle = ca.bundle()
+    ca = ca.rotate(NOW, overlap=HOUR)
+    leaves: list[x509.Certificate] = []
+    for minute in range(61):
+        now = NOW + timedelta(minutes=minute)
+        if minute >= 5:
+            peer_bundle = ca.bundle()
+        ca = ca.advance(now, bundle_acked=(peer_bundle.sequence or 0) >= ca.sequence)
+        if minute >= 5:
+            peer_bundle = ca.bundle()
+        leaf = ca.issue(API, now, ttl=timedelta(minutes=10)).leaf
+        assert (_issuer_key_id(leaf) == _key_id(old_root)) is (minute < 5)
+        leaves.append(leaf)
+        held = TrustBundleSet([peer_bundle])
+        for earlier in leaves:
+            if earlier.not_valid_after_utc > now:
+                assert validate_svid(earlier, [], held, now, Purpose.CLIENT) == API
+    assert ca.bundle().roots == (ca.active.root,)
+
+
+def test_a_second_rotation_waits_until_the_first_has_switched() -> None:
+    once = create_ca(TD, NOW).rotate(NOW, overlap=10 * HOUR)
+    with pytest.raises(CaError, match="rotation is in progress"):
+        once.rotate(NOW + HOUR)
+    switched = once.advance(NOW + HOUR, bundle_acked=True)
+    twice = switched.rotate(NOW + 2 * HOUR, overlap=72 * HOUR)
     retire = [a.retire_at for a in twice.authorities]
-    assert retire == [NOW + timedelta(hours=10), NOW + timedelta(hours=73), None]
+    assert retire == [NOW + 10 * HOUR, NOW + 74 * HOUR, None]
     assert twice.sequence == 3
+
+
+def test_a_rotation_with_no_overlap_replaces_the_root_at_once() -> None:
+    rotated = create_ca(TD, NOW).rotate(NOW, overlap=timedelta(0))
+    staged = rotated.staged
+    assert staged is not None
+    now = rotated.advance(NOW)
+    assert now.bundle().roots == (staged.root,)
+    assert now.active.root == staged.root
+
+
+@pytest.mark.parametrize(
+    ("overlap", "switch_within", "message"),
+    [
+        (-HOUR, None, "must not be negative"),
+        (HOUR, 2 * HOUR, "within the overlap"),
+        (HOUR, -HOUR, "within the overlap"),
+    ],
+)
+def test_rotate_refuses_a_bad_schedule(
+    overlap: timedelta, switch_within: timedelta | None, message: str
+) -> None:
+    with pytest.raises(CaError, match=message):
+        create_ca(TD, NOW).rotate(NOW, overlap=overlap, switch_within=switch_within)
 
 
 def test_state_round_trips_through_the_state_directory(tmp_path: Path) -> None:
@@ -232,6 +349,8 @@ def test_state_round_trips_through_the_state_directory(tmp_path: Path) -> None:
     assert loaded.sequence == ca.sequence
     assert loaded.bundle() == ca.bundle()
     assert [a.retire_at for a in loaded.authorities] == [a.retire_at for a in ca.authorities]
+    assert [a.switch_by for a in loaded.authorities] == [None, NOW + timedelta(minutes=30)]
+    assert loaded.active.root == ca.active.root
     svid = loaded.issue(API, NOW)
     assert validate_svid(svid.leaf, [], TrustBundleSet([loaded.bundle()]), NOW, Purpose.SERVER)
 
@@ -242,7 +361,7 @@ def test_keys_are_0600_and_retired_keys_are_deleted(tmp_path: Path) -> None:
     keys = sorted(tmp_path.rglob("*.key"))
     assert [k.name for k in keys] == ["intermediate.key", "root.key"]
     assert all(stat.S_IMODE(k.stat().st_mode) == KEY_MODE for k in keys)
-    save_ca(tmp_path, ca.rotate(NOW))
+    save_ca(tmp_path, ca.rotate(NOW).advance(NOW, bundle_acked=True))
     keys_after = sorted(tmp_path.rglob("*.key"))
     assert len(keys_after) == 2
     assert not set(keys) & set(keys_after)
@@ -277,3 +396,28 @@ def test_atomic_write_replaces_whole_files_with_the_given_mode(tmp_path: Path) -
     assert target.read_bytes() == b"two"
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert [p.name for p in target.parent.iterdir()] == ["secret.key"]
+
+
+def test_a_state_file_from_before_staged_rotations_loads_with_nothing_staged(
+    tmp_path: Path,
+) -> None:
+    ca = create_ca(TD, NOW)
+    save_ca(tmp_path, ca)
+    state_file = tmp_path / "ca" / "ca.json"
+    document = json.loads(state_file.read_text())
+    for entry in document["authorities"]:
+        del entry["switch_by"]
+    state_file.write_text(json.dumps(document))
+    loaded = load_ca(tmp_path)
+    assert loaded.staged is None
+    assert loaded.active.root == ca.active.root
+
+
+def test_a_state_file_with_a_staged_authority_before_the_last_is_refused(tmp_path: Path) -> None:
+    save_ca(tmp_path, create_ca(TD, NOW).rotate(NOW, overlap=HOUR))
+    state_file = tmp_path / "ca" / "ca.json"
+    document = json.loads(state_file.read_text())
+    document["authorities"].reverse()
+    state_file.write_text(json.dumps(document))
+    with pytest.raises(StoreError, match="only the newest"):
+        load_ca(tmp_path)
