@@ -18,10 +18,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, Literal, Protocol
 
+from federation.peering.model import HealthSource
 from health.failover.model import TOTAL_WEIGHT, Decision, FailoverPolicy, Rule
+from health.stats.core import SHORT_SPAN_S, HealthView
 
 Metric = Literal["p50", "p95", "p99", "successRate", "requestRate"]
 """A column of the service table that can be flagged as degraded."""
+
+RowSource = Literal["callers", "peer", "probes"]
+"""What a service row's figures rest on: our callers' requests to that region; the region's
+own published summary (our callers sent it nothing); or that summary resting on its probes of
+an idle copy."""
 
 Point = tuple[float, float]
 """A time series point: (Unix seconds, value)."""
@@ -69,7 +76,9 @@ class ServiceStats:
     """A service served from ``region`` as seen by callers in ``caller``, over the stats window.
 
     Latencies in seconds (``None`` when nothing was measured); ``degraded`` names the metrics
-    past the service's failover thresholds, which the page highlights.
+    past the service's failover thresholds, which the page highlights. ``source`` says what the
+    figures rest on (see :data:`RowSource`); with ``peer`` or ``probes`` they are the region's
+    own (without the network between) and ``request_rate`` is all of its callers'.
     """
 
     service: str
@@ -81,6 +90,7 @@ class ServiceStats:
     success_rate: float | None
     request_rate: float
     degraded: frozenset[Metric] = frozenset()
+    source: RowSource = "callers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,12 +213,107 @@ _LATENCY_COLUMN: Final[Mapping[str, Literal["p50", "p95", "p99"]]] = {
 def worth_recording(previous: Decision | None, decision: Decision) -> bool:
     """Whether a tick's decision belongs in the timeline: it moved weights, started a
     transition, or fired a new rule other than ``hold`` (so a waiting state such as
-    ``exit-pending`` shows once, not every second, and plain holds not at all)."""
+    ``exit-pending`` shows once, not every second, and plain holds not at all).
+
+    ``no-local-data`` as a route's first decision is a start-up (nothing has arrived yet), not
+    news: it shows only when data that was there stops."""
     if decision.changed or decision.transition is not None:
         return True
     if decision.rule is Rule.HOLD:
         return False
-    return previous is None or decision.rule is not previous.rule
+    if previous is None:
+        return decision.rule is not Rule.NO_LOCAL_DATA
+    return decision.rule is not previous.rule
+
+
+def service_rows(
+    view: HealthView,
+    now: float,
+    policies: Mapping[str, FailoverPolicy],
+    *,
+    span_s: int = SHORT_SPAN_S,
+) -> tuple[ServiceStats, ...]:
+    """Every row of the services table at ``now``: per (service, caller, region) what our
+    callers measured over the last ``span_s`` seconds, then every peer's copy that our callers
+    sent nothing to, from the summary its cluster publishes (no figures before one arrives): a
+    copy only a peer serves, or one we do not call there, still has its row."""
+    rows: list[ServiceStats] = []
+    for key in sorted(
+        view.stats.traffic_keys(), key=lambda k: (k.service, k.caller_cluster, k.target_cluster)
+    ):
+        traffic = view.stats.stats(key.service, key.caller_cluster, key.target_cluster, now, span_s)
+        rows.append(
+            _row(
+                key.service,
+                key.caller_cluster,
+                key.target_cluster,
+                (traffic.p50, traffic.p95, traffic.p99),
+                traffic.success_rate,
+                traffic.rate_per_s,
+                policies.get(key.service),
+                "callers",
+            )
+        )
+    measured = {(r.service, r.caller, r.region) for r in rows}
+    for service, copy in view.remote_copies():
+        if (service, view.cluster, copy.cluster) in measured:
+            continue
+        summary = copy.summary
+        latencies: tuple[float | None, float | None, float | None] = (None, None, None)
+        success: float | None = None
+        rate = 0.0
+        source: RowSource = "peer"
+        if summary is not None:
+            rate = summary.request_rate
+            if summary.source is HealthSource.PROBES:
+                source = "probes"
+            if summary.source is HealthSource.PROBES or summary.request_rate > 0:
+                # Without requests or probes a summary's zeros mean "nothing measured".
+                latencies = (
+                    summary.latency_p50_seconds,
+                    summary.latency_p95_seconds,
+                    summary.latency_p99_seconds,
+                )
+            if summary.request_rate > 0:
+                success = summary.success_rate
+        rows.append(
+            _row(
+                service,
+                view.cluster,
+                copy.cluster,
+                latencies,
+                success,
+                rate,
+                policies.get(service),
+                source,
+            )
+        )
+    return tuple(rows)
+
+
+def _row(
+    service: str,
+    caller: str,
+    region: str,
+    latencies: tuple[float | None, float | None, float | None],
+    success_rate: float | None,
+    request_rate: float,
+    policy: FailoverPolicy | None,
+    source: RowSource,
+) -> ServiceStats:
+    p50, p95, p99 = latencies
+    return ServiceStats(
+        service=service,
+        caller=caller,
+        region=region,
+        p50=p50,
+        p95=p95,
+        p99=p99,
+        success_rate=success_rate,
+        request_rate=request_rate,
+        degraded=degraded_metrics(policy, p50=p50, p95=p95, p99=p99, success_rate=success_rate),
+        source=source,
+    )
 
 
 def degraded_metrics(
@@ -304,6 +409,7 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
                 "successRate": s.success_rate,
                 "requestRate": round(s.request_rate, 3),
                 "degraded": sorted(s.degraded),
+                "source": s.source,
             }
             for s in snapshot.services
         ],

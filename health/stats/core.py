@@ -553,6 +553,14 @@ class HealthView:
         if not by_cluster:
             self._remote.pop(service, None)
 
+    def remote_copies(self) -> list[tuple[str, RemoteService]]:
+        """Every peer's copy of every service we know of, as (service, copy), sorted."""
+        return [
+            (service, by_cluster[cluster])
+            for service, by_cluster in sorted(self._remote.items())
+            for cluster in sorted(by_cluster)
+        ]
+
     def set_gateways(self, statuses: Mapping[str, ProbeStatus]) -> None:
         """The latest probe status of each peer's gateway, by cluster."""
         self._gateways = dict(statuses)

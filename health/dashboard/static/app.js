@@ -189,7 +189,8 @@ function renderServices(state) {
         showCaller ? el("span", { class: "caller", text: ` from ${s.caller}` }) : null),
       el("td", { class: "region-cell" },
         el("span", { class: "swatch", "aria-hidden": "true", data: { cluster: s.region } }),
-        s.region, s.region === state.cluster ? el("span", { class: "local-mark", text: " local" }) : null),
+        s.region, s.region === state.cluster ? el("span", { class: "local-mark", text: " local" }) : null,
+        sourceMark(s)),
       metric("p50", ms(s.p50Ms)),
       metric("p95", ms(s.p95Ms)),
       metric("p99", ms(s.p99Ms)),
@@ -201,6 +202,17 @@ function renderServices(state) {
   const body = document.querySelector("#services tbody");
   body.replaceChildren(...rows);
   for (const swatch of body.querySelectorAll(".swatch")) swatch.style.backgroundColor = colourOf(swatch.dataset.cluster);
+}
+
+function sourceMark(row) {
+  // Figures not measured by our callers say whose they are.
+  if (row.source === "peer") {
+    return el("span", { class: "source-mark", title: `as ${row.region} reports it: its own callers, without the network between`, text: " reported" });
+  }
+  if (row.source === "probes") {
+    return el("span", { class: "source-mark", title: `${row.region}'s copy is idle: latency from its probes of its endpoints`, text: " probes" });
+  }
+  return null;
 }
 
 function renderWeights(state) {
@@ -253,7 +265,9 @@ function renderCharts(state) {
 }
 
 function axisMs(value) {
-  return value >= 1000 ? `${value / 1000} s` : `${Math.round(value)} ms`;
+  // Three significant digits, trailing zeros dropped: a 0.5 ms grid line reads 0.5 ms, not 1 ms.
+  if (value >= 1000) return `${Number((value / 1000).toPrecision(3))} s`;
+  return `${Number(value.toPrecision(3))} ms`;
 }
 
 function lineChart(title, byCluster, now, local, format, axisFormat, fixedMax) {
@@ -263,7 +277,7 @@ function lineChart(title, byCluster, now, local, format, axisFormat, fixedMax) {
   const start = all.length ? Math.min(...all.map((p) => p[0])) : now - 60;
   // The newest point may be a little ahead of the snapshot's clock (ticks run on the loop).
   const end = Math.max(now, start + 1, ...all.map((p) => p[0]));
-  const max = fixedMax ?? niceMax(Math.max(1, ...all.map((p) => p[1])));
+  const max = fixedMax ?? niceMax(Math.max(0.1, ...all.map((p) => p[1])));
   const x = (t) => left + ((t - start) / (end - start)) * (W - left - right);
   const y = (v) => top + (1 - v / max) * (H - top - bottom);
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": title });

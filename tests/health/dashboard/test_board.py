@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
 from health.dashboard.board import Board
 from health.dashboard.model import RegionStatus
-from health.failover.model import Rule
+from health.failover.core import decide
+from health.failover.model import ControllerState, Observations, Rule, TargetObservation
 from tests.health.dashboard.feed import BROWNOUT_START, example_feed
 
 START = 1_700_000_000.0
@@ -36,6 +38,28 @@ def test_noise_makes_no_timeline_entries() -> None:
     board = _board()
     example_feed(board, start=START).run_until(BROWNOUT_START)
     assert board.decisions(service="ledger") == ()
+
+
+def test_a_start_without_local_data_leaves_the_timeline_empty_until_data_stops() -> None:
+    """The real core, before the local copy's statistics arrive, then with them, then stale."""
+    board = _board()
+    state = ControllerState.initial("us-west")
+
+    def tick(t: float, observed_at: float) -> None:
+        nonlocal state
+        local = TargetObservation("us-west", observed_at, 100, 3, p95=0.040)
+        decision = decide(None, state, Observations("us-west", 50.0, (local,)), t)
+        state = decision.state
+        board.observe("payments", "us-west", decision, at=START + t)
+
+    for t in range(5):
+        tick(t, observed_at=-math.inf)  # nothing has arrived yet
+    assert board.decisions() == ()
+    for t in range(5, 10):
+        tick(t, observed_at=t)
+    tick(20, observed_at=9)  # 11 s old: the data stopped
+    (entry,) = board.decisions()
+    assert entry.rule is Rule.NO_LOCAL_DATA
 
 
 def test_decisions_page_by_limit_and_after() -> None:

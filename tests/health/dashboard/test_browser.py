@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from health.dashboard.model import ServiceStats
 from health.dashboard.server import DashboardSettings
+from health.failover.core import decide
+from health.failover.model import ControllerState, Observations, TargetObservation
 from tests.health.dashboard.browser import (
     PageProblems,
     launch,
@@ -150,3 +155,32 @@ async def test_the_page_says_stale_then_reconnects_after_the_server_comes_back(
     await expect(connection).to_have_attribute("data-status", "live", timeout=10_000)
     restarted.feed.run(1)
     await expect(page.locator("#cluster")).to_have_text("us-west")
+
+
+async def test_small_latencies_get_distinct_axis_labels_and_peer_rows_say_whose(
+    serve: Serve, browser: Browser
+) -> None:
+    served = await serve(LIVE)
+    # checkout: calls answered in well under a millisecond (the chart once read 1/1/0 ms).
+    state = ControllerState.initial("us-west")
+    for tick in range(5):
+        local = TargetObservation("us-west", tick, 100, 1, p95=0.0004)
+        decision = decide(None, state, Observations("us-west", 10.0, (local,)), float(tick))
+        state = decision.state
+        served.board.observe("checkout", "us-west", decision, at=time.time() - 5 + tick)
+    # search: only ap-southeast serves it, and its copy is idle (known by its probes).
+    idle = ServiceStats("search", "us-west", "ap-southeast", 0.002, 0.004, 0.006, None, 0.0)
+    served.board.update(
+        services=[*served.board.snapshot().services, replace(idle, source="probes")]
+    )
+    page = await _page(browser, 1366, 768)
+    problems = PageProblems.watch(page)
+    await open_dashboard(page, served.url, cluster="us-west")
+    chart = page.locator('figure.chart-pair[data-service="checkout"] svg').first
+    labels = await chart.locator("text.axis").all_text_contents()
+    grid = [label for label in labels if label.endswith(" ms")]
+    assert grid == ["0 ms", "0.25 ms", "0.5 ms"] or grid == ["0.5 ms", "0.25 ms", "0 ms"], labels
+    row = page.locator('#services tbody tr[data-service="search"][data-region="ap-southeast"]')
+    await expect(row).to_have_count(1)
+    await expect(row.locator(".source-mark")).to_have_text(" probes")
+    assert problems.errors == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from federation.peering.model import HealthSource, ServiceHealth, ServiceKey
 from health.dashboard.model import (
     DecisionEntry,
     Metric,
@@ -14,6 +15,7 @@ from health.dashboard.model import (
     Snapshot,
     degraded_metrics,
     region_status,
+    service_rows,
     snapshot_json,
     worth_recording,
 )
@@ -24,6 +26,8 @@ from health.failover.model import (
     FailoverPolicy,
     Rule,
 )
+from health.stats.core import HealthView, RegionalStats, RemoteService
+from proxy.stats.core import Histogram, Outcome, StatsWindow
 from tests.health.dashboard.feed import load_example
 
 LOCAL, REMOTE = "us-west", "ap-southeast"
@@ -71,7 +75,15 @@ PENDING = _decision(Rule.EXIT_PENDING, SHIFTED, SHIFTED)
         pytest.param(
             PENDING, _decision(Rule.FAILBACK_STEP, ALL_LOCAL, SHIFTED), True, id="failback"
         ),
-        pytest.param(None, _decision(Rule.NO_LOCAL_DATA, ALL_LOCAL, ALL_LOCAL), True, id="no-data"),
+        pytest.param(
+            None, _decision(Rule.NO_LOCAL_DATA, ALL_LOCAL, ALL_LOCAL), False, id="no-data-at-start"
+        ),
+        pytest.param(
+            HOLD, _decision(Rule.NO_LOCAL_DATA, ALL_LOCAL, ALL_LOCAL), True, id="data-stops"
+        ),
+        pytest.param(
+            None, _decision(Rule.NO_HEALTHY_LOCAL, ALL_LOCAL, ALL_LOCAL), True, id="first-news"
+        ),
     ],
 )
 def test_the_timeline_takes_moves_and_new_rules_not_every_held_tick(
@@ -146,6 +158,7 @@ def test_json_speaks_milliseconds_basis_points_and_camel_case() -> None:
         "successRate": 0.999,
         "requestRate": 60.0,
         "degraded": ["p95"],
+        "source": "callers",
     }
     (entry,) = data["decisions"]
     assert entry["id"] == 7
@@ -156,3 +169,90 @@ def test_json_speaks_milliseconds_basis_points_and_camel_case() -> None:
         {"cluster": LOCAL, "weight": 6_500},
     ]
     assert entry["previousWeights"][1] == {"cluster": LOCAL, "weight": 10_000}
+
+
+# --- The services table's rows ---
+
+NOW = 1_000.0
+
+
+def _served(view: HealthView, service: str, target: str, latency: float, per_second: int) -> None:
+    for second in range(990, 1000):
+        counts = [0] * len(Outcome)
+        counts[Outcome.HTTP_2XX] = per_second
+        window = StatsWindow(
+            second, service, target, tuple(counts), Histogram.of([latency] * per_second)
+        )
+        assert view.stats.add(LOCAL, window, second + 1.0)
+
+
+def _summary(service: str, **fields: object) -> ServiceHealth:
+    values: dict[str, object] = {
+        "key": ServiceKey("default", service),
+        "latency_p50_seconds": 0.010,
+        "latency_p95_seconds": 0.020,
+        "latency_p99_seconds": 0.030,
+        "success_rate": 0.99,
+        "request_rate": 40.0,
+        "headroom_rps": None,
+        "healthy_endpoints": 2,
+    }
+    values.update(fields)
+    return ServiceHealth(**values)  # type: ignore[arg-type]
+
+
+def test_every_copy_has_a_row_even_one_our_callers_never_call() -> None:
+    view = HealthView(LOCAL, RegionalStats())
+    _served(view, "payments", LOCAL, 0.020, per_second=5)
+    _served(view, "payments", REMOTE, 0.100, per_second=1)
+    view.set_remote("payments", RemoteService(REMOTE, 2, _summary("payments"), NOW))
+    # Only ap-southeast serves search; nobody here calls it.
+    view.set_remote("search", RemoteService(REMOTE, 1, _summary("search"), NOW))
+    # eu-central exports it too; no summary has arrived from there yet.
+    view.set_remote("search", RemoteService("eu-central", 1))
+    rows = {(r.service, r.region): r for r in service_rows(view, NOW, {})}
+    assert sorted(rows) == [
+        ("payments", REMOTE),
+        ("payments", LOCAL),
+        ("search", REMOTE),
+        ("search", "eu-central"),
+    ]
+    assert rows["payments", REMOTE].source == "callers"  # ours, network included, wins
+    assert rows["payments", REMOTE].request_rate == 1.0
+    search = rows["search", REMOTE]
+    assert (search.caller, search.source, search.p95, search.request_rate) == (
+        LOCAL,
+        "peer",
+        0.020,
+        40.0,
+    )
+    unknown = rows["search", "eu-central"]
+    assert (unknown.p95, unknown.success_rate, unknown.request_rate) == (None, None, 0.0)
+
+
+def test_an_idle_copys_row_shows_its_probe_latency_and_says_so() -> None:
+    view = HealthView(LOCAL, RegionalStats())
+    idle = _summary(
+        "payments",
+        request_rate=0.0,
+        success_rate=1.0,
+        source=HealthSource.PROBES,
+        probe_samples=20,
+        latency_p95_seconds=0.004,
+    )
+    silent = _summary("ledger", request_rate=0.0, success_rate=1.0, latency_p95_seconds=0.0)
+    view.set_remote("payments", RemoteService(REMOTE, 2, idle, NOW))
+    view.set_remote("ledger", RemoteService(REMOTE, 2, silent, NOW))
+    rows = {r.service: r for r in service_rows(view, NOW, {})}
+    assert (rows["payments"].source, rows["payments"].p95) == ("probes", 0.004)
+    assert rows["payments"].success_rate is None  # probes say nothing of requests' errors
+    assert (rows["ledger"].source, rows["ledger"].p95) == ("peer", None)  # zeros: no evidence
+
+
+def test_a_peer_rows_figures_are_flagged_against_the_policy() -> None:
+    view = HealthView(LOCAL, RegionalStats())
+    slow = _summary("payments", latency_p95_seconds=0.900, latency_p99_seconds=1.2)
+    view.set_remote("payments", RemoteService(REMOTE, 2, slow, NOW))
+    policy = load_example("failover-payments.yaml", FailoverPolicy)
+    (row,) = service_rows(view, NOW, {"payments": policy})
+    assert "p95" in row.degraded
