@@ -3,8 +3,10 @@
 What runs, all on 127.0.0.1:
 
 - the control plane under test: the real ``snapbright controlplane`` process (cluster
-  ``us-west``, embedded catalog, default failover interval), started from a config in a
-  temporary directory;
+  ``us-west``, embedded catalog, default failover interval: 1 s), started from a config in a
+  temporary directory. Its failover loop decides only the services called from us-west or
+  with a policy or with a local and a remote copy: none of these imports, which keep
+  mirroring's default weights (``failover_pairs`` reports how many it decided);
 - ten peers ``peer-0`` … ``peer-9`` in this process, each a real
   :class:`~federation.peering.manager.PeeringManager` (its own CA, its own SVID, the peering
   protocol over gRPC+mTLS through :mod:`federation.peering.stream`) exporting ``total / 10``
@@ -346,7 +348,7 @@ async def _run_size(total: int, changes: int, full: bool, rng: random.Random) ->
                 try:
                     await _until(lambda: len(sidecar.arrived) >= total, 120, f"{total} upstreams")
                     setup_s = time.monotonic() - started
-                    # Let the failover loop's first decisions for every service settle.
+                    # A few failover ticks run before anything is measured.
                     await asyncio.sleep(3.0)
                     result = await _changes(admin, peers, sidecar, client, changes, COSTED, rng)
                     result["setup_s"] = setup_s
@@ -381,6 +383,7 @@ async def _changes(
     work: list[float] = []
     rebuild: list[float] = []
     sync: list[float] = []
+    after: dict[str, float] = {}
     missing = 0
     for n in range(changes + costed):
         peer = rng.choice(peers)
@@ -423,6 +426,8 @@ async def _changes(
         "update_sync_ms_median": statistics.median(sync) * 1000,
         "deltas_applied": float(client.deltas),
         "changes_not_arrived_in_60s": float(missing),
+        # How many (service, caller) pairs the failover loop's last tick decided.
+        "failover_pairs": after.get("snapbright_failover_pairs", float("nan")),
     }
 
 
@@ -507,6 +512,7 @@ async def _main(sizes: list[int], changes: int, seed: int) -> dict[str, Any]:
         "peers": PEERS,
         "changes": changes,
         "failover_interval": FAILOVER_INTERVAL or "1s",
+        "failover_pairs": large["failover_pairs"],
         "by_size": {str(k): {n: round(v, 3) for n, v in row.items()} for k, row in by_size.items()},
     }
 
