@@ -121,6 +121,20 @@ class EndpointTarget:
 
 ProbeTarget = HttpTarget | GatewayTarget | EndpointTarget
 
+
+def endpoint_statuses(statuses: Mapping[str, ProbeStatus], service: str) -> list[ProbeStatus]:
+    """Among a prober's statuses, those of ``service``'s endpoint probes
+    (:meth:`EndpointTarget.for_endpoint` names them ``service@host:port``)."""
+    prefix = f"{service}@"
+    return [status for name, status in statuses.items() if name.startswith(prefix)]
+
+
+def gateway_statuses(statuses: Mapping[str, ProbeStatus]) -> dict[str, ProbeStatus]:
+    """Among a prober's statuses, the gateway probes, by cluster (endpoint probes carry an @,
+    which a cluster name cannot)."""
+    return {name: status for name, status in statuses.items() if "@" not in name}
+
+
 Identity = Callable[[], tuple[X509Svid, TrustBundleSet]]
 """Our current SVID and the trust bundles we hold (read at every probe: SVIDs rotate)."""
 

@@ -12,8 +12,14 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from health.probe.core import ProbeState, probe_latency
-from health.probe.prober import EndpointTarget, ProbeFailed, Prober
+from health.probe.core import ProbeSettings, ProbeState, ProbeStatus, probe_latency
+from health.probe.prober import (
+    EndpointTarget,
+    ProbeFailed,
+    Prober,
+    endpoint_statuses,
+    gateway_statuses,
+)
 from proxy.identity.bundle import TrustBundleSet
 from proxy.identity.model import SpiffeId
 from proxy.identity.svid import X509Svid
@@ -74,3 +80,17 @@ async def test_an_endpoint_proving_another_trust_domain_fails_the_probe() -> Non
         prober = Prober(FAST, identity=lambda: (CONTROL_PLANE, BUNDLES))
         with pytest.raises(ProbeFailed, match=r"^(tls|identity):"):
             await prober.probe(target)
+
+
+def test_a_probers_statuses_split_into_gateways_by_cluster_and_endpoints_by_service() -> None:
+    up = ProbeStatus().succeeded(0.002, 0.0, ProbeSettings())
+    down = ProbeStatus(state=ProbeState.DOWN)
+    statuses = {
+        "eu-west": up,
+        "payments@127.0.0.1:9001": up,
+        "payments@127.0.0.1:9002": down,
+        "payments-v2@127.0.0.1:9003": down,
+    }
+    assert gateway_statuses(statuses) == {"eu-west": up}
+    assert endpoint_statuses(statuses, "payments") == [up, down]
+    assert endpoint_statuses(statuses, "ledger") == []
