@@ -517,6 +517,7 @@ async def _follow_policies(plane: ControlPlane, gate: _ExportGate) -> None:
     async for policies in plane.policies.watch():
         try:
             plane.failover.set_policies(policies.failover)
+            plane.health.set_policies(policies.failover)  # each one's evidence.enterSpan
         except ValueError as error:  # the directory loader already refuses duplicates
             _log.error("policies: %s", error)
         plane.peering.apply_export_decision(functools.partial(_export_peers, policies))

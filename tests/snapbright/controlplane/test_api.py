@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import urllib.error
 import urllib.request
@@ -112,6 +113,7 @@ metadata: {name: pay-failover}
 spec:
   service: pay
   triggers: {errorRate: {enter: 10%, exit: 5%}}
+  evidence: {enterSpan: 3s}
 """
 
 
@@ -126,10 +128,14 @@ async def test_explain_shows_the_failover_decisions_for_a_service(tmp_path: Path
         assert (await call("POST", f"{plane.admin_url}/api/v1/registrations", body))[0] == 200
         await until(lambda: _rule(plane, "pay") == "no-healthy-local")
         status, explained = await call("GET", f"{plane.admin_url}/api/v1/explain/pay")
+        now = time.time()
+        observed = plane.health.observe("pay", "us-west", now)
     assert status == 200
     assert explained["service"] == "pay"
     assert explained["policy"] == "pay-failover"
     assert explained["live"]["explanation"]
+    # The health view observes pay over its policy's enter span (3 s, not the default 1 s).
+    assert observed.targets[0].recent_start == math.floor(now) - 3
     assert all(r["service"] == "pay" for r in explained["records"])
 
 
