@@ -594,7 +594,9 @@ class PeeringSession:
 
     The dialing side (``dialer=True``) reconnects after a jittered backoff; the accepting
     side waits to be dialed again. ``establish_secret`` (dialer only) is the token's secret,
-    sent in Open until the first time the peering becomes ACTIVE; the accepting shell
+    sent in every Open until the shell clears it: the shell keeps it until the accepting
+    side has acknowledged our trust bundle, so a dial after the acceptor lost the stream (or
+    crashed) before storing our bundle can present the token again; the accepting shell
     redeems it (``model.redeem``) before it creates a session for a new peer.
 
     ``imports`` and ``imported_version`` restore what a previous run of the control plane
@@ -603,9 +605,9 @@ class PeeringSession:
 
     ``exports_ready=False`` withholds our exports (rule 6) until :class:`ExportsReady`.
 
-    ``local_gateways`` are our east-west gateway addresses; the dialing side names them in
-    its Open, so the accepting side can route to what we export (the accepting side's own
-    are in its token, and it sends none).
+    ``local_gateways`` are our east-west gateway addresses as this peer reaches them; both
+    sides name them in their Open, so the other side routes to what we export there (the
+    accepting side's are in its token too; naming them again lets them change later).
     """
 
     def __init__(
@@ -634,7 +636,8 @@ class PeeringSession:
         self._dialer = dialer
         self._rng = rng
         self._settings = settings or SessionSettings()
-        self._establish_secret = establish_secret
+        self.establish_secret = establish_secret
+        """Sent in the next Open (dialer only); the shell clears it once the establish is done."""
         self._state = PeerState.PENDING
         self._imports: dict[ServiceKey, ExportedService] = restored
         self._imported_version = imported_version
@@ -648,8 +651,8 @@ class PeeringSession:
         self._rtt: float | None = None
         self._stale_since: float | None = None
         self.local_gateways = local_gateways
+        """Sent in the next Open; the shell may change it at any time."""
         self._exports_ready = exports_ready
-        """Sent in the next Open (dialer only); the shell may change it at any time."""
 
     @property
     def state(self) -> PeerState:
@@ -736,10 +739,10 @@ class PeeringSession:
                     cluster=self._local.cluster,
                     mesh=self._local.mesh,
                     trust_domain=self._local.trust_domain,
-                    establish_secret=self._establish_secret,
+                    establish_secret=self.establish_secret if self._dialer else b"",
                     services_version_seen=self._imported_version,
                     bundle_sequence_seen=self._peer_bundle_sequence or 0,
-                    gateways=self.local_gateways if self._dialer else (),
+                    gateways=self.local_gateways,
                 )
             )
         ]
@@ -757,7 +760,6 @@ class PeeringSession:
         self._state = PeerState.ACTIVE
         self._last_heard = now
         self._failures = 0
-        self._establish_secret = b""
         self._sent_version = open_.services_version_seen
         effects: list[Effect] = []
         if self._stale_since is not None:

@@ -13,8 +13,29 @@ How a connection is authenticated is in :mod:`federation.peering.credentials`; i
 - the dialer trusts only the acceptor's own bundle and names the acceptor's control plane
   (``controlplane.snapbright.<cluster>.<mesh>``) as SNI and expected host name.
 
-A peer that dials us names its gateway addresses in its Open (ours are in our token), so
-either side can route to what the other exports; we record them with the peer.
+Gateway addresses are per peer. Each side names, in its Open, its own gateway addresses as
+that peer reaches them, so the other side routes to what it exports there (and its dial loop,
+on the dialing side, dials there next): the acceptor names the addresses its token for that
+peer carried (``generate_token(gateways=...)``, for a peer that reaches us at another
+address than the rest, such as across its own WAN link), the dialer those given to
+``establish(gateways=...)``; either falls back to the manager's :attr:`PeeringManager.gateways`.
+An Open that names none leaves the addresses on record (an older peer sends none).
+
+Establishing is recoverable, the way a Consul peering's pending stream secret is: redeeming a
+token does not finish it. The acceptor records the new peer *pending* on its token (saved with
+the token marked used by that cluster), and keeps that token's bootstrap root among its client
+roots until the peer's trust bundle is stored; the dialer keeps the token, and presents it
+again on each redial, until the acceptor has acknowledged our bundle (its Ack or Open names
+our bundle's sequence: it is saved before that is sent). So if the acceptor is killed after
+saving the new peer but before it got the bundle, the dialer's next dial (same token, same
+cluster, before the token expires) takes the peering back after the restart; nobody else
+can use the token meanwhile. A dialer that has seen the acceptor's Open alternates its token
+with its SVID, since an acceptor that stored our bundle but crashed before acking it no longer
+trusts the token. ``establish`` returns only once the acceptor has acknowledged our bundle; if
+it gives up, ``establish`` with the same token (or a new one: it replaces a pending record of
+the same cluster) finishes the job. A dialer records the peer once it is first ACTIVE, with
+the token (in its private state file) until the acceptor has acknowledged our bundle, so a
+restarted dialer finishes a pending establish as well.
 
 Peer records (name, trust domain, bundle, gateway addresses, last versions) and issued tokens
 are persisted in the state directory, so a restarted control plane reconnects without a new
@@ -84,6 +105,7 @@ from federation.peering.credentials import (
     svid_channel_credentials,
 )
 from federation.peering.model import (
+    MAX_GATEWAYS,
     Ack,
     Close,
     ExportedService,
@@ -100,6 +122,7 @@ from federation.peering.model import (
     check_label,
     check_mesh,
     issue_token,
+    reclaim,
     redeem,
 )
 from federation.peering.store import (
@@ -173,14 +196,18 @@ class _Peer:
     link: PeerLink
     bundle: TrustBundle | None
     token: PeeringToken | None = None
-    """Dialer only, until the first ACTIVE: the token whose secret we still present."""
+    """Dialer only, until the acceptor acked our bundle: the token we may present again."""
     acked_bundle: int = 0
     imports: dict[ServiceKey, ExportedService] = field(default_factory=dict)
     imports_dirty: bool = False
     imports_saved_at: float = 0.0
     dialer_task: asyncio.Task[None] | None = None
     last_error: str = ""
-    activated: asyncio.Event = field(default_factory=asyncio.Event)
+    opened: bool = False
+    """Dialer: the acceptor has opened at least once (it may hold our bundle since)."""
+    dials: int = 0
+    completed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Dialer: the acceptor acknowledged our bundle; the token is spent."""
     refused: asyncio.Event = field(default_factory=asyncio.Event)
     deleted: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -295,15 +322,19 @@ class PeeringManager:
 
     @property
     def gateways(self) -> tuple[GatewayAddress, ...]:
-        """Our gateway addresses: written into tokens, and named in the Open we send to the
-        peers we dial (from their next connection on: set them before :meth:`start`)."""
+        """Our default gateway addresses: written into tokens given none of their own, and
+        named in the Open we send to every peer that has no addresses of its own (from its
+        next connection on: set them before :meth:`start`)."""
         return self._gateways
 
     @gateways.setter
     def gateways(self, gateways: Sequence[GatewayAddress]) -> None:
         self._gateways = tuple(gateways)
         for peer in self._peers.values():
-            peer.link.session.local_gateways = self._gateways
+            peer.link.session.local_gateways = self._advertised(peer.record)
+
+    def _advertised(self, record: PeerRecord) -> tuple[GatewayAddress, ...]:
+        return record.advertised or self._gateways
 
     # -- lifecycle --
 
@@ -313,13 +344,27 @@ class PeeringManager:
         self._tokens = {t.issued.token_id: t for t in state.tokens}
         for record in state.peers:
             version, services = load_imports(self._state_dir, record.name)
-            peer = self._add_peer(record, token=None, imports=services, version=version)
+            token = self._restored_token(record)
+            record = replace(record, establish_token=None)  # kept in _Peer.token instead
+            peer = self._add_peer(record, token=token, imports=services, version=version)
+            peer.opened = token is not None  # recorded with a token: it was ACTIVE once
             if services:
                 change = ApplyImports(record.name, services, (), version)
                 self._callbacks.imports_changed(record.name, change, MappingProxyType(peer.imports))
         self._refresh_trust()
         self._ticker = asyncio.create_task(self._tick_all())
         self._started.set()
+
+    def _restored_token(self, record: PeerRecord) -> PeeringToken | None:
+        """A dialer's token saved while its establish was pending; None once it expired (the
+        acceptor refuses it then: delete the peering and establish again)."""
+        if record.establish_token is None:
+            return None
+        try:
+            return decode_token(record.establish_token, now=self._clock())
+        except TokenError as error:
+            _log.warning("peering %s: the pending establish is lost: %s", record.name, error)
+            return None
 
     async def serve(self, address: str) -> int:
         """Open the peering port on ``address`` (``host:port``); return the bound port. It may
@@ -351,32 +396,53 @@ class PeeringManager:
 
     # -- commands --
 
-    def generate_token(self, ttl_seconds: float = DEFAULT_TOKEN_TTL) -> str:
-        """``snapbright peering token``: a one-time token for a cluster to establish with us."""
-        if not self.gateways:
+    def generate_token(
+        self,
+        ttl_seconds: float = DEFAULT_TOKEN_TTL,
+        gateways: Sequence[GatewayAddress] = (),
+    ) -> str:
+        """``snapbright peering token``: a one-time token for a cluster to establish with us.
+
+        ``gateways`` are where *that* cluster reaches our gateway, when not at our default
+        :attr:`gateways`: the token carries them, and they stay our addresses for that peer."""
+        own = _own_gateways(gateways)
+        if not (own or self.gateways):
             raise PeeringError("no gateway address is configured to put into a token")
         now = self._clock()
         secret = secrets.token_bytes(32)
-        token, issued = issue_token(
-            cluster=self._identity.cluster,
-            mesh=self._identity.mesh,
-            trust_domain=self.trust_domain,
-            gateways=self.gateways,
-            trust_bundle_json=format_bundle(self._bundle).decode(),
-            secret=secret,
-            now=now,
-            ttl_seconds=ttl_seconds,
-        )
+        try:
+            token, issued = issue_token(
+                cluster=self._identity.cluster,
+                mesh=self._identity.mesh,
+                trust_domain=self.trust_domain,
+                gateways=own or self.gateways,
+                trust_bundle_json=format_bundle(self._bundle).decode(),
+                secret=secret,
+                now=now,
+                ttl_seconds=ttl_seconds,
+            )
+        except TokenError as error:
+            raise PeeringError(f"cannot make a token: {error.reason}") from None
         root = bootstrap_root(secret, token.token_id, _utc(now), _utc(token.expires_at))
-        self._tokens[token.token_id] = TokenRecord(issued, root)
+        self._tokens[token.token_id] = TokenRecord(issued, root, own)
         self._save()
         self._refresh_trust()
         return encode_token(token)
 
-    async def establish(self, token_text: str, *, within: float = 10.0) -> str:
+    async def establish(
+        self,
+        token_text: str,
+        *,
+        within: float = 10.0,
+        gateways: Sequence[GatewayAddress] = (),
+    ) -> str:
         """``snapbright peering establish TOKEN``: peer with the token's cluster; return its
-        name once the peering is ACTIVE. A refusal, or no success ``within`` seconds, raises
-        :class:`PeeringError` and leaves nothing behind."""
+        name once the peering is ACTIVE and the peer has acknowledged our trust bundle. A
+        refusal, or no success ``within`` seconds, raises :class:`PeeringError` and leaves
+        nothing behind here (the token still finishes the job when tried again).
+
+        ``gateways`` are where *that* cluster reaches our gateway, when not at our default
+        :attr:`gateways`; they are named in our Open to it and kept with the peer."""
         try:
             token = decode_token(token_text, now=self._clock())
         except TokenError as error:
@@ -397,18 +463,19 @@ class PeeringManager:
             gateways=token.gateways,
             bundle_json=token.trust_bundle_json,
             bundle_sequence_seen=bundle.sequence or 0,
+            advertised=_own_gateways(gateways),
         )
         peer = self._add_peer(record, token=token)
-        active = asyncio.ensure_future(peer.activated.wait())
+        completed = asyncio.ensure_future(peer.completed.wait())
         refused = asyncio.ensure_future(peer.refused.wait())
         try:
             await asyncio.wait(
-                {active, refused}, timeout=within, return_when=asyncio.FIRST_COMPLETED
+                {completed, refused}, timeout=within, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
-            active.cancel()
+            completed.cancel()
             refused.cancel()
-        if peer.activated.is_set():
+        if peer.completed.is_set():
             return token.cluster
         await self._forget(token.cluster)
         raise PeeringError(
@@ -549,12 +616,13 @@ class PeeringManager:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Open")
         now = self._clock()
         outstanding = {
-            token_id: record.bootstrap_root
-            for token_id, record in self._tokens.items()
-            if record.issued.used_at is None and now < record.issued.expires_at
+            token_id: self._tokens[token_id].bootstrap_root
+            for token_id in self._outstanding_tokens(now)
         }
         token_id = bootstrap_token_of(leaf, outstanding)
         if token_id is not None:
+            if self._tokens[token_id].issued.used_at is not None:
+                return self._readmit_pending(token_id, open_, now)
             return self._admit_new(token_id, open_, now)
         bundles = TrustBundleSet(p.bundle for p in self._peers.values() if p.bundle is not None)
         try:
@@ -587,23 +655,68 @@ class PeeringManager:
             raise _Refused(denied, error.reason) from None
         if open_.trust_domain != expected:
             raise _Refused(denied, f"{open_.cluster}'s trust domain must be {expected}")
-        if open_.cluster == self._identity.cluster or open_.cluster in self._peers:
+        known = self._peers.get(open_.cluster)
+        if open_.cluster == self._identity.cluster or (
+            known is not None and (known.record.pending_token is None or known.link.connected)
+        ):
             raise _Refused(denied, f"already peered with {open_.cluster}")
-        self._tokens[token_id] = replace(self._tokens[token_id], issued=issued)
+        if known is not None:
+            # An establish that never completed, now retried with another token: replace it.
+            self._peers.pop(known.record.name)
+            self.book.remove_peer(known.record.name)
+        token = self._tokens[token_id] = replace(self._tokens[token_id], issued=issued)
         peer = self._add_peer(
             PeerRecord(
-                open_.cluster, open_.mesh, open_.trust_domain, dialer=False, gateways=open_.gateways
+                open_.cluster,
+                open_.mesh,
+                open_.trust_domain,
+                dialer=False,
+                gateways=open_.gateways,
+                advertised=token.gateways,
+                pending_token=token_id,
             ),
             token=None,
         )
+        # Saved before anything is sent: the peer's redial finds it pending after a crash.
         self._save()
         self._refresh_trust()
-        _log.info("peering: %s established with token %s", open_.cluster, token_id)
+        _log.info(
+            "peering: %s established with token %s (pending its bundle)", open_.cluster, token_id
+        )
         return peer
 
+    def _readmit_pending(self, token_id: str, open_: Open, now: float) -> _Peer:
+        """The cluster that redeemed ``token_id`` presents it again: its establish did not
+        complete (we never stored its bundle), so the same stream setup goes on."""
+        denied = grpc.StatusCode.PERMISSION_DENIED
+        issued = self._tokens[token_id].issued
+        try:
+            reclaim(issued, open_.establish_secret, peer=open_.cluster, now=now)
+        except TokenError as error:
+            raise _Refused(denied, error.reason) from None
+        peer = self._peers.get(open_.cluster)
+        if peer is None or peer.record.pending_token != token_id:
+            raise _Refused(denied, f"token {token_id} was already used by {issued.used_by}")
+        if (open_.mesh, open_.trust_domain) != (peer.record.mesh, peer.record.trust_domain):
+            raise _Refused(denied, f"{open_.cluster} established as another mesh or domain")
+        self._record_gateways(peer, open_.gateways)
+        _log.info("peering: %s resumes its establish with token %s", open_.cluster, token_id)
+        return peer
+
+    def _outstanding_tokens(self, now: float) -> builtins.list[str]:
+        """Tokens whose bootstrap root admits a handshake: unused ones, and those of peers
+        whose establish is pending; either only until the token expires."""
+        pending = {p.record.pending_token for p in self._peers.values()}
+        return [
+            token_id
+            for token_id, record in self._tokens.items()
+            if now < record.issued.expires_at
+            and (record.issued.used_at is None or token_id in pending)
+        ]
+
     def _record_gateways(self, peer: _Peer, gateways: tuple[GatewayAddress, ...]) -> None:
-        """A peer that dials us named its gateways: keep them (none named: keep what we have,
-        as a peer that has no gateway to name sends none)."""
+        """The peer named its gateways in its Open: keep them (none named: keep what we have,
+        as an older peer, or one with no gateway to name, sends none)."""
         if not gateways or gateways == peer.record.gateways:
             return
         peer.record = replace(peer.record, gateways=gateways)
@@ -613,17 +726,25 @@ class PeeringManager:
     # -- the dialer's side --
 
     async def _dial(self, peer: _Peer) -> None:
-        record = peer.record
-        server_name = control_plane_server_name(record.name, record.mesh)
+        server_name = control_plane_server_name(peer.record.name, peer.record.mesh)
         options = [("grpc.ssl_target_name_override", server_name)]
         attempt = 0
         while not peer.deleted.is_set():
-            address = record.gateways[attempt % len(record.gateways)]
+            # Read each time: the acceptor's Open may have named other addresses.
+            gateways = peer.record.gateways
+            address = gateways[attempt % len(gateways)]
             attempt += 1
             roots = peer.bundle.roots if peer.bundle is not None else ()
-            if peer.token is not None:
+            token = peer.token
+            if token is not None and peer.opened:
+                # The acceptor may have stored our bundle and lost only its Ack: then it
+                # trusts our SVID, not the token any more. Alternate.
+                peer.dials += 1
+                token = token if peer.dials % 2 else None
+            peer.link.session.establish_secret = token.secret if token is not None else b""
+            if token is not None:
                 credentials = bootstrap_channel_credentials(
-                    peer.token.secret, peer.token.token_id, roots, _utc(self._clock())
+                    token.secret, token.token_id, roots, _utc(self._clock())
                 )
             else:
                 credentials = svid_channel_credentials(self._svid, roots)
@@ -669,7 +790,7 @@ class PeeringManager:
             establish_secret=token.secret if token is not None else b"",
             imports=imports,
             imported_version=version if imports else 0,
-            local_gateways=self._gateways,
+            local_gateways=self._advertised(record),
             exports_ready=self._exports_ready,
         )
         link = PeerLink(
@@ -703,8 +824,13 @@ class PeeringManager:
             return None
         if isinstance(message, Ack):
             peer.acked_bundle = max(peer.acked_bundle, message.bundle_sequence)
+            self._check_completed(peer)
         elif isinstance(message, Open):
             peer.acked_bundle = max(peer.acked_bundle, message.bundle_sequence_seen)
+            if peer.record.dialer and message.cluster == peer.record.name:
+                # The acceptor names its addresses for us (the session checks the rest).
+                self._record_gateways(peer, message.gateways)
+            self._check_completed(peer)
         elif isinstance(message, TrustBundleUpdate):
             known = peer.bundle.sequence if peer.bundle is not None else None
             if message.trust_domain != peer.record.trust_domain:
@@ -724,14 +850,23 @@ class PeeringManager:
             peer.bundle = bundle
         return None
 
+    def _check_completed(self, peer: _Peer) -> None:
+        """Dialer: once the acceptor has acknowledged our bundle (it stores it before it says
+        so), the establish is complete: the token is spent, and the peer is recorded."""
+        if peer.token is None or peer.acked_bundle < max(1, self._bundle.sequence or 0):
+            return
+        peer.token = None
+        peer.link.session.establish_secret = b""
+        self._save()
+        peer.completed.set()
+        _log.info("peering: established with %s", peer.record.name)
+
     def _on_state(self, link: PeerLink, state: PeerState) -> None:
         peer = self._peers.get(link.name)
-        if peer is None or state is not PeerState.ACTIVE:
-            return
-        if peer.token is not None:
-            peer.token = None  # redeemed: from now on we dial with our SVID
-            self._save()
-        peer.activated.set()
+        if peer is not None and state is PeerState.ACTIVE and not peer.opened:
+            peer.opened = True
+            if peer.token is not None:
+                self._save()  # recorded now, with the token until the acceptor acks our bundle
 
     def _on_effect(self, link: PeerLink, effect: Effect) -> None:
         peer = self._peers.get(link.name)
@@ -753,10 +888,15 @@ class PeeringManager:
                 self._callbacks.health(name, services, at_unix_ms)
             case ApplyTrustBundle(name, update):
                 if peer.bundle is not None and peer.bundle.sequence == update.sequence:
+                    if peer.record.pending_token is not None:
+                        _log.info("peering: %s established (its bundle is stored)", name)
+                    # Saved before the session's Ack goes out: the dialer takes the Ack as
+                    # proof that its establish is complete (pending no more).
                     peer.record = replace(
                         peer.record,
                         bundle_json=update.spiffe_bundle_json.decode(),
                         bundle_sequence_seen=update.sequence,
+                        pending_token=None,
                     )
                     self._save()
                     self._refresh_trust()
@@ -815,9 +955,9 @@ class PeeringManager:
             # Only peers that dial us; a peer we dial never needs to pass our handshake.
             if peer.bundle is not None and not peer.record.dialer:
                 roots.extend(peer.bundle.roots)
-        for record in self._tokens.values():
-            if record.issued.used_at is None and now < record.issued.expires_at:
-                roots.append(record.bootstrap_root)
+        roots.extend(
+            self._tokens[token_id].bootstrap_root for token_id in self._outstanding_tokens(now)
+        )
         return roots
 
     def _refresh_trust(self) -> None:
@@ -844,8 +984,15 @@ class PeeringManager:
 
     def _save(self) -> None:
         now = self._clock()
-        # Peers we dial are recorded once they have been ACTIVE (the token is spent then).
-        peers = tuple(p.record for p in self._peers.values() if p.token is None)
+        # A peer we dial is recorded once it has been ACTIVE: with its token until the
+        # acceptor acked our bundle (a refused first establish leaves nothing behind).
+        peers = tuple(
+            p.record
+            if p.token is None
+            else replace(p.record, establish_token=encode_token(p.token))
+            for p in self._peers.values()
+            if p.token is None or p.opened
+        )
         tokens = tuple(t for t in self._tokens.values() if now < t.issued.expires_at)
         save_state(self._state_dir, PeeringState(peers, tokens))
 
@@ -885,6 +1032,17 @@ async def _stop(tasks: Iterable[asyncio.Task[None]]) -> None:
         task.cancel()
     if pending:
         await asyncio.wait(pending)
+
+
+def _own_gateways(gateways: Sequence[GatewayAddress]) -> tuple[GatewayAddress, ...]:
+    own = tuple(gateways)
+    if not all(isinstance(g, GatewayAddress) for g in own):
+        raise PeeringError("gateway addresses must be GatewayAddress values")
+    if len(own) > MAX_GATEWAYS:
+        raise PeeringError(f"at most {MAX_GATEWAYS} gateway addresses, not {len(own)}")
+    if len(set(own)) != len(own):
+        raise PeeringError("a gateway address is listed twice")
+    return own
 
 
 def _utc(epoch: float) -> datetime:

@@ -272,6 +272,23 @@ def redeem(issued: Iterable[IssuedToken], secret: bytes, *, peer: str, now: floa
     return replace(match, used_at=now, used_by=check_label(peer, "peer cluster"))
 
 
+def reclaim(issued: IssuedToken, secret: bytes, *, peer: str, now: float) -> None:
+    """Check a token presented again by the cluster that redeemed it, while its establish is
+    still pending (the accepting side never stored that cluster's trust bundle: it crashed, or
+    the stream broke, in between). Raises :class:`TokenError` unless ``secret`` is the token's
+    (compared in constant time), ``peer`` is the cluster that used it, and it has not expired.
+    """
+    presented = secret_digest(secret) if isinstance(secret, bytes) else b""
+    if not hmac.compare_digest(issued.secret_sha256, presented):
+        raise TokenError(f"the establish secret does not belong to token {issued.token_id}")
+    if issued.used_at is None:
+        raise TokenError(f"token {issued.token_id} was never used: redeem it instead")
+    if issued.used_by != peer:
+        raise TokenError(f"token {issued.token_id} was already used by {issued.used_by}")
+    if now >= issued.expires_at:
+        raise TokenError(f"token {issued.token_id} has expired: generate a new one")
+
+
 class PeerState(enum.Enum):
     """Where a peering stands, as ``snapbright peering list`` shows it."""
 

@@ -2,10 +2,14 @@
 
 ``<state-dir>/peering/peers.json`` holds, per peer, what a restarted control plane needs to
 reconnect without a new token: the peer's name, mesh and trust domain, which side dials, the
-peer's gateway addresses (from its token when we dial it, from its Open when it dials us), its
-trust bundle as last applied, and the last versions exchanged. Issued tokens are kept as their
-records (the secret's SHA-256, never the secret) with the bootstrap root that the secret stands
-for (see :mod:`federation.peering.credentials`). The file is written with
+peer's gateway addresses (from its token when we dial it, from its Open when it dials us, and
+from its Open again whenever they change), our own gateway addresses as this peer reaches them
+when they differ from the control plane's default, its trust bundle as last applied, the last
+versions exchanged, and, for an establish that has not completed yet, the token (the accepting
+side keeps its id, the dialing side the token itself: the file is private).
+Issued tokens are kept as their records (the secret's SHA-256, never the secret) with the
+bootstrap root that the secret stands for (see :mod:`federation.peering.credentials`) and the
+gateway addresses the token named, if they were given for that token. The file is written with
 :func:`federation.trust.store.write_atomic`: a crash leaves the old file or the new one.
 
 What each peer exports to us is kept beside it, one file per peer
@@ -59,12 +63,24 @@ class PeerRecord:
     """The peer's SPIFFE bundle as last applied (None until it sent one)."""
     services_version_seen: int = 0
     bundle_sequence_seen: int = 0
+    advertised: tuple[GatewayAddress, ...] = ()
+    """Our gateway addresses as this peer reaches them (empty: the control plane's default)."""
+    pending_token: str | None = None
+    """Accepting side: the id of the token this peer established with, until its trust
+    bundle is stored. Until then the peer may present that token again (see ``manager``)."""
+    establish_token: str | None = None
+    """Dialing side: the token itself (its text: it holds the secret), until the acceptor
+    has acknowledged our trust bundle, so a restarted dialer can still present it."""
 
     def __post_init__(self) -> None:
         check_label(self.name, "peer")
         check_mesh(self.mesh)
         if self.dialer and not self.gateways:
             raise PeeringStoreError(f"peer {self.name}: a peer we dial needs gateway addresses")
+        if self.dialer and self.pending_token is not None:
+            raise PeeringStoreError(f"peer {self.name}: only a peer that dials us is pending")
+        if not self.dialer and self.establish_token is not None:
+            raise PeeringStoreError(f"peer {self.name}: only a peer we dial needs its token")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +89,8 @@ class TokenRecord:
 
     issued: IssuedToken
     bootstrap_root: x509.Certificate
+    gateways: tuple[GatewayAddress, ...] = ()
+    """The gateway addresses this token named, when given for it (empty: the default)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +120,9 @@ def save_state(state_dir: Path, state: PeeringState) -> None:
                 "bundle": p.bundle_json,
                 "servicesVersionSeen": p.services_version_seen,
                 "bundleSequenceSeen": p.bundle_sequence_seen,
+                "advertised": [str(g) for g in p.advertised],
+                "pendingToken": p.pending_token,
+                "establishToken": p.establish_token,
             }
             for p in state.peers
         ],
@@ -113,6 +134,7 @@ def save_state(state_dir: Path, state: PeeringState) -> None:
                 "usedAt": t.issued.used_at,
                 "usedBy": t.issued.used_by,
                 "bootstrapRoot": pem([t.bootstrap_root]).decode(),
+                "gateways": [str(g) for g in t.gateways],
             }
             for t in state.tokens
         ],
@@ -142,6 +164,10 @@ def load_state(state_dir: Path) -> PeeringState:
                 bundle_json=p["bundle"],
                 services_version_seen=int(p["servicesVersionSeen"]),
                 bundle_sequence_seen=int(p["bundleSequenceSeen"]),
+                # Absent in files written before per-peer addresses and pending establishes.
+                advertised=tuple(GatewayAddress.parse(g) for g in p.get("advertised", ())),
+                pending_token=p.get("pendingToken"),
+                establish_token=p.get("establishToken"),
             )
             for p in document["peers"]
         )
@@ -155,12 +181,13 @@ def load_state(state_dir: Path) -> PeeringState:
                     used_by=t["usedBy"],
                 ),
                 x509.load_pem_x509_certificate(t["bootstrapRoot"].encode()),
+                tuple(GatewayAddress.parse(g) for g in t.get("gateways", ())),
             )
             for t in document["tokens"]
         )
     except PeeringStoreError:
         raise
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise PeeringStoreError(f"{path}: damaged peering state ({error})") from None
     return PeeringState(peers, tokens)
 

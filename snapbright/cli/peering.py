@@ -1,7 +1,11 @@
 """`snapbright peering …`: tokens, establish, list and delete, through the admin API.
 
 ``token`` runs on the accepting cluster and prints a one-time token; ``establish TOKEN`` on
-the dialing cluster peers with the token's cluster; ``list`` prints
+the dialing cluster peers with the token's cluster. Both take ``--gateway HOST:PORT``
+(repeatable): where the *other* cluster reaches this one's east-west gateway, when that is not
+the control plane's configured address (a per-network or per-link address); the token carries
+them to the dialer, which dials there, and each side names its own in its Open so the other's
+sidecars reach its exported services there. ``list`` prints
 PEER STATE LAST-HEARTBEAT RTT IMPORTED EXPORTED; ``delete PEER`` withdraws the peer's mirrors
 and trust. The control plane is found with ``--api URL``, or in ``--state-dir``'s
 ``endpoints.json`` (``--cluster`` picks one of several). Errors print one line, exit 1.
@@ -33,6 +37,14 @@ ClusterOption = Annotated[
 StateDirOption = Annotated[
     Path, typer.Option("--state-dir", help="Where endpoints.json is (from `snapbright up`).")
 ]
+GatewayOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--gateway",
+        help="HOST:PORT where the other cluster reaches our gateway (repeatable); default: "
+        "the control plane's configured gateways.",
+    ),
+]
 
 
 @contextmanager
@@ -50,11 +62,15 @@ def token(
     cluster: ClusterOption = None,
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
     ttl: Annotated[str, typer.Option("--ttl", help="How long the token is valid.")] = "24h",
+    gateway: GatewayOption = None,
 ) -> None:
     """Print a one-time token for another cluster to establish a peering with this one."""
     with _errors():
         base = admin_url(api, cluster, state_dir)
-        answer = request(base, "POST", "/api/v1/peering/token", {"ttl": ttl})
+        body: dict[str, Any] = {"ttl": ttl}
+        if gateway:
+            body["gateways"] = gateway
+        answer = request(base, "POST", "/api/v1/peering/token", body)
     typer.echo(answer["token"])
 
 
@@ -64,11 +80,15 @@ def establish(
     api: ApiOption = None,
     cluster: ClusterOption = None,
     state_dir: StateDirOption = DEFAULT_STATE_DIR,
+    gateway: GatewayOption = None,
 ) -> None:
     """Peer this cluster with the cluster that generated TOKEN."""
     with _errors():
         base = admin_url(api, cluster, state_dir)
-        answer = request(base, "POST", "/api/v1/peering/establish", {"token": token})
+        body: dict[str, Any] = {"token": token}
+        if gateway:
+            body["gateways"] = gateway
+        answer = request(base, "POST", "/api/v1/peering/establish", body)
     typer.echo(f"peered with {answer['peer']}")
 
 

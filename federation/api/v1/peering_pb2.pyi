@@ -104,15 +104,19 @@ class Open(_message.Message):
     mesh: _builtins.str
     trust_domain: _builtins.str
     establish_secret: _builtins.bytes
-    """The one-time secret from the accepting side's token; only on the first establish."""
+    """The one-time secret from the accepting side's token; sent by the dialer until the
+    establish is complete (the acceptor has acknowledged the dialer's trust bundle), so a
+    redial after the acceptor lost the stream or restarted in between can finish it.
+    """
     services_version_seen: _builtins.int
     """What the sender already holds from this peer, so a resync sends only what changed."""
     bundle_sequence_seen: _builtins.int
     @_builtins.property
     def gateways(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The sender's east-west gateway addresses (`host:port` or `[v6]:port`, at most 16), so the
-        accepting side can route to what the dialing side exports. The dialer sends them; an Open
-        without any leaves the addresses the receiver has on record.
+        """The sender's east-west gateway addresses as this receiver reaches them (`host:port` or
+        `[v6]:port`, at most 16; they may differ per peer), so the receiver routes to what the
+        sender exports there, and a dialer dials there next. Both sides send them (an acceptor
+        older than this sent none); an Open without any leaves the addresses on record.
         """
 
     def __init__(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import stat
 from datetime import UTC, datetime, timedelta
@@ -49,12 +50,22 @@ def _state() -> PeeringState:
                 bundle_json='{"keys": []}',
                 services_version_seen=7,
                 bundle_sequence_seen=2,
+                advertised=(GatewayAddress("10.0.0.1", 443),),
+                establish_token="sbpt1.payload.check",
             ),
-            PeerRecord(name="c", mesh="acme", trust_domain=TrustDomain("c.acme"), dialer=False),
+            PeerRecord(
+                name="c",
+                mesh="acme",
+                trust_domain=TrustDomain("c.acme"),
+                dialer=False,
+                pending_token="0123456789abcdef",
+            ),
         ),
         tokens=(
             TokenRecord(
-                IssuedToken("0123456789abcdef", secret_digest(secret), 1.8e9, 1.7e9, "c"), root
+                IssuedToken("0123456789abcdef", secret_digest(secret), 1.8e9, 1.7e9, "c"),
+                root,
+                (GatewayAddress("gw.example", 8443),),
             ),
         ),
     )
@@ -65,6 +76,48 @@ def test_state_round_trips_and_is_private(tmp_path: Path) -> None:
     save_state(tmp_path, state)
     assert load_state(tmp_path) == state
     assert stat.S_IMODE(state_file(tmp_path).stat().st_mode) == 0o600
+
+
+def test_a_state_file_from_before_per_peer_addresses_and_pending_establishes_loads(
+    tmp_path: Path,
+) -> None:
+    state = _state()
+    save_state(tmp_path, state)
+    document = json.loads(state_file(tmp_path).read_text())
+    for peer in document["peers"]:
+        del peer["advertised"], peer["pendingToken"], peer["establishToken"]
+    del document["tokens"][0]["gateways"]
+    state_file(tmp_path).write_text(json.dumps(document))
+    loaded = load_state(tmp_path)
+    assert [(p.advertised, p.pending_token, p.establish_token) for p in loaded.peers] == [
+        ((), None, None),
+        ((), None, None),
+    ]
+    assert loaded.tokens[0].gateways == ()
+    assert loaded.peers[0].gateways == state.peers[0].gateways
+
+
+def test_only_a_peer_that_dials_us_can_be_pending() -> None:
+    with pytest.raises(PeeringStoreError, match="only a peer that dials us"):
+        PeerRecord(
+            name="a",
+            mesh="acme",
+            trust_domain=TrustDomain("a.acme"),
+            dialer=True,
+            gateways=(GatewayAddress("127.0.0.1", 8443),),
+            pending_token="0123456789abcdef",
+        )
+
+
+def test_only_a_peer_we_dial_keeps_its_token() -> None:
+    with pytest.raises(PeeringStoreError, match="only a peer we dial"):
+        PeerRecord(
+            name="a",
+            mesh="acme",
+            trust_domain=TrustDomain("a.acme"),
+            dialer=False,
+            establish_token="sbpt1.payload.check",
+        )
 
 
 def test_no_state_file_is_an_empty_state(tmp_path: Path) -> None:

@@ -41,7 +41,13 @@ from federation.peering.model import (
     ServiceKey,
     token_id_for,
 )
-from federation.peering.store import load_state
+from federation.peering.store import (
+    PeeringState,
+    PeerRecord,
+    load_state,
+    save_state,
+    state_file,
+)
 from federation.peering.token import decode_token, encode_token
 from federation.peering.wire import to_proto
 from federation.trust.ca import ClusterCA, create_ca
@@ -122,7 +128,13 @@ class Cluster:
 
 
 async def start_cluster(
-    name: str, ca: ClusterCA, state_dir: Path, port: int = 0, *, exports_ready: bool = True
+    name: str,
+    ca: ClusterCA,
+    state_dir: Path,
+    port: int = 0,
+    *,
+    exports_ready: bool = True,
+    gateways: tuple[GatewayAddress, ...] = (),
 ) -> Cluster:
     heard = Heard()
     manager = PeeringManager(
@@ -138,7 +150,7 @@ async def start_cluster(
     # As the control plane does it: the port first, so the Opens of the dial loops that
     # start() begins name it as our gateway.
     bound = await manager.serve(f"127.0.0.1:{port}")
-    manager.gateways = (GatewayAddress("127.0.0.1", bound),)
+    manager.gateways = gateways or (GatewayAddress("127.0.0.1", bound),)
     await manager.start()
     return Cluster(name, ca, manager, heard, bound, state_dir)
 
@@ -496,6 +508,207 @@ async def test_a_dialer_restarted_on_other_gateways_is_routed_to_there(
     await eventually(lambda: a.heard.gateways == [("b", moved)])
     assert recorded_gateways(a, "b") == moved
     assert recorded_gateways(restarted, "a") == (GatewayAddress("127.0.0.1", a.port),)
+
+
+def record_of(cluster: Cluster, peer: str) -> PeerRecord:
+    """``cluster``'s saved record of ``peer``."""
+    (record,) = [r for r in load_state(cluster.state_dir).peers if r.name == peer]
+    return record
+
+
+async def restart(
+    clusters: dict[str, Cluster], name: str, gateways: tuple[GatewayAddress, ...] = ()
+) -> Cluster:
+    """Stop a cluster's manager and start a new one on its state directory and port."""
+    old = clusters[name]
+    await old.manager.close()
+    clusters[name] = await start_cluster(
+        name, old.ca, old.state_dir, port=old.port, gateways=gateways
+    )
+    return clusters[name]
+
+
+# --- per-peer gateway addresses ---
+
+
+async def test_a_token_carries_the_addresses_given_for_that_peer_and_the_dialer_dials_them(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = clusters["a"], clusters["b"]
+    a.manager.gateways = (GatewayAddress("127.0.0.1", 9),)  # the default: nobody listens
+    for_b = (GatewayAddress("127.0.0.1", a.port), GatewayAddress("10.0.0.1", 8443))
+    text = a.manager.generate_token(gateways=for_b)
+    assert decode_token(text, now=0).gateways == for_b
+    assert await b.manager.establish(text, within=3) == "a"
+    assert record_of(b, "a").gateways == for_b
+    assert record_of(a, "b").advertised == for_b  # a names them to b from now on
+    assert b.heard.gateways == []  # a's Open named what its token did
+
+
+async def test_each_side_names_its_own_addresses_for_each_peer_across_restarts(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b, c = clusters["a"], clusters["b"], clusters["c"]
+    for_b = (GatewayAddress("127.0.0.1", a.port), GatewayAddress("10.0.0.1", 8443))
+    for_c = (GatewayAddress("127.0.0.1", a.port), GatewayAddress("10.0.0.2", 8443))
+    b_for_a = (GatewayAddress("127.0.0.1", b.port), GatewayAddress("10.0.1.1", 8443))
+    await b.manager.establish(a.manager.generate_token(gateways=for_b), gateways=b_for_a)
+    await c.manager.establish(a.manager.generate_token(gateways=for_c))
+    assert record_of(a, "b").gateways == b_for_a  # b named its address for a, not its default
+    assert record_of(a, "c").gateways == (GatewayAddress("127.0.0.1", c.port),)
+    assert record_of(b, "a").gateways == for_b
+    assert record_of(c, "a").gateways == for_c
+
+    a = await restart(clusters, "a")  # its default addresses are (127.0.0.1, a.port) now
+    await eventually(lambda: b.manager.messages_received("a").get("open", 0) == 2)
+    await eventually(lambda: c.manager.messages_received("a").get("open", 0) == 2)
+    await eventually(lambda: state_of(a, "b") is PeerState.ACTIVE)
+    assert (b.heard.gateways, c.heard.gateways) == ([], [])  # still named per peer
+    assert (record_of(b, "a").gateways, record_of(c, "a").gateways) == (for_b, for_c)
+    assert a.heard.gateways == []
+    assert record_of(a, "b").gateways == b_for_a
+
+
+async def test_the_dialer_follows_the_addresses_the_acceptor_names_in_its_open(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = await peer_b_with_a(clusters)
+    await eventually(lambda: any(p == "b" for p, _ in a.heard.bundles))
+    moved = (GatewayAddress("10.9.9.9", 443), GatewayAddress("127.0.0.1", a.port))
+    await restart(clusters, "a", gateways=moved)
+    await eventually(lambda: b.heard.gateways == [("a", moved)])
+    assert record_of(b, "a").gateways == moved
+    # Its dial loop dials the new list: the first address is unreachable, the second is a.
+    await b.manager.close()
+    b = clusters["b"] = await start_cluster("b", b.ca, b.state_dir)
+    await eventually(lambda: state_of(b, "a") is PeerState.ACTIVE, within=5)
+
+
+# --- an establish survives the acceptor's crash ---
+
+
+async def first_half_of_an_establish(a: Cluster, token_text: str, cluster: str) -> grpc.aio.Channel:
+    """Dial ``a`` as ``cluster`` with the token, as a dialer does, and read until a's Open: a
+    has admitted the new peer, and never gets its trust bundle. The channel stays open."""
+    token = decode_token(token_text, now=0)
+    credentials = bootstrap_channel_credentials(
+        token.secret, token.token_id, a.ca.bundle().roots, utcnow()
+    )
+    options = [("grpc.ssl_target_name_override", control_plane_server_name("a", MESH))]
+    channel = grpc.aio.secure_channel(f"127.0.0.1:{a.port}", credentials, options=options)
+    call = pb_grpc.PeeringStub(channel).Exchange()
+    await call.write(to_proto(open_as(cluster, token.secret)))
+    first = await asyncio.wait_for(call.read(), 3)
+    assert isinstance(first, pb.PeeringMessage)
+    assert first.WhichOneof("body") == "open"
+    return channel
+
+
+async def test_an_acceptor_killed_before_it_stored_the_bundle_takes_the_dialer_back(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = clusters["a"], clusters["b"]
+    text = a.manager.generate_token()
+    channel = await first_half_of_an_establish(a, text, "b")
+    pending = record_of(a, "b")
+    assert (pending.pending_token, pending.bundle_json) == (
+        decode_token(text, now=0).token_id,
+        None,
+    )
+    # Killed -9 there: what is on disk is what it saved when it admitted b.
+    on_disk = state_file(a.state_dir).read_bytes()
+    await a.manager.close()
+    await channel.close()
+    state_file(a.state_dir).write_bytes(on_disk)
+
+    # The dialer retries with the same token while a is down, and once it is back.
+    establish = asyncio.create_task(b.manager.establish(text, within=10))
+    a = await restart(clusters, "a")
+    assert await establish == "a"
+    done = record_of(a, "b")
+    assert done.pending_token is None
+    assert done.bundle_json is not None
+    assert state_of(a, "b") is PeerState.ACTIVE
+    assert record_of(b, "a").name == "a"  # b recorded the peer only now
+    # The token is spent at last: its bootstrap root left a's client roots.
+    token = decode_token(text, now=0)
+    credentials = bootstrap_channel_credentials(
+        token.secret, token.token_id, a.ca.bundle().roots, utcnow()
+    )
+    _, code = await raw_exchange(a.port, credentials, open_as("b", token.secret))
+    assert code is grpc.StatusCode.UNAVAILABLE
+    # And a takes b back from its state by b's SVID, as any established peer.
+    a = await restart(clusters, "a")
+    await eventually(lambda: state_of(a, "b") is PeerState.ACTIVE)
+
+
+async def test_a_dialer_restarted_with_its_establish_pending_finishes_it_with_the_token(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = clusters["a"], clusters["b"]
+    text = a.manager.generate_token()
+    channel = await first_half_of_an_establish(a, text, "b")
+    await channel.close()
+    await eventually(lambda: state_of(a, "b") is not PeerState.ACTIVE)
+    # What b saved when it first saw a's Open: the peer, with the token (its ack never came).
+    token = decode_token(text, now=0)
+    await b.manager.close()
+    pending = PeerRecord(
+        name="a",
+        mesh=MESH,
+        trust_domain=token.trust_domain,
+        dialer=True,
+        gateways=token.gateways,
+        bundle_json=token.trust_bundle_json,
+        establish_token=text,
+    )
+    save_state(b.state_dir, PeeringState(peers=(pending,)))
+    b = clusters["b"] = await start_cluster("b", b.ca, b.state_dir)
+    await eventually(lambda: record_of(a, "b").pending_token is None)
+    await eventually(lambda: record_of(b, "a").establish_token is None)
+    assert state_of(b, "a") is PeerState.ACTIVE
+    assert state_of(a, "b") is PeerState.ACTIVE
+
+
+async def test_establish_returns_once_the_acceptor_has_stored_our_bundle(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = clusters["a"], clusters["b"]
+    assert await b.manager.establish(a.manager.generate_token(), within=3) == "a"
+    stored = record_of(a, "b")  # read at once: a saves it before its Ack goes out
+    assert stored.pending_token is None
+    assert stored.bundle_json is not None
+    assert b.manager.bundle_acked("a") == b.ca.sequence
+
+
+async def test_a_pending_token_is_not_usable_by_another_cluster(
+    clusters: dict[str, Cluster],
+) -> None:
+    a = clusters["a"]
+    text = a.manager.generate_token()
+    channel = await first_half_of_an_establish(a, text, "b")
+    await channel.close()
+    await eventually(lambda: state_of(a, "b") is not PeerState.ACTIVE)
+    token = decode_token(text, now=0)
+    credentials = bootstrap_channel_credentials(
+        token.secret, token.token_id, a.ca.bundle().roots, utcnow()
+    )
+    received, code = await raw_exchange(a.port, credentials, open_as("c", token.secret))
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    assert "already used by b" in received[0].close.reason
+    assert [s.peer for s in a.manager.list()] == ["b"]
+
+
+async def test_a_pending_peer_is_replaced_by_its_establish_with_a_new_token(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = clusters["a"], clusters["b"]
+    channel = await first_half_of_an_establish(a, a.manager.generate_token(), "b")
+    await channel.close()
+    await eventually(lambda: state_of(a, "b") is not PeerState.ACTIVE)
+    assert await b.manager.establish(a.manager.generate_token(), within=3) == "a"
+    assert record_of(a, "b").pending_token is None
+    await eventually(lambda: state_of(a, "b") is PeerState.ACTIVE)
 
 
 async def test_a_restarted_acceptor_withholds_its_exports_until_released(

@@ -18,6 +18,7 @@ from federation.peering.model import (
     PeeringValueError,
     TokenError,
     issue_token,
+    reclaim,
     redeem,
 )
 from federation.peering.token import MAX_TOKEN_CHARS, decode_token, encode_token
@@ -215,6 +216,32 @@ def test_a_wrong_or_late_secret_is_refused(secret: bytes, now: float, reason: st
     _, issued = make_token()
     with pytest.raises(TokenError, match=reason):
         redeem([issued], secret, peer="us-west", now=now)
+
+
+def test_the_cluster_that_redeemed_a_token_may_present_it_again_while_it_is_valid() -> None:
+    _, issued = make_token()
+    used = redeem([issued], SECRET, peer="us-west", now=NOW + 1)
+    reclaim(used, SECRET, peer="us-west", now=NOW + 2)  # no error: the establish may go on
+
+
+@pytest.mark.parametrize(
+    ("used_by", "secret", "peer", "now", "reason"),
+    [
+        ("us-west", bytes(32), "us-west", NOW + 2, "does not belong to token"),
+        ("us-west", SECRET, "eu-central", NOW + 2, "already used by us-west"),
+        ("us-west", SECRET, "us-west", NOW + 600, "expired"),
+        (None, SECRET, "us-west", NOW + 2, "never used"),
+    ],
+    ids=["wrong-secret", "other-cluster", "expired", "unused"],
+)
+def test_a_token_is_reclaimed_only_by_its_cluster_with_its_secret_before_expiry(
+    used_by: str | None, secret: bytes, peer: str, now: float, reason: str
+) -> None:
+    _, issued = make_token()
+    if used_by is not None:
+        issued = redeem([issued], SECRET, peer=used_by, now=NOW + 1)
+    with pytest.raises(TokenError, match=reason):
+        reclaim(issued, secret, peer=peer, now=now)
 
 
 def test_redeeming_finds_the_right_token_among_several() -> None:
