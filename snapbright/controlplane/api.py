@@ -4,8 +4,11 @@ The CLI (``snapbright peering …``, ``status``, ``check``, ``policy explain``) 
 (registration) speak to it; JSON in and out, errors as ``{"error": "<reason>"}`` with a 4xx
 status that says whose fault it was.
 
-- ``POST /api/v1/peering/token`` ``{"ttl": "24h"}`` → ``{"token": "sbpt1…"}``
-- ``POST /api/v1/peering/establish`` ``{"token": "sbpt1…"}`` → ``{"peer": "<cluster>"}``
+- ``POST /api/v1/peering/token`` ``{"ttl": "24h", "gateways"?: ["host:port"]}`` →
+  ``{"token": "sbpt1…"}`` (``gateways``: where that peer reaches our gateway, if not at the
+  default addresses)
+- ``POST /api/v1/peering/establish`` ``{"token": "sbpt1…", "gateways"?: ["host:port"]}`` →
+  ``{"peer": "<cluster>"}`` (``gateways``: where the token's cluster reaches our gateway)
 - ``GET /api/v1/peering`` → ``{"now": …, "peers": [{peer, state, lastHeardAt, rttSeconds,
   imported, exported, staleSince}]}``
 - ``DELETE /api/v1/peering/{peer}`` → 204
@@ -51,6 +54,7 @@ from federation.catalog.model import (
 from federation.catalog.store import RegistrationRejected
 from federation.mirror.core import FederatedUpstream
 from federation.peering.manager import PeeringError
+from federation.peering.model import MAX_GATEWAYS, GatewayAddress, PeeringValueError
 from proxy.config.model import Duration
 from proxy.identity.bundle import TrustBundle
 
@@ -113,7 +117,7 @@ async def _token(request: web.Request) -> web.Response:
     try:
         body = await _body(request)
         ttl = _ttl(body.get("ttl", "24h"))
-        token = plane.peering.generate_token(ttl)
+        token = plane.peering.generate_token(ttl, _gateways(body.get("gateways", [])))
     except _BadRequest as error:
         return _error(error.reason, error.status)
     except PeeringError as error:
@@ -131,17 +135,33 @@ def _ttl(value: object) -> float:
     return seconds
 
 
+def _gateways(value: object) -> tuple[GatewayAddress, ...]:
+    """Gateway addresses given for one peer: a list of ``host:port`` strings."""
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise _BadRequest("gateways must be a list of host:port strings")
+    if len(value) > MAX_GATEWAYS:
+        raise _BadRequest(f"gateways: at most {MAX_GATEWAYS} addresses, not {len(value)}")
+    try:
+        gateways = tuple(GatewayAddress.parse(item) for item in value)
+    except PeeringValueError as error:
+        raise _BadRequest(f"gateways: {error.reason}") from None
+    if len(set(gateways)) != len(gateways):
+        raise _BadRequest("gateways: an address is listed twice")
+    return gateways
+
+
 async def _establish(request: web.Request) -> web.Response:
     plane = request.app[PLANE]
     try:
         body = await _body(request)
+        gateways = _gateways(body.get("gateways", []))
     except _BadRequest as error:
         return _error(error.reason, error.status)
     token = body.get("token")
     if not isinstance(token, str) or not token.strip():
         return _error('the body must carry the token: {"token": "sbpt1…"}', 400)
     try:
-        peer = await plane.peering.establish(token.strip())
+        peer = await plane.peering.establish(token.strip(), gateways=gateways)
     except PeeringError as error:
         return _error(str(error), _establish_status(str(error)))
     return web.json_response({"peer": peer})
