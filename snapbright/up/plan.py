@@ -26,11 +26,10 @@ dialing cluster's admin API. The first cluster of ``between`` dials the second (
 calling cluster first: the dialer is the side that learns the other's gateways, so its callers
 can reach the other's services).
 
-The gateway addresses a token (accepting side) or an Open (dialing side) carries come from
-that control plane's ``gateways``, one list per control plane: the plan writes its first
-peer's view there. A cluster with several peerings therefore hands every peer that same WAN
-listener, so the later peers reach it over the first peer's link shape (still through the
-WAN, with the wrong latency). Per-peer addresses need the token and Open to take them.
+The gateway addresses are per peering: the token is asked for with the dialer's view of the
+acceptor's gateway (its WAN listener for that link), and establish is given the acceptor's
+view of the dialer's, so each peer reaches each cluster over its own link. A control plane's
+``gateways`` (its first peer's view) is only the default, for peerings made by hand.
 """
 
 from __future__ import annotations
@@ -157,7 +156,8 @@ class ProcessStep:
 @dataclass(frozen=True, slots=True)
 class PeeringStep:
     """Establish one peering: a token from ``accepting``'s admin API, then ``establish`` on
-    ``dialing``'s; ``dial_via`` is where the dialer reaches the acceptor's gateway."""
+    ``dialing``'s; ``dial_via`` is where the dialer reaches the acceptor's gateway (the token
+    carries it), ``advertise`` where the acceptor reaches the dialer's (given to establish)."""
 
     name: str
     accepting: str
@@ -166,6 +166,7 @@ class PeeringStep:
     dialing_admin: str
     dial_via: tuple[str, ...]
     after: tuple[str, ...] = ()
+    advertise: tuple[str, ...] = ()
     role: Role = Role.PEERING
 
 
@@ -350,6 +351,7 @@ class _Planner:
                     accepting_admin=_admin_url(cp_ports[accepting]["admin"]),
                     dialing_admin=_admin_url(cp_ports[dialing]["admin"]),
                     dial_via=(views[(dialing, accepting)],),
+                    advertise=(views[(accepting, dialing)],),
                     # Last: a control plane that learns of remote targets before its own
                     # replicas have registered would send their callers away at once.
                     after=(

@@ -326,10 +326,14 @@ async def _establish(step: PeeringStep, session: aiohttp.ClientSession, deadline
     while time.monotonic() < deadline:
         try:
             token = await _post(
-                session, f"{step.accepting_admin}/api/v1/peering/token", {"ttl": "10m"}
+                session,
+                f"{step.accepting_admin}/api/v1/peering/token",
+                {"ttl": "10m", "gateways": list(step.dial_via)},
             )
             answer = await _post(
-                session, f"{step.dialing_admin}/api/v1/peering/establish", {"token": token["token"]}
+                session,
+                f"{step.dialing_admin}/api/v1/peering/establish",
+                {"token": token["token"], "gateways": list(step.advertise)},
             )
             return str(answer.get("peer", step.accepting))
         except (OSError, TimeoutError, aiohttp.ClientError, _Refused, KeyError) as error:

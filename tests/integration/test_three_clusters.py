@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from federation.peering.store import load_state
 from tests.integration.conftest import (
     LocalMeshRun,
     StartMesh,
@@ -108,6 +109,23 @@ def _forced_sni(mesh: LocalMeshRun, server_name: str) -> str:
             return f"closed: {error!r}"
 
 
+def _recorded_gateways(mesh: LocalMeshRun, cluster: str, peer: str) -> list[str]:
+    """Where ``cluster``'s control plane reaches ``peer``'s gateway, from its peering state."""
+    state = load_state(Path(mesh.cluster(cluster)["stateDir"]) / "peering")
+    (record,) = [r for r in state.peers if r.name == peer]
+    return [str(gateway) for gateway in record.gateways]
+
+
+def _wan_listener(mesh: LocalMeshRun, source: str, destination: str) -> str:
+    return str(
+        next(
+            link["listen"]
+            for link in mesh.document["wan"]["links"]
+            if (link["from"], link["to"]) == (source, destination)
+        )
+    )
+
+
 def _gateway_metrics(mesh: LocalMeshRun) -> str:
     status, body = http("GET", mesh.cluster("c")["gateway"]["metrics"])
     assert status == 200
@@ -135,6 +153,11 @@ def test_a_calls_c_by_plain_name_secret_stays_hidden_and_delete_withdraws_c(
     assert peer_id.startswith(f"spiffe://a.{_MESH}/ns/"), peer_id
     assert "/sa/" in peer_id, peer_id
     assert _mirrors_of_c(mesh) == ["pay@c"], mesh.logs("a.controlplane")
+
+    # Each peer reaches each cluster over its own WAN link: A peers with C and with B, and
+    # names to each its own listener for that link, not one list for all.
+    for cluster, peer in (("a", "c"), ("c", "a"), ("a", "b"), ("b", "a")):
+        assert _recorded_gateways(mesh, cluster, peer) == [_wan_listener(mesh, cluster, peer)]
 
     # secret: A has no route; C's gateway closes a ClientHello naming it, and counts it.
     status, answer = _call(mesh, "secret")

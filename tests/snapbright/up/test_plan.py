@@ -194,6 +194,7 @@ def test_peering_dials_from_the_first_cluster_through_its_own_wan_listener() -> 
     assert [(p.dialing, p.accepting) for p in peerings] == [("a", "c"), ("b", "c"), ("a", "b")]
     for peering in peerings:
         assert peering.dial_via == (plan.gateway_view(peering.dialing, peering.accepting),)
+        assert peering.advertise == (plan.gateway_view(peering.accepting, peering.dialing),)
         accepting = _process(plan, f"{peering.accepting}.controlplane")
         assert peering.accepting_admin == f"http://127.0.0.1:{accepting.ports['admin']}"
 
