@@ -670,6 +670,23 @@ async def test_a_dialer_restarted_with_its_establish_pending_finishes_it_with_th
     assert state_of(a, "b") is PeerState.ACTIVE
 
 
+async def test_a_pending_dialer_whose_bundle_the_acceptor_stored_comes_back_by_its_svid(
+    clusters: dict[str, Cluster],
+) -> None:
+    a, b = clusters["a"], clusters["b"]
+    text = a.manager.generate_token()
+    assert await b.manager.establish(text, within=3) == "a"
+    # b crashed after a's Open and before a's Ack: a holds b's bundle, b still the token,
+    # which a no longer admits. b alternates the token with its SVID, and the SVID passes.
+    await b.manager.close()
+    saved = record_of(b, "a")
+    save_state(b.state_dir, PeeringState(peers=(replace(saved, establish_token=text),)))
+    b = clusters["b"] = await start_cluster("b", b.ca, b.state_dir)
+    await eventually(lambda: record_of(b, "a").establish_token is None)
+    assert state_of(b, "a") is PeerState.ACTIVE
+    assert record_of(a, "b").pending_token is None
+
+
 async def test_establish_returns_once_the_acceptor_has_stored_our_bundle(
     clusters: dict[str, Cluster],
 ) -> None:
