@@ -25,17 +25,19 @@ Establishing is recoverable, the way a Consul peering's pending stream secret is
 token does not finish it. The acceptor records the new peer *pending* on its token (saved with
 the token marked used by that cluster), and keeps that token's bootstrap root among its client
 roots until the peer's trust bundle is stored; the dialer keeps the token, and presents it
-again on each redial, until the acceptor has acknowledged our bundle (its Ack or Open names
-our bundle's sequence: it is saved before that is sent). So if the acceptor is killed after
-saving the new peer but before it got the bundle, the dialer's next dial (same token, same
-cluster, before the token expires) takes the peering back after the restart; nobody else
-can use the token meanwhile. A dialer that has seen the acceptor's Open alternates its token
-with its SVID, since an acceptor that stored our bundle but crashed before acking it no longer
-trusts the token. ``establish`` returns only once the acceptor has acknowledged our bundle; if
-it gives up, ``establish`` with the same token (or a new one: it replaces a pending record of
-the same cluster) finishes the job. A dialer records the peer once it is first ACTIVE, with
-the token (in its private state file) until the acceptor has acknowledged our bundle, so a
-restarted dialer finishes a pending establish as well.
+again on each redial, until the acceptor has acknowledged our bundle (its Ack or Open names our
+bundle's sequence: it is saved before that is sent). So if the acceptor is killed after saving
+the new peer but before it got the bundle, the dialer's next dial (same token, same cluster,
+before the token expires) takes the peering back after the restart; no other cluster can use
+the token meanwhile. (So a token stays a bearer secret until the establish completes, not only
+until it is first presented: normally milliseconds, after a crash until the dialer's retry;
+``peering delete`` of the pending peer spends it at once.) A dialer that has seen the
+acceptor's Open alternates its token with its SVID, since an acceptor that stored our bundle
+but crashed before acking it no longer trusts the token. ``establish`` returns only once the
+acceptor has acknowledged our bundle; if it gives up, ``establish`` with the same token (or a
+new one: it replaces a pending record of the same cluster) finishes the job. A dialer records
+the peer once it is first ACTIVE, with the token (in its private state file) until the acceptor
+has acknowledged our bundle, so a restarted dialer finishes a pending establish as well.
 
 Peer records (name, trust domain, bundle, gateway addresses, last versions) and issued tokens
 are persisted in the state directory, so a restarted control plane reconnects without a new

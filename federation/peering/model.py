@@ -3,7 +3,8 @@
 A peering starts from a token that the *accepting* cluster generates: its name, mesh and trust
 domain, the addresses of its east-west gateways, its trust bundle, a one-time secret and an
 expiry. The accepting side keeps only the SHA-256 of the secret (an :class:`IssuedToken`) and
-redeems it once, on the first establish, comparing in constant time.
+redeems it once, on the first establish, comparing in constant time; until that establish has
+completed, the cluster that redeemed it may present it again (:func:`reclaim`), and no other.
 
 The messages mirror ``federation/api/v1/peering.proto`` as frozen values, so the session core
 works on them without the generated code (``wire.py`` translates). They are validated when

@@ -716,6 +716,21 @@ async def test_a_pending_token_is_not_usable_by_another_cluster(
     assert [s.peer for s in a.manager.list()] == ["b"]
 
 
+async def test_deleting_a_pending_peer_spends_its_token(clusters: dict[str, Cluster]) -> None:
+    a = clusters["a"]
+    text = a.manager.generate_token()
+    channel = await first_half_of_an_establish(a, text, "b")
+    await channel.close()
+    await a.manager.delete("b")
+    token = decode_token(text, now=0)
+    credentials = bootstrap_channel_credentials(
+        token.secret, token.token_id, a.ca.bundle().roots, utcnow()
+    )
+    _, code = await raw_exchange(a.port, credentials, open_as("b", token.secret))
+    assert code is grpc.StatusCode.UNAVAILABLE  # its bootstrap root left a's client roots
+    assert a.manager.list() == []
+
+
 async def test_a_pending_peer_is_replaced_by_its_establish_with_a_new_token(
     clusters: dict[str, Cluster],
 ) -> None:
