@@ -11,7 +11,14 @@ import pytest
 from federation.peering.model import HealthSource, HealthSummaries, ServiceHealth, ServiceKey
 from federation.peering.wire import from_proto, to_proto
 from health.failover.core import decide
-from health.failover.model import TOTAL_WEIGHT, ControllerState, Evidence, FailoverPolicy, Rule
+from health.failover.model import (
+    TOTAL_WEIGHT,
+    ControllerState,
+    Evidence,
+    FailoverPolicy,
+    Rule,
+    Triggers,
+)
 from health.probe.core import ProbeLatency, ProbeSettings, ProbeStatus, probe_latency
 from health.stats.core import (
     LONG_SPAN_S,
@@ -584,6 +591,64 @@ def test_an_idle_remote_copy_is_chosen_on_its_probes_through_the_peering_wire() 
     assert moved.weights[EU] > 0
     assert moved.expected_latency[EU] == pytest.approx(0.084)
     assert "eu-west 84ms (probes + RTT: the copy is idle)" in moved.explanation
+
+
+# --- When a brownout is acted on: whole-second windows, ticks 0.25 s after them ---
+
+
+def _first_shift(fault_offset: float, enter_after: str) -> float:
+    """A caller at 60 requests/s (20 ms answers, +400 ms from ``100 + fault_offset``); windows
+    hold answers by the second they completed in and arrive just after it; the loop ticks at
+    every whole second + 0.25 s, as the control plane does. Seconds from fault to first shift."""
+    fault = 100.0 + fault_offset
+    sent = [90.0 + i / 60 for i in range(60 * 20)]
+    done = [(t + (0.420 if t >= fault else 0.020)) for t in sent]
+    policy = _policy().model_copy(
+        update={
+            "spec": _policy().spec.model_copy(
+                update={
+                    "triggers": Triggers.model_validate(
+                        {"latency": {"enter": "300ms", "exit": "150ms", "enterAfter": enter_after}}
+                    )
+                }
+            )
+        }
+    )
+    stats = RegionalStats()
+    view = HealthView(US, stats)
+    view.set_local(PAYMENTS, LocalService(3, 0.0))
+    view.set_remote(PAYMENTS, RemoteService(EU, 3, _summary(rate=50.0), received_at=0.0))
+    view.set_gateways({EU: ALIVE_GATEWAY})
+    state = ControllerState.initial(US)
+    for second in range(91, 110):
+        latencies = [d - t for t, d in zip(sent, done, strict=True) if second - 1 <= d < second]
+        assert stats.add(US, _window(second - 1, latencies), second + 0.02)
+        now = second + 0.25
+        view.set_local(PAYMENTS, LocalService(3, now))
+        view.set_remote(PAYMENTS, RemoteService(EU, 3, _summary(rate=50.0), received_at=now))
+        decision = decide(policy, state, view.observe(PAYMENTS, US, now), now)
+        state = decision.state
+        if decision.changed:
+            return round(now - fault, 2)
+    raise AssertionError("never shifted")
+
+
+@pytest.mark.parametrize(
+    ("fault_offset", "after_2s", "after_1s"),
+    [
+        (0.10, 2.15, 1.15),  # the first slow answers (+0.42 s) land in the fault's own second
+        (0.40, 1.85, 0.85),
+        (0.80, 2.45, 1.45),  # they land in the next second: it is the first slow window
+    ],
+)
+def test_the_first_shift_depends_on_where_in_its_second_a_brownout_starts(
+    fault_offset: float, after_2s: float, after_1s: float
+) -> None:
+    """enterAfter 2s acts on the second slow window: within 2 s of the fault only when it
+    starts between ~0.25 s and ~0.55 s into a second. 1s acts on the first, always within
+    ~1.75 s, but then one slow second (a blip) moves traffic too."""
+    assert _first_shift(fault_offset, "2s") == after_2s
+    assert _first_shift(fault_offset, "1s") == after_1s
 
 
 # --- The view the loop reads ---
