@@ -74,6 +74,12 @@ ENTER_SPAN_S = 1
 second (a FailoverPolicy sets its own, ``evidence.enterSpan``). Longer spans would keep a
 one-second spike in view (and over the threshold) for as many ticks."""
 
+PUBLISHED_MIN_SAMPLES = 20
+"""Below this many requests in the span, a summary publishes our probes' latencies instead
+(when we probe the copy). A receiver's policy needs ``evidence.minSamples`` requests to read
+request latencies (the example's 20): a copy between this and that is known by neither, so
+keep this at least as high as the policies in the mesh ask."""
+
 SKEW_S = 1
 """How many seconds ahead of ``now`` a window may start and still be kept."""
 UNREACHABLE_SPAN_S = 3
@@ -449,7 +455,7 @@ def health_summary(
     capacity_rps: float | None = None,
     span_s: int = SHORT_SPAN_S,
     probes: ProbeLatency | None = None,
-    min_samples: int = 10,
+    min_samples: int = PUBLISHED_MIN_SAMPLES,
 ) -> ServiceHealth:
     """The health of our copy of ``key`` (served in ``cluster``) that we publish to peers.
 

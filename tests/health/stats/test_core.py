@@ -22,6 +22,7 @@ from health.failover.model import (
 from health.probe.core import ProbeLatency, ProbeSettings, ProbeStatus, probe_latency
 from health.stats.core import (
     LONG_SPAN_S,
+    PUBLISHED_MIN_SAMPLES,
     SHORT_SPAN_S,
     HealthView,
     LocalService,
@@ -533,7 +534,7 @@ PROBED = ProbeLatency(p50=0.003, p95=0.004, p99=0.006, samples=20)
 
 def test_an_idle_copy_publishes_its_probe_latency_marked_as_probes() -> None:
     stats = RegionalStats()
-    _steady(stats, range(95, 100), per_second=1, latency=0.500, caller=EU, target=EU)  # 5 < 10
+    _steady(stats, range(95, 100), per_second=1, latency=0.500, caller=EU, target=EU)  # 5 < 20
     summary = health_summary(stats, KEY, EU, NOW, healthy_endpoints=2, probes=PROBED)
     assert summary.source is HealthSource.PROBES
     assert summary.probe_samples == 20
@@ -542,13 +543,23 @@ def test_an_idle_copy_publishes_its_probe_latency_marked_as_probes() -> None:
     assert summary.request_rate == 0.5  # what did reach it is still said
 
 
-def test_a_copy_with_enough_requests_publishes_them_whatever_the_probes_say() -> None:
+@pytest.mark.parametrize(
+    ("requests", "source"),
+    [
+        (PUBLISHED_MIN_SAMPLES - 1, HealthSource.PROBES),
+        (PUBLISHED_MIN_SAMPLES, HealthSource.TRAFFIC),
+    ],
+)
+def test_a_copy_with_enough_requests_publishes_them_whatever_the_probes_say(
+    requests: int, source: HealthSource
+) -> None:
     stats = RegionalStats()
-    _steady(stats, range(90, 100), per_second=2, latency=0.060, caller=EU, target=EU)  # 20
+    assert stats.add(EU, _window(99, [0.060] * requests, target=EU), NOW)
     summary = health_summary(stats, KEY, EU, NOW, healthy_endpoints=2, probes=PROBED)
-    assert summary.source is HealthSource.TRAFFIC
-    assert summary.probe_samples == 0
-    assert summary.latency_p95_seconds == pytest.approx(0.060, rel=RELATIVE_ERROR)
+    assert summary.source is source
+    if source is HealthSource.TRAFFIC:
+        assert summary.probe_samples == 0
+        assert summary.latency_p95_seconds == pytest.approx(0.060, rel=RELATIVE_ERROR)
 
 
 def test_probe_evidence_becomes_the_targets_latency_with_the_probe_count_as_samples() -> None:
