@@ -1,11 +1,12 @@
 """The inbound listener: mTLS from peers, their SPIFFE ID checked, policy enforced, to the app.
 
-Each accepted TCP connection runs its TLS handshake first (`loop.start_tls` with the server
-context in force at that moment, which loads every federated root and issues no session
-tickets), so that a failed handshake is counted with a reason (``plaintext``,
-``untrusted-chain``, ``expired``, …). Then `verify_peer` re-verifies the client's leaf
-against the roots of the trust domain it claims ONLY (a chain to another federated root is
-``foreign-root``); a refused peer is closed and counted.
+Each accepted TCP connection runs its TLS handshake first (proxy/tls/engine.py, with the
+server context in force at that moment, which loads every federated root and allows no
+resumption), so that a failed handshake is counted with a reason (``plaintext``,
+``untrusted-chain``, ``expired``, …, ``handshake-timeout``). Then `PeerCheck` accepts the
+client only if the chain OpenSSL verified ends at a root of the trust domain its leaf claims
+(a chain to another federated root is ``foreign-root``) and the leaf keeps the SPIFFE rules;
+a refused peer is closed and counted. No task runs per connection, except for TCP pipes.
 
 Trust can be withdrawn while a connection is open (``peering delete`` removes the peer's
 bundle; an empty bundle revokes the whole domain). Every verified connection is held in a
@@ -26,10 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, cast
+from functools import partial
+from typing import Any
 
 from proxy.authz.core import authorize
 from proxy.http.core import RequestGate, RoundRobinRoute, Route, StaticEndpoint
@@ -42,42 +43,12 @@ from proxy.policy.model import AuthorizationPolicy
 from proxy.sidecar.peers import PeerConnections, trusts
 from proxy.sidecar.pipe import PipeEnd, join
 from proxy.sidecar.tls import ALPN_TCP, TlsHolder
-from proxy.tls.context import verify_peer
+from proxy.tls.engine import TlsContext, TlsTransport, server_factory
+from proxy.tls.peer import PeerCheck
 
-__all__ = ["PEER_ID_HEADER", "Inbound", "handshake_failure_reason"]
+__all__ = ["PEER_ID_HEADER", "Inbound"]
 
 PEER_ID_HEADER = b"x-snapbright-peer-id"
-
-
-def handshake_failure_reason(error: BaseException) -> str:
-    """A short label for why a TLS handshake failed (the rejected-connections metric)."""
-    if isinstance(error, TimeoutError):
-        return "handshake-timeout"
-    if isinstance(error, ssl.SSLCertVerificationError):
-        # X509_V_ERR_CERT_HAS_EXPIRED / X509_V_ERR_CERT_NOT_YET_VALID.
-        if error.verify_code == 10:
-            return "expired"
-        if error.verify_code == 9:
-            return "not-yet-valid"
-        # X509_V_ERR_INVALID_PURPOSE: no clientAuth EKU, or no digitalSignature usage.
-        if error.verify_code == 26:
-            return "invalid-purpose"
-        return "untrusted-chain"
-    if isinstance(error, ssl.SSLError):
-        reason = (error.reason or "").upper()
-        if reason in (
-            "HTTP_REQUEST",
-            "WRONG_VERSION_NUMBER",
-            "UNSUPPORTED_PROTOCOL",
-            "HTTPS_PROXY_REQUEST",
-        ):
-            return "plaintext"
-        if "CERTIFICATE_VERIFY_FAILED" in reason or "UNKNOWN_CA" in reason:
-            return "untrusted-chain"
-        if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason or "CERTIFICATE_REQUIRED" in reason:
-            return "no-certificate"
-        return "handshake-failed"
-    return "handshake-failed"
 
 
 def _svid_reason(error: SvidError) -> str:
@@ -158,152 +129,6 @@ class _PeerGate:
         return None if verdict.allowed else f"forbidden: {verdict.reason}"
 
 
-class _TlsAccept(asyncio.Protocol):
-    """Runs the TLS handshake and the peer check, then hands the connection on.
-
-    Bytes of the ClientHello may be read before ``start_tls`` has put its TLS protocol on
-    the transport (uvloop reads at once, and ``pause_reading`` in ``connection_made`` does
-    not stop a read already made): they are held and fed to the TLS protocol once it is
-    connected, before reading resumes.
-    """
-
-    def __init__(self, inbound: Inbound, http: Callable[[], asyncio.Protocol]) -> None:
-        self._inbound = inbound
-        self._http = http
-        self._raw: list[bytes] | None = []
-        self._raw_transport: asyncio.Transport | None = None
-        self._early: list[bytes] = []
-        self._eof = False
-        self._lost = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        raw = cast(asyncio.Transport, transport)
-        self._raw_transport = raw
-        raw.pause_reading()
-        self._inbound.start_handshake(self._accept(raw))
-        # The task's first step (start_tls swapping the protocol) runs in this loop turn and
-        # schedules the TLS protocol's connection_made and resume_reading; this runs after.
-        loop = asyncio.get_running_loop()
-        loop.call_soon(loop.call_soon, self._feed_raw)
-
-    def _feed_raw(self) -> None:
-        held, self._raw = self._raw, None
-        raw = self._raw_transport
-        if not held or raw is None or raw.is_closing():
-            return
-        protocol: Any = raw.get_protocol()
-        # uvloop's TLS protocol is buffered without subclassing asyncio.BufferedProtocol.
-        buffered = hasattr(protocol, "get_buffer")
-        for data in held:
-            if buffered:
-                view = memoryview(data)
-                while view:
-                    buffer = memoryview(protocol.get_buffer(len(view)))
-                    size = min(len(buffer), len(view))
-                    buffer[:size] = view[:size]
-                    protocol.buffer_updated(size)
-                    view = view[size:]
-            else:
-                protocol.data_received(data)
-
-    def data_received(self, data: bytes) -> None:
-        if self._raw is not None:
-            # Still the raw transport's protocol: TLS records for the handshake.
-            self._raw.append(data)
-        else:
-            # Decrypted bytes that came between the handshake and the hand-over.
-            self._early.append(data)
-
-    def eof_received(self) -> bool | None:
-        self._eof = True
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-
-    async def _accept(self, raw: asyncio.Transport) -> None:
-        inbound = self._inbound
-        loop = asyncio.get_running_loop()
-        tls = inbound.tls.current
-        try:
-            transport = await loop.start_tls(
-                raw,
-                self,
-                tls.server,
-                server_side=True,
-                ssl_handshake_timeout=inbound.handshake_timeout,
-            )
-        except (OSError, TimeoutError) as error:
-            inbound.reject(handshake_failure_reason(error))
-            raw.abort()
-            return
-        if transport is None:
-            raw.abort()
-            return
-        ssl_object = transport.get_extra_info("ssl_object")
-        try:
-            peer = verify_peer(ssl_object, tls.bundles, datetime.now(UTC), Purpose.CLIENT)
-        except SvidError as error:
-            inbound.reject(_svid_reason(error))
-            transport.abort()
-            return
-        if self._lost:
-            return
-        if not trusts(inbound.tls.current.bundles, peer.trust_domain):
-            # Trust was withdrawn while this handshake ran with the contexts of before.
-            inbound.reject("trust-withdrawn")
-            transport.abort()
-            return
-        if ssl_object.selected_alpn_protocol() == ALPN_TCP:
-            await self._pipe(transport, peer)
-            return
-        inbound.peers.add(peer.trust_domain, transport)
-        inbound.verified[transport] = peer
-        protocol = self._http()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        inbound.verified.pop(transport, None)
-        for data in self._early:
-            protocol.data_received(data)
-        self._early.clear()
-        if self._eof and not protocol.eof_received():
-            transport.close()
-
-    async def _pipe(self, transport: asyncio.Transport, peer: SpiffeId) -> None:
-        inbound = self._inbound
-        policies = inbound.policies
-        verdict = authorize(
-            policies.policies, peer, policies.local, inbound.app_port, "CONNECT", "/"
-        )
-        if not verdict.allowed:
-            inbound.reject("forbidden")
-            transport.abort()
-            return
-        caller = PipeEnd()
-        transport.set_protocol(caller)
-        caller.connection_made(transport)
-        for data in self._early:
-            caller.data_received(data)
-        self._early.clear()
-        loop = asyncio.get_running_loop()
-        try:
-            _, app = await loop.create_connection(PipeEnd, inbound.app_host, inbound.app_port)
-        except OSError:
-            transport.abort()
-            return
-        join(caller, app)
-        if self._eof:
-            caller.eof_received()
-        inbound.pipes.add(caller)
-        inbound.peers.add(peer.trust_domain, transport)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({caller.closed, app.closed})
-        inbound.peers.discard(peer.trust_domain, transport)
-        inbound.pipes.discard(caller)
-        caller.close()
-        app.close()
-
-
 class Inbound:
     """The inbound listener of one sidecar."""
 
@@ -323,9 +148,11 @@ class Inbound:
         self.verified: dict[Any, SpiffeId] = {}
         self.pipes: set[PipeEnd] = set()
         self.peers = PeerConnections()
+        self.peer_check = PeerCheck()
         self._on_reject = on_reject
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: OutboundServer | None = None
+        self._closing = False
 
     @property
     def port(self) -> int:
@@ -354,14 +181,68 @@ class Inbound:
         if self._on_reject is not None:
             self._on_reject(reason)
 
-    def start_handshake(self, coro: Any) -> None:
-        """Run one connection's handshake as a task (tracked, so shutdown can cancel it)."""
-        task = asyncio.get_running_loop().create_task(coro)
+    def _server_context(self) -> TlsContext:
+        return self.tls.current.server
+
+    def _accepted(
+        self, http: Callable[[], asyncio.Protocol], transport: TlsTransport
+    ) -> asyncio.BaseProtocol | None:
+        """After a handshake: who the caller is, and which protocol serves it (None: refuse)."""
+        if self._closing:
+            return None  # a handshake that outlived the listener
+        try:
+            peer = self.peer_check.verify(
+                transport.peer_chain(),
+                transport.context.bundles,
+                datetime.now(UTC),
+                Purpose.CLIENT,
+            )
+        except SvidError as error:
+            self.reject(_svid_reason(error))
+            return None
+        if not trusts(self.tls.current.bundles, peer.trust_domain):
+            # Trust was withdrawn while this handshake ran with the contexts of before.
+            self.reject("trust-withdrawn")
+            return None
+        if transport.alpn == ALPN_TCP:
+            return self._pipe(transport, peer)
+        self.peers.add(peer.trust_domain, transport)
+        # The HTTP protocol's gate takes it in connection_made, which follows at once.
+        self.verified[transport] = peer
+        return http()
+
+    def _pipe(self, transport: TlsTransport, peer: SpiffeId) -> PipeEnd | None:
+        policies = self.policies
+        verdict = authorize(policies.policies, peer, policies.local, self.app_port, "CONNECT", "/")
+        if not verdict.allowed:
+            self.reject("forbidden")
+            return None
+        caller = PipeEnd()
+        task = asyncio.get_running_loop().create_task(self._join_app(caller, transport, peer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return caller
+
+    async def _join_app(self, caller: PipeEnd, transport: TlsTransport, peer: SpiffeId) -> None:
+        """Connect to the app and pipe; the caller's bytes wait in ``caller`` meanwhile."""
+        loop = asyncio.get_running_loop()
+        try:
+            _, app = await loop.create_connection(PipeEnd, self.app_host, self.app_port)
+        except OSError:
+            transport.abort()
+            return
+        join(caller, app)
+        self.pipes.add(caller)
+        self.peers.add(peer.trust_domain, transport)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({caller.closed, app.closed})
+        self.peers.discard(peer.trust_domain, transport)
+        self.pipes.discard(caller)
+        caller.close()
+        app.close()
 
     def _gate(self, transport: asyncio.BaseTransport) -> RequestGate | None:
-        peer = self.verified.get(transport)
+        peer = self.verified.pop(transport, None)
         return None if peer is None else _PeerGate(self, peer)
 
     async def serve(
@@ -380,11 +261,17 @@ class Inbound:
             limits=limits,
             timeouts=timeouts,
             gates=self._gate,
-            wrap_protocol=lambda http: lambda: _TlsAccept(self, http),
+            wrap_protocol=lambda http: server_factory(
+                self._server_context,
+                partial(self._accepted, http),
+                self.reject,
+                self.handshake_timeout,
+            ),
         )
 
     async def aclose(self, grace: float = 5.0) -> None:
         """Stop accepting, let requests finish for up to ``grace`` seconds, close the rest."""
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         for pipe in list(self.pipes):

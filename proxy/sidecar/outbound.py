@@ -1,13 +1,15 @@
 """Outbound mTLS: connections to a target's endpoints, and the per-upstream TCP ports.
 
 `MeshConnector` is the upstream pool's connector (proxy/http), bounded by the upstream's
-TrafficPolicy connect timeout: TLS 1.3 with the sidecar's
-SVID, SNI ``<service>.<namespace>.<cluster>.<mesh>`` (so an east-west gateway can route it),
-a client context holding only the target's trust domain bundle, and after the handshake
-`verify_peer` expecting that trust domain. A refusal is an OSError (`PeerRejected`): the
-forwarder counts it as a connect failure, and `on_reject` counts the reason. Every connection
-it opens is held by the target's trust domain: `MeshConnector.withdraw` aborts those of a
-domain no longer trusted, and the pool forgets an idle connection once its transport is lost.
+TrafficPolicy connect timeout: TLS 1.3 (proxy/tls/engine.py) with the sidecar's SVID, SNI
+``<service>.<namespace>.<cluster>.<mesh>`` (so an east-west gateway can route it), a client
+context holding only the target's trust domain bundle, and after the handshake, before any
+protocol sees the connection, `PeerCheck` expecting that trust domain. A refusal is an
+OSError (`PeerRejected`): the forwarder counts it as a connect failure, and `on_reject`
+counts the reason (a certificate OpenSSL refused: ``untrusted-chain``, ``expired``, …).
+Every connection it opens is held by the target's trust domain: `MeshConnector.withdraw`
+aborts those of a domain no longer trusted, and the pool forgets an idle connection once its
+transport is lost.
 
 `serve_tcp` listens on 127.0.0.1 for one upstream: each accepted connection picks an
 endpoint through the upstream's route (weights, P2C, breaker) and pipes opaque bytes over
@@ -19,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import ssl
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -33,7 +34,8 @@ from proxy.sidecar.peers import PeerConnections
 from proxy.sidecar.pipe import PipeEnd, join
 from proxy.sidecar.router import MeshEndpoint, MeshRoute
 from proxy.sidecar.tls import ALPN_HTTP, TlsHolder
-from proxy.tls.context import verify_peer
+from proxy.tls.engine import TlsError, TlsTransport, connect
+from proxy.tls.peer import PeerCheck
 
 __all__ = ["MeshConnector", "PeerRejected", "TcpServer", "serve_tcp"]
 
@@ -62,6 +64,7 @@ class MeshConnector:
         self._timeout = handshake_timeout
         self._on_reject = on_reject
         self.peers = PeerConnections()
+        self.peer_check = PeerCheck()
 
     def withdraw(self, bundles: TrustBundleSet) -> int:
         """Abort every connection to a domain ``bundles`` no longer trusts (absent or
@@ -79,34 +82,41 @@ class MeshConnector:
         context = tls.client(target.trust_domain, self._alpn)
         if context is None:
             raise self._reject("unknown-trust-domain", f"no bundle for {target.trust_domain}")
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(target.connect_timeout):
-                transport, protocol = await loop.create_connection(
-                    factory,
-                    endpoint.host,
-                    endpoint.port,
-                    ssl=context,
-                    server_hostname=target.sni,
-                    ssl_handshake_timeout=self._timeout,
+        bundles = tls.bundles
+        check = self.peer_check
+
+        def verify(transport: TlsTransport) -> None:
+            try:
+                check.verify(
+                    transport.peer_chain(),
+                    bundles,
+                    datetime.now(UTC),
+                    Purpose.SERVER,
+                    expect=target.trust_domain,
                 )
+            except SvidError as error:
+                raise self._reject(
+                    error.reason.name.lower().replace("_", "-"), str(error)
+                ) from None
+
+        try:
+            transport, protocol = await connect(
+                asyncio.get_running_loop(),
+                factory,
+                endpoint.host,
+                endpoint.port,
+                context,
+                target.sni,
+                min(target.connect_timeout, self._timeout),
+                verify=verify,
+            )
         except TimeoutError:
             raise ConnectionError("connect or TLS handshake timed out") from None
-        except ssl.SSLCertVerificationError as error:
-            # The server's chain does not end at a root of the target's trust domain.
-            raise self._reject("untrusted-chain", str(error)) from None
-        ssl_object = transport.get_extra_info("ssl_object")
-        try:
-            verify_peer(
-                ssl_object,
-                tls.bundles,
-                datetime.now(UTC),
-                Purpose.SERVER,
-                expect=target.trust_domain,
-            )
-        except SvidError as error:
-            transport.abort()
-            raise self._reject(error.reason.name.lower().replace("_", "-"), str(error)) from None
+        except TlsError as error:
+            if error.verify_code:
+                # The server's chain does not end at a root of the target's trust domain.
+                raise self._reject(error.reason, str(error)) from None
+            raise
         self.peers.add(target.trust_domain, transport)
         return transport, protocol
 

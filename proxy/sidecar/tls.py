@@ -1,5 +1,8 @@
 """The sidecar's SVID and trust bundles as TLS contexts, swapped whole on rotation.
 
+The contexts are the engine's (`proxy.tls.engine.TlsContext`: the OpenSSL inside
+``cryptography``, driven over memory BIOs), not the stdlib ``ssl`` module's.
+
 A new SVID or bundle set builds a new `MeshTls`; `TlsHolder.current` is replaced in one
 assignment. Listeners and connectors read ``holder.current`` once per NEW connection, so
 connections already open keep the context they were made with and are never dropped.
@@ -11,12 +14,10 @@ gRPC), since both arrive on the one mTLS port.
 
 from __future__ import annotations
 
-import ssl
-
 from proxy.identity.bundle import TrustBundleSet
 from proxy.identity.model import TrustDomain
 from proxy.identity.svid import X509Svid
-from proxy.tls.context import client_context, server_context
+from proxy.tls.engine import TlsContext
 
 __all__ = ["ALPN_HTTP", "ALPN_TCP", "MeshTls", "TlsHolder"]
 
@@ -32,11 +33,10 @@ class MeshTls:
     def __init__(self, svid: X509Svid, bundles: TrustBundleSet) -> None:
         self.svid = svid
         self.bundles = bundles
-        self.server = server_context(svid, bundles)
-        self.server.set_alpn_protocols([ALPN_HTTP, ALPN_TCP])
-        self._clients: dict[tuple[TrustDomain, str], ssl.SSLContext | None] = {}
+        self.server = TlsContext.server(svid, bundles, (ALPN_HTTP, ALPN_TCP))
+        self._clients: dict[tuple[TrustDomain, str], TlsContext | None] = {}
 
-    def client(self, trust_domain: TrustDomain, alpn: str) -> ssl.SSLContext | None:
+    def client(self, trust_domain: TrustDomain, alpn: str) -> TlsContext | None:
         """A client context trusting only ``trust_domain``'s roots; ``None`` if unknown."""
         key = (trust_domain, alpn)
         try:
@@ -46,8 +46,7 @@ class MeshTls:
         bundle = self.bundles.get(trust_domain)
         context = None
         if bundle is not None and not bundle.revoked:
-            context = client_context(self.svid, bundle)
-            context.set_alpn_protocols([alpn])
+            context = TlsContext.client(self.svid, bundle, (alpn,))
         self._clients[key] = context
         return context
 

@@ -12,8 +12,10 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 
 from proxy.sidecar.process import Sidecar
+from proxy.tls.engine import connect
 from tests.proxy.http.backend import Backend
 from tests.proxy.http.client import Client
 from tests.proxy.sidecar.mesh import (
@@ -162,16 +164,18 @@ async def test_rotation_under_load_fails_no_request(pair: Pair) -> None:
     assert pair.caller.tls is not None
     context = pair.caller.tls.current.client(pair.cluster.trust_domain, "http/1.1")
     assert context is not None
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", inbound_port(pair.callee), ssl=context, server_hostname="payments"
+    transport, _ = await connect(
+        asyncio.get_running_loop(),
+        asyncio.Protocol,
+        "127.0.0.1",
+        inbound_port(pair.callee),
+        context,
+        "payments",
+        5.0,
     )
-    ssl_object = writer.get_extra_info("ssl_object")
-    from cryptography import x509
-
-    leaf = x509.load_der_x509_certificate(ssl_object.getpeercert(binary_form=True))
+    leaf = x509.load_der_x509_certificate(transport.peer_chain()[0])
     assert leaf.serial_number == _serial(pair.callee) != old_serials[1]
-    writer.close()
-    del reader
+    transport.close()
 
 
 def _echo(request: bytes, context: grpc.ServicerContext) -> bytes:
