@@ -519,8 +519,8 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
             assert error is not None
             self._fatal(error)
             return
-        if self._state <= _CLOSING and self._out is not None:
-            self._flush()  # post-handshake messages may have answers (KeyUpdate)
+        # What reading may have queued (the answer to a peer's KeyUpdate) leaves with the next
+        # write: no flush per read.
 
     def _read_unread(self) -> None:
         if self._state != _OPEN or self._read_paused:
