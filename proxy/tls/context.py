@@ -1,9 +1,14 @@
-"""TLS contexts for mesh mTLS, and the check of the peer's identity after the handshake.
+"""TLS contexts for mesh mTLS on the stdlib ``ssl`` module, and the peer check after it.
 
-Design (the data plane's TLS decision):
+The sidecar's data plane does not use these any more: it runs on proxy/tls/engine.py (the
+OpenSSL inside ``cryptography``, whose handshakes cost about half the CPU of the system
+OpenSSL the ``ssl`` module links), with :class:`proxy.tls.peer.PeerCheck` in place of
+:func:`verify_peer`. These stay for the users that are not on the hot path (the gateway's
+probe endpoint, the health prober) and as the reference the engine's rules follow.
 
-- The data plane uses the stdlib ``ssl`` module, so asyncio and uvloop run their fast native
-  SSL transports. TLS 1.3 only. Session tickets are off (``OP_NO_TICKET`` and
+Design:
+
+- TLS 1.3 only. Session tickets are off (``OP_NO_TICKET`` and
   ``num_tickets = 0``): a peer whose certificate was revoked must not come back by resuming a
   session, so every connection runs a full handshake with a fresh certificate check.
 - Python 3.11's ``ssl`` shows only the peer's leaf (``getpeercert(binary_form=True)``), not

@@ -327,7 +327,8 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
             self._raw.abort()
 
     def is_closing(self) -> bool:
-        return self._state >= _CLOSING
+        raw = self._raw
+        return self._state >= _CLOSING or (raw is not None and raw.is_closing())
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "tls_alpn":
@@ -544,13 +545,14 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
     def _flush(self) -> None:
         out = self._out
         raw = self._raw
+        if raw is None or raw.is_closing():
+            return  # the socket is going (its connection_lost is on its way): nothing to send
         scratch = _scratch
         bio_read = _lib.BIO_read
         while True:
             size = bio_read(out, scratch.buf, _SCRATCH)
             if size <= 0:
                 return
-            assert raw is not None
             raw.write(scratch.view[:size])
             if size < _SCRATCH:
                 return
