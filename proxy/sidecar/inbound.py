@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -153,6 +154,7 @@ class Inbound:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: OutboundServer | None = None
         self._closing = False
+        self._accepting: weakref.WeakSet[TlsTransport] = weakref.WeakSet()
 
     @property
     def port(self) -> int:
@@ -261,17 +263,32 @@ class Inbound:
             limits=limits,
             timeouts=timeouts,
             gates=self._gate,
-            wrap_protocol=lambda http: server_factory(
-                self._server_context,
-                partial(self._accepted, http),
-                self.reject,
-                self.handshake_timeout,
+            wrap_protocol=lambda http: self._tracked(
+                server_factory(
+                    self._server_context,
+                    partial(self._accepted, http),
+                    self.reject,
+                    self.handshake_timeout,
+                )
             ),
         )
+
+    def _tracked(self, factory: Callable[[], TlsTransport]) -> Callable[[], TlsTransport]:
+        """Connections are remembered (weakly) so that closing ends those mid-handshake."""
+
+        def accept() -> TlsTransport:
+            transport = factory()
+            self._accepting.add(transport)
+            return transport
+
+        return accept
 
     async def aclose(self, grace: float = 5.0) -> None:
         """Stop accepting, let requests finish for up to ``grace`` seconds, close the rest."""
         self._closing = True
+        for transport in list(self._accepting):
+            if transport.handshaking:
+                transport.abort()
         for task in list(self._tasks):
             task.cancel()
         for pipe in list(self.pipes):

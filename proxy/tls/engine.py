@@ -181,6 +181,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
     """
 
     __slots__ = (
+        "__weakref__",
         "_app",
         "_conn",
         "_context",
@@ -224,6 +225,11 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
     def context(self) -> TlsContext:
         """The context this connection was made with."""
         return self._context
+
+    @property
+    def handshaking(self) -> bool:
+        """Whether the handshake is still running (no application protocol yet)."""
+        return self._state == _HANDSHAKE
 
     @property
     def alpn(self) -> str | None:
