@@ -6,6 +6,11 @@ Content-Length, one Host, HTTP/1.0 with Transfer-Encoding, upgrades with bodies,
 and only then re-frames the request and writes it to a pooled `UpstreamConnection`. Anything
 ambiguous is answered with a 4xx and a close, never forwarded.
 
+A keep-alive client repeats its header fields: once a bodiless request was checked and read
+whole in one piece, the same bytes after a plain request line (`_FAST_LINE`, a strict subset
+of what llhttp accepts) are that request again, and are forwarded without the parser; the
+upstream side does the same for a repeated response head (proxy/http/upstream.py).
+
 Requests on one connection are served one at a time: a pipelined request read ahead is held
 (reading pauses) until the response before it is complete, so responses never interleave.
 Bodies stream both ways with flow control: a full write buffer on one side pauses reading on
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -78,6 +84,11 @@ _BLOCK_CACHE_MAX = 4096
 _CONNECTION_TOKENS_KEPT = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
 _CONNECTION_TOKENS_REFUSED = frozenset({b"host", b"content-length", b"transfer-encoding"})
 _RETRYABLE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+# A request line the fast path takes: a bodiless method, an origin-form target of RFC 3986
+# path and query characters only (a strict subset of what llhttp accepts), HTTP/1.1.
+_FAST_LINE = re.compile(
+    rb"(GET|HEAD|DELETE|OPTIONS) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.1"
+)
 _REASONS = {
     400: b"Bad Request",
     403: b"Forbidden",
@@ -204,6 +215,8 @@ class _Downstream(asyncio.Protocol):
         "_closing",
         "_connect_task",
         "_endpoint",
+        "_fast",
+        "_fast_common",
         "_gate",
         "_hdr",
         "_last_block",
@@ -283,6 +296,10 @@ class _Downstream(asyncio.Protocol):
         self._gate: RequestGate | None = None
         self._last_hdr: list[tuple[bytes, bytes]] | None = None
         self._last_block: tuple[Any, ...] = ()
+        # The raw bytes after the request line of this client's last common request, with
+        # its Host and re-framed tail (see `_fast_request`); None until one was seen.
+        self._fast: tuple[bytes, bytes, bytes] | None = None
+        self._fast_common = False
         self._state = _IDLE
         self.deadline = math.inf
         self._paused = 0
@@ -362,6 +379,17 @@ class _Downstream(asyncio.Protocol):
                 # Early data after an upgrade request (reading may not pause at once).
                 self._upgrade_buf.append(data)
             return
+        fast = self._fast
+        if (
+            fast is not None
+            and state == _IDLE
+            and not self._queue
+            and data.endswith(fast[0])
+            and self._fast_request(data, fast)
+        ):
+            self._flush_head()
+            return
+        self._fast_common = False
         self._stall += len(data)
         try:
             self._parser.feed_data(data)
@@ -377,6 +405,11 @@ class _Downstream(asyncio.Protocol):
             # Bytes keep coming without completing a head, header or chunk line.
             self._bad_input(431 if self._state == _HEAD else 400, "header section too large")
             return
+        if self._fast_common:
+            self._remember_fast(data)
+        self._flush_head()
+
+    def _flush_head(self) -> None:
         out = self._up_out
         if out:
             up = self._up
@@ -543,6 +576,48 @@ class _Downstream(asyncio.Protocol):
 
     # -- requests --------------------------------------------------------------------------
 
+    def _remember_fast(self, data: bytes) -> None:
+        """After a common request read whole in one piece: remember its raw header bytes.
+
+        Called when `_start` took its cached common branch for a bodiless request (its
+        header fields were checked before). If ``data`` was exactly that request, the same
+        bytes after a request line that `_FAST_LINE` accepts are the same request again.
+        """
+        self._fast_common = False
+        if data[-4:] != b"\r\n\r\n" or data.find(b"\r\n\r\n") != len(data) - 4:
+            return
+        line_end = data.find(b"\r\n")
+        if not _FAST_LINE.fullmatch(data, 0, line_end):
+            return
+        host, tail = self._last_block[1], self._last_block[6]
+        self._fast = (data[line_end:], host, tail)
+
+    def _fast_request(self, data: bytes, fast: tuple[bytes, bytes, bytes]) -> bool:
+        """Serve ``data`` without the parser if it is the client's common request again.
+
+        ``data`` ends with the remembered header bytes; what comes before them must be a
+        request line `_FAST_LINE` accepts. Then the request is the one whose fields were
+        checked, with another method or target: no field is looked at again. ``False``
+        (nothing done) sends the bytes through the parser.
+        """
+        block, host, tail = fast
+        match = _FAST_LINE.fullmatch(data, 0, len(data) - len(block))
+        if match is None or match.end(2) - match.start(2) > self._max_line:
+            return False
+        method, path = match.group(1, 2)
+        self._stall = 0
+        self._state = _HEAD
+        self.http11 = True
+        self._chunked_up = False
+        self.upgrading = False
+        self.keep_alive = True
+        self.close_after = self._closing
+        if self._dispatch(method, path, host, False, b"".join((method, b" ", path, tail))):
+            self.request_done = True
+            if self._resp_done:
+                self._cycle_end(self._time())
+        return True
+
     def _start(
         self,
         method: bytes,
@@ -607,6 +682,7 @@ class _Downstream(asyncio.Protocol):
                 self.upgrading = False
                 self.keep_alive = True
                 self.close_after = self._closing
+                self._fast_common = not tail_body
                 return self._dispatch(
                     method, path, host, tail_body, b"".join((method, b" ", path, tail))
                 )

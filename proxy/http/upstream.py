@@ -113,6 +113,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_broken",
         "_done",
         "_down",
+        "_fast",
+        "_fast_common",
         "_flushed",
         "_hdr",
         "_head_read",
@@ -147,6 +149,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._hdr: list[tuple[bytes, bytes]] = []
         self._last_hdr: list[tuple[bytes, bytes]] | None = None
         self._last_block: tuple[Any, ...] = ()
+        # The last common response read whole in one piece: its raw head, its size with the
+        # body, its status and the head written for it (see `_fast_response`).
+        self._fast: tuple[bytes, int, int, bytes] | None = None
+        self._fast_common = 0
         self._out: list[bytes] = []
         self._mode = _NONE
         self._keep_alive = False
@@ -231,10 +237,20 @@ class UpstreamConnection(asyncio.Protocol):
             down.write(data)
             return
         if not self._responded:
+            fast = self._fast
+            if (
+                fast is not None
+                and not self._head_read
+                and len(data) == fast[1]
+                and data.startswith(fast[0])
+                and self._fast_response(data, fast)
+            ):
+                return
             self._head_read += len(data)
             if self._head_read > _MAX_RESPONSE_HEAD:
                 self._fail(Failure.PROTOCOL, "response head too large")
                 return
+        self._fast_common = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -247,6 +263,8 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._fail(Failure.PROTOCOL, "bad response from upstream")
             return
+        if self._fast_common and self._done and self._head_read == len(data):
+            self._remember_fast(data)
         out = self._out
         if out:
             down = self._down
@@ -326,6 +344,8 @@ class UpstreamConnection(asyncio.Protocol):
                 owner.response_close = False
                 self._out.append(common_head)
                 self._responded = True
+                if self._keep_alive:
+                    self._fast_common = status
                 owner.report_response(self, status)
                 return
         else:
@@ -456,6 +476,39 @@ class UpstreamConnection(asyncio.Protocol):
                     parts.extend((name, b": ", value, b"\r\n"))
             parts.append(b"\r\n")
             self._out.append(b"".join(parts))
+
+    def _remember_fast(self, data: bytes) -> None:
+        """After a common response read whole in one read: remember its raw head.
+
+        Called when `on_headers_complete` took its cached common branch (fields checked
+        before, keep-alive, a Content-Length) and the response ended in this read. The same
+        head bytes with a body of the same size are the same response again.
+        """
+        status, self._fast_common = self._fast_common, 0
+        end = data.find(b"\r\n\r\n") + 4
+        # Exactly one head and its body (no interim response before it), and small.
+        if end + int(self._last_block[1]) == len(data) <= _JOIN_MAX:
+            self._fast = (data[:end], len(data), status, self._last_block[5])
+
+    def _fast_response(self, data: bytes, fast: tuple[bytes, int, int, bytes]) -> bool:
+        """Pass on ``data``, the connection's common response again, without the parser."""
+        owner = self.owner
+        assert owner is not None
+        if not owner.http11 or not owner.request_done or owner.close_after or owner.head_request:
+            return False
+        head, _, status, written = fast
+        self._keep_alive = True
+        self._mode = _LENGTH
+        owner.response_close = False
+        self._responded = True
+        owner.report_response(self, status)
+        down = self._down
+        assert down is not None
+        down.write(written + data[len(head) :])
+        self._flushed = True
+        self._done = True
+        self._complete()
+        return True
 
     def on_body(self, body: bytes) -> None:
         mode = self._mode
