@@ -41,6 +41,13 @@ __all__ = ["TlsContext", "TlsError", "TlsTransport", "connect", "server_factory"
 _lib: Any = Binding.lib
 _ffi: Any = Binding.ffi
 
+_SSL_read = _lib.SSL_read
+_SSL_write = _lib.SSL_write
+_BIO_read = _lib.BIO_read
+_BIO_write = _lib.BIO_write
+_SSL_get_error = _lib.SSL_get_error
+_BIO_pending = _lib.BIO_get_mem_data  # with NULL: how many bytes the memory BIO holds
+_NULL = _ffi.NULL
 _WANT_READ: int = _lib.SSL_ERROR_WANT_READ
 _ZERO_RETURN: int = _lib.SSL_ERROR_ZERO_RETURN
 _SYSCALL: int = _lib.SSL_ERROR_SYSCALL
@@ -48,6 +55,7 @@ _SYSCALL: int = _lib.SSL_ERROR_SYSCALL
 # Scratch for SSL_read and BIO_read: what leaves it is copied into bytes at once (app
 # protocols keep what they get, and uvloop's write(memoryview) does not copy).
 _SCRATCH = 256 * 1024
+_RECORD = 16 * 1024  # a TLS record's largest plaintext
 
 _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
 
@@ -269,11 +277,11 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         # A memory BIO never blocks and partial writes are off (`_base`): one call writes it
         # all, in records of at most 16 KiB.
         ssl = self._ssl
-        written = _lib.SSL_write(ssl, data, size)
+        written = _SSL_write(ssl, data, size)
         if written != size:
             if written > 0:
                 raise AssertionError("SSL_write wrote part of the data")
-            self._fatal(_failure(ssl, _lib.SSL_get_error(ssl, written)))
+            self._fatal(_failure(ssl, _SSL_get_error(ssl, written)))
             return
         self._flush()
 
@@ -387,7 +395,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self._state
         if state == _OPEN:
-            _lib.BIO_write(self._in, data, len(data))
+            _BIO_write(self._in, data, len(data))
             if self._read_paused:
                 # Reading pauses late (a read already made): the records wait in OpenSSL.
                 self._unread = True
@@ -488,26 +496,28 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
 
     def _read(self) -> None:
         ssl = self._ssl
+        source = self._in
         scratch = _scratch
         buf = scratch.buf
-        ssl_read = _lib.SSL_read
         while self._state == _OPEN:
             if self._read_paused:
                 self._unread = True
                 break
-            got = ssl_read(ssl, buf, _SCRATCH)
-            code = 0
-            if got > 0:
-                # Coalesce the records of this read into one delivery.
-                while got < _SCRATCH:
-                    more = ssl_read(ssl, buf + got, _SCRATCH - got)
-                    if more <= 0:
-                        code = _lib.SSL_get_error(ssl, more)
-                        break
-                    got += more
+            # Coalesce the records of this read into one delivery. With a record's room left,
+            # SSL_read takes a whole record (no read-ahead), so an empty BIO means that
+            # nothing waits: no failing SSL_read just to learn it.
+            got = 0
+            code = _WANT_READ
+            while _SCRATCH - got >= _RECORD:
+                size = _SSL_read(ssl, buf + got if got else buf, _SCRATCH - got)
+                if size <= 0:
+                    code = _SSL_get_error(ssl, size)
+                    break
+                got += size
+                if not _BIO_pending(source, _NULL):
+                    break
             else:
-                code = _lib.SSL_get_error(ssl, got)
-                got = 0
+                code = 0  # the scratch filled up: more may wait
             error = None
             if code not in (0, _WANT_READ, _ZERO_RETURN):
                 error = _failure(ssl, code)
@@ -554,9 +564,8 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         if raw is None or raw.is_closing():
             return  # the socket is going (its connection_lost is on its way): nothing to send
         scratch = _scratch
-        bio_read = _lib.BIO_read
         while True:
-            size = bio_read(out, scratch.buf, _SCRATCH)
+            size = _BIO_read(out, scratch.buf, _SCRATCH)
             if size <= 0:
                 return
             raw.write(scratch.view[:size])
