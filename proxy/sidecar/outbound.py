@@ -114,7 +114,8 @@ class MeshConnector:
             raise ConnectionError("connect or TLS handshake timed out") from None
         except TlsError as error:
             if error.verify_code:
-                # The server's chain does not end at a root of the target's trust domain.
+                # OpenSSL refused the server's certificate (a chain to no root of the target's
+                # domain, expired, …): counted with that reason.
                 raise self._reject(error.reason, str(error)) from None
             raise
         self.peers.add(target.trust_domain, transport)
