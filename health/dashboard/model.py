@@ -226,6 +226,9 @@ def worth_recording(previous: Decision | None, decision: Decision) -> bool:
     return decision.rule is not previous.rule
 
 
+ALL_COPIES_MAX = 200
+
+
 def service_rows(
     view: HealthView,
     now: float,
@@ -255,7 +258,13 @@ def service_rows(
             )
         )
     measured = {(r.service, r.caller, r.region) for r in rows}
-    for service, copy in view.remote_copies():
+    # Beyond ALL_COPIES_MAX imported services, only the copies of services we serve or call:
+    # a cluster importing ten thousand services it never calls neither builds nor shows a row
+    # for each of them every second.
+    wanted = None
+    if view.remote_count() > ALL_COPIES_MAX:
+        wanted = {r.service for r in rows} | {*view.local_services()}
+    for service, copy in view.remote_copies(wanted):
         if (service, view.cluster, copy.cluster) in measured:
             continue
         summary = copy.summary

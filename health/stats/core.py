@@ -559,13 +559,26 @@ class HealthView:
         if not by_cluster:
             self._remote.pop(service, None)
 
-    def remote_copies(self) -> list[tuple[str, RemoteService]]:
-        """Every peer's copy of every service we know of, as (service, copy), sorted."""
+    def remote_copies(
+        self, services: Iterable[str] | None = None
+    ) -> list[tuple[str, RemoteService]]:
+        """Every peer's copy of ``services`` (default: every service we know of), as
+        (service, copy), sorted."""
+        remote = self._remote
+        names = sorted(remote) if services is None else sorted(set(services) & remote.keys())
         return [
-            (service, by_cluster[cluster])
-            for service, by_cluster in sorted(self._remote.items())
-            for cluster in sorted(by_cluster)
+            (service, remote[service][cluster])
+            for service in names
+            for cluster in sorted(remote[service])
         ]
+
+    def remote_count(self) -> int:
+        """How many services peers export to us."""
+        return len(self._remote)
+
+    def local_services(self) -> list[str]:
+        """The services this cluster serves itself."""
+        return list(self._local)
 
     def set_gateways(self, statuses: Mapping[str, ProbeStatus]) -> None:
         """The latest probe status of each peer's gateway, by cluster."""

@@ -77,20 +77,20 @@ from federation.peering.store import load_state
 from federation.trust import store as ca_store
 from federation.trust.ca import ClusterCA, create_ca
 from health.dashboard.board import Board
-from health.dashboard.model import (
-    Region,
-    RttLink,
-    ServiceStats,
-    degraded_metrics,
-    region_status,
-)
+from health.dashboard.model import Region, RttLink, region_status, service_rows
 from health.dashboard.server import LOOPBACK_HOSTS, DashboardSettings, dashboard_app
 from health.failover.loop import FailoverLoop
 from health.failover.model import Decision
 from health.failover.record import Journal
-from health.probe.prober import GatewayTarget, Prober
+from health.probe.core import probe_latency
+from health.probe.prober import (
+    EndpointTarget,
+    GatewayTarget,
+    Prober,
+    endpoint_statuses,
+    gateway_statuses,
+)
 from health.stats.core import (
-    SHORT_SPAN_S,
     HealthView,
     LocalService,
     RegionalStats,
@@ -542,8 +542,9 @@ async def _housekeeping(
         try:
             refresh_identity()
             if plane.prober is not None:
-                plane.prober.set_targets(events.probe_targets())
-                statuses = plane.prober.statuses()
+                # Our local endpoints too: an idle copy's latency evidence (health_summary).
+                plane.prober.set_targets([*events.probe_targets(), *_endpoint_targets(plane)])
+                statuses = gateway_statuses(plane.prober.statuses())
                 plane.health.set_gateways(statuses)
                 if events.set_probe_alive({p: s.alive for p, s in statuses.items()}):
                     plane.changed()
@@ -558,10 +559,23 @@ async def _housekeeping(
         await asyncio.sleep(interval)
 
 
+def _endpoint_targets(plane: ControlPlane) -> list[EndpointTarget]:
+    catalog = plane.catalog.current() if plane.catalog is not None else None
+    if catalog is None:
+        return []
+    return [
+        EndpointTarget.for_endpoint(s.key.name, e.address, e.port, plane.trust_domain)
+        for s in local_services(catalog)
+        for e in s.endpoints
+        if e.healthy
+    ]
+
+
 def _publish_health(plane: ControlPlane, now: float) -> None:
     catalog = plane.catalog.current() if plane.catalog is not None else None
     if catalog is None:
         return
+    probed = plane.prober.statuses() if plane.prober is not None else {}
     summaries = [
         health_summary(
             plane.health.stats,
@@ -569,6 +583,7 @@ def _publish_health(plane: ControlPlane, now: float) -> None:
             plane.cluster,
             now,
             healthy_endpoints=s.healthy_endpoints,
+            probes=probe_latency(endpoint_statuses(probed, s.key.name)),
         )
         for s in local_services(catalog)
     ]
@@ -577,35 +592,10 @@ def _publish_health(plane: ControlPlane, now: float) -> None:
 
 def _update_board(plane: ControlPlane, now: float) -> None:
     """The dashboard's regions, RTT links and per-service statistics, from what we hold."""
-    statuses = plane.prober.statuses() if plane.prober is not None else {}
+    statuses = gateway_statuses(plane.prober.statuses()) if plane.prober is not None else {}
     policies = plane.failover.policies
-    services = []
-    for key in sorted(
-        plane.health.stats.traffic_keys(),
-        key=lambda k: (k.service, k.caller_cluster, k.target_cluster),
-    ):
-        traffic = plane.health.stats.stats(
-            key.service, key.caller_cluster, key.target_cluster, now, SHORT_SPAN_S
-        )
-        services.append(
-            ServiceStats(
-                service=key.service,
-                caller=key.caller_cluster,
-                region=key.target_cluster,
-                p50=traffic.p50,
-                p95=traffic.p95,
-                p99=traffic.p99,
-                success_rate=traffic.success_rate,
-                request_rate=traffic.rate_per_s,
-                degraded=degraded_metrics(
-                    policies.get(key.service),
-                    p50=traffic.p50,
-                    p95=traffic.p95,
-                    p99=traffic.p99,
-                    success_rate=traffic.success_rate,
-                ),
-            )
-        )
+    # Every copy: what our callers measured, and each peer's copy we send nothing to.
+    services = service_rows(plane.health, now, policies)
     degraded = Counter(s.region for s in services if s.degraded)
     regions = [
         Region(

@@ -6,6 +6,7 @@ import pytest
 
 from federation.peering.model import HealthSource, ServiceHealth, ServiceKey
 from health.dashboard.model import (
+    ALL_COPIES_MAX,
     DecisionEntry,
     Metric,
     Region,
@@ -228,6 +229,16 @@ def test_every_copy_has_a_row_even_one_our_callers_never_call() -> None:
     )
     unknown = rows["search", "eu-central"]
     assert (unknown.p95, unknown.success_rate, unknown.request_rate) == (None, None, 0.0)
+
+
+def test_past_the_cap_only_copies_of_services_we_serve_or_call_have_rows() -> None:
+    view = HealthView(LOCAL, RegionalStats())
+    _served(view, "payments", LOCAL, 0.020, per_second=5)
+    view.set_remote("payments", RemoteService(REMOTE, 2, _summary("payments"), NOW))
+    for index in range(ALL_COPIES_MAX):
+        view.set_remote(f"import-{index}", RemoteService(REMOTE, 1, _summary("x"), NOW))
+    rows = {(r.service, r.region) for r in service_rows(view, NOW, {})}
+    assert rows == {("payments", LOCAL), ("payments", REMOTE)}
 
 
 def test_an_idle_copys_row_shows_its_probe_latency_and_says_so() -> None:
