@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -432,6 +432,42 @@ async def test_an_upstream_of_the_wrong_trust_domain_is_refused_and_counted(
     await client.close()
     server.close()
     assert sample(caller, "snapbright_outbound_rejected_total", reason="foreign-root") == 1.0
+
+
+async def test_an_upstream_presenting_an_expired_svid_is_refused_and_counted(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    # OpenSSL refuses it in the handshake; the reason it gives is the one counted.
+    ca = mesh.west.ca.active
+    assert ca.root_key is not None
+    from tests.proxy.identity.forge import ForgedDomain
+
+    now = datetime.now(UTC)  # OpenSSL checks against the real clock
+    expired = forge_leaf(
+        ForgedDomain(mesh.west.trust_domain, ca.root, ca.root_key),
+        uris=["spiffe://us-west.acme/ns/default/sa/payments"],
+        not_before=now - timedelta(minutes=30),
+        not_after=now - timedelta(minutes=1),
+    )
+    context = server_context(expired, TrustBundleSet([mesh.west.ca.bundle()]))
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    caller = await mesh.sidecar(
+        mesh.west,
+        "checkout",
+        1,
+        upstreams=[{"service": "payments", "targets": [target("us-west", port)]}],
+        policies=[traffic_policy(retries={"attempts": 1})],
+    )
+    client = await Client.open(outbound_port(caller))
+    assert (await get(client))[0] == 502
+    await client.close()
+    server.close()
+    assert sample(caller, "snapbright_outbound_rejected_total", reason="expired") == 1.0
 
 
 async def test_a_delay_fault_holds_the_request_before_it_is_sent(mesh: Mesh) -> None:
