@@ -85,6 +85,9 @@ class InjectedFault(Exception):
 class Route(Protocol):
     """The endpoints of one service, as the forwarder sees them."""
 
+    # The upstream's own request timeout in seconds, or None for the listener's.
+    request_timeout: float | None
+
     def pick(self, now: float) -> EndpointAddress | None:
         """The endpoint for the next request; ``None`` when there is none (503).
 
@@ -146,11 +149,12 @@ class StaticEndpoint:
 class RoundRobinRoute:
     """Picks endpoints in turn and ignores what it is told: the stand-in balancer."""
 
-    __slots__ = ("_endpoints", "_next")
+    __slots__ = ("_endpoints", "_next", "request_timeout")
 
     def __init__(self, endpoints: Sequence[EndpointAddress]) -> None:
         self._endpoints = tuple(endpoints)
         self._next = 0
+        self.request_timeout: float | None = None
 
     @property
     def endpoints(self) -> tuple[EndpointAddress, ...]:

@@ -824,6 +824,10 @@ class _Downstream(asyncio.Protocol):
         self._endpoint = endpoint
         self._reported = False
         self._t0 = now
+        # Every request gets its deadline here (retries keep it): the upstream's own request
+        # timeout if its TrafficPolicy sets one, else the listener's.
+        timeout = route.request_timeout
+        self._request_deadline = self._time() + (self._t_request if timeout is None else timeout)
         self._attempts = 1
         self._req_head = head
         self._retryable = not has_body and method in _RETRYABLE_METHODS and not self.upgrading
@@ -834,7 +838,7 @@ class _Downstream(asyncio.Protocol):
         conn = self._pool.take(endpoint)
         if conn is not None:
             self._state = _WAITING
-            self.deadline = self._request_deadline = self._time() + self._t_request
+            self.deadline = self._request_deadline
             self._up = conn
             conn.bind(self, self._transport)  # type: ignore[arg-type]
         else:
@@ -893,8 +897,6 @@ class _Downstream(asyncio.Protocol):
     def _connect(self, endpoint: EndpointAddress, delay: float = 0.0) -> None:
         self._state = _CONNECTING
         now = self._time()
-        if self._request_deadline == math.inf:
-            self._request_deadline = now + self._t_request
         self.deadline = min(now + delay + self._t_connect, self._request_deadline)
         self._pause(_P_CONNECTING)
         self._connect_task = self._loop.create_task(self._connect_to(endpoint, delay))

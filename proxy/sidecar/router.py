@@ -201,12 +201,14 @@ _EMPTY = _Plan(WeightedTargets({}), {}, RetryPolicy(), RetryBudget())
 class MeshRoute:
     """The route of one upstream: implements proxy/http's `Route` (and `pick_retry`)."""
 
-    __slots__ = ("_failed", "_rng", "_wall", "plan", "policy", "service")
+    __slots__ = ("_failed", "_rng", "_wall", "plan", "policy", "request_timeout", "service")
 
     def __init__(self, service: str, rng: Random, wall_offset: float) -> None:
         self.service = service
         self.plan = _EMPTY
         self.policy: TrafficPolicySpec | None = None
+        # The TrafficPolicy's request timeout (None: the listener's default).
+        self.request_timeout: float | None = None
         self._rng = rng
         self._wall = wall_offset
         # The target of the latest connect failure: the forwarder asks `pick_retry` right
@@ -387,6 +389,7 @@ class MeshRouter:
             policy = state.traffic.get(service)
             route.plan = self._plan(upstream, policy, route, targets, now)
             route.policy = policy.spec if policy is not None else None
+            route.request_timeout = policy.spec.timeouts.request if policy is not None else None
             routes[service] = route
         for key, target in self._targets.items():
             if key not in targets:

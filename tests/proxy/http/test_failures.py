@@ -186,6 +186,50 @@ async def test_upstream_that_never_answers_is_504_after_the_request_timeout(
     await client.close()
 
 
+async def test_the_routes_own_request_timeout_overrides_the_listeners(
+    backend: Backend, route: RecordingRoute
+) -> None:
+    async def slow(request: Received, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(3)
+        return False
+
+    backend.handler = slow
+    route.request_timeout = 0.2
+    server = await start(route, Timeouts(connect=0.3, request=5.0, header=0.3, idle=5.0))
+    client = await Client.open(server.port)
+    began = time.monotonic()
+    await client.send(GET)
+    answer = await client.read()
+    assert answer.status == 504
+    assert time.monotonic() - began < 1.5  # the listener's 5 s would still be running
+    assert route.failures == [Failure.TIMEOUT]
+    await client.close()
+    await server.aclose(grace=0.5)
+
+
+async def test_a_later_request_that_needs_a_new_upstream_connection_gets_a_full_timeout(
+    backend: Backend, route: RecordingRoute
+) -> None:
+    async def closing(request: Received, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(response(200, b"ok", [(b"Connection", b"close")]))
+        await w.drain()
+        return False
+
+    backend.handler = closing
+    server = await start(route, Timeouts(connect=0.3, request=0.3, header=0.3, idle=5.0))
+    client = await Client.open(server.port)
+    await client.send(GET)
+    assert (await client.read()).status == 200
+    # Longer than the request timeout: the next request's deadline is its own, not the
+    # first one's (the upstream closed, so this one connects anew).
+    await asyncio.sleep(0.5)
+    await client.send(GET)
+    assert (await client.read()).status == 200
+    assert backend.connections == 2
+    await client.close()
+    await server.aclose(grace=0.5)
+
+
 BAD_RESPONSES = [
     (
         "content-length with transfer-encoding",

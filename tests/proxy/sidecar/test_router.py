@@ -133,6 +133,23 @@ def test_the_breaker_refuses_beyond_max_requests_and_frees_the_slot_on_failure()
     assert route.pick(0.02) is not None
 
 
+def test_the_traffic_policys_request_timeout_is_the_routes_and_goes_with_the_policy() -> None:
+    policy = TrafficPolicy.model_validate(
+        {
+            "apiVersion": "snapbright.io/v1alpha1",
+            "kind": "TrafficPolicy",
+            "metadata": {"name": "payments"},
+            "spec": {"service": "payments", "timeouts": {"request": "250ms"}},
+        },
+        strict=False,
+    )
+    router = MeshRouter(rng=Random(1))
+    router.apply(_state(_target("us-west", 1.0, 1000), traffic={"payments": policy}), now=0.0)
+    assert _route(router).request_timeout == 0.25
+    router.apply(_state(_target("us-west", 1.0, 1000)), now=1.0)
+    assert _route(router).request_timeout is None
+
+
 def test_a_connect_retry_is_refused_once_attempts_are_spent() -> None:
     router = MeshRouter(rng=Random(1))
     router.apply(_state(_target("us-west", 1.0, 1000, 1001)), now=0.0)
