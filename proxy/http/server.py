@@ -607,12 +607,7 @@ class _Downstream(asyncio.Protocol):
         method, path = match.group(1, 2)
         self._stall = 0
         self._state = _HEAD
-        self.http11 = True
-        self._chunked_up = False
-        self.upgrading = False
-        self.keep_alive = True
-        self.close_after = self._closing
-        if self._dispatch(method, path, host, False, b"".join((method, b" ", path, tail))):
+        if self._dispatch_common(method, path, host, False, tail):
             self.request_done = True
             if self._resp_done:
                 self._cycle_end(self._time())
@@ -675,17 +670,8 @@ class _Downstream(asyncio.Protocol):
                 and authority is None
                 and (version is None or version == "1.1")
             ):
-                # The common request (HTTP/1.1, keep-alive, a Host, no Connection, no
-                # Transfer-Encoding) with fields already checked: its head in one join.
-                self.http11 = True
-                self._chunked_up = False
-                self.upgrading = False
-                self.keep_alive = True
-                self.close_after = self._closing
                 self._fast_common = not tail_body
-                return self._dispatch(
-                    method, path, host, tail_body, b"".join((method, b" ", path, tail))
-                )
+                return self._dispatch_common(method, path, host, tail_body, tail)
         else:
             block_parts: list[bytes] = []
             extend = block_parts.extend
@@ -783,6 +769,18 @@ class _Downstream(asyncio.Protocol):
         self.keep_alive = keep_alive
         self.close_after = not keep_alive or upgrade or self._closing
         return self._dispatch(method, path, host, has_body, b"".join(parts))
+
+    def _dispatch_common(
+        self, method: bytes, path: bytes, host: bytes, has_body: bool, tail: bytes
+    ) -> bool:
+        """The common request (HTTP/1.1, keep-alive, a Host, no Connection, no
+        Transfer-Encoding) with fields already checked: its head in one join."""
+        self.http11 = True
+        self._chunked_up = False
+        self.upgrading = False
+        self.keep_alive = True
+        self.close_after = self._closing
+        return self._dispatch(method, path, host, has_body, b"".join((method, b" ", path, tail)))
 
     def _dispatch(
         self, method: bytes, path: bytes, host: bytes, has_body: bool, head: bytes

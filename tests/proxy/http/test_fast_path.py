@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from proxy.http import OutboundServer, serve_outbound
 from proxy.http.server import _FAST_LINE
-from tests.proxy.http.backend import Backend, Received
+from tests.proxy.http.backend import Backend, Handler, Received
 from tests.proxy.http.client import Client
 from tests.proxy.http.conftest import SHORT
 
@@ -188,6 +188,14 @@ async def test_the_gate_admits_every_request_of_a_warmed_connection_afresh() -> 
     await backend.close()
 
 
+async def _serve(handler: Handler) -> tuple[Backend, OutboundServer]:
+    backend = await Backend(handler).start()
+    server = await serve_outbound(
+        "127.0.0.1", 0, {"svc": [("127.0.0.1", backend.port)]}, timeouts=SHORT
+    )
+    return backend, server
+
+
 def _fixed(body: bytes, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\nX-Same: 1\r\nContent-Length: %d\r\n\r\n%s%s" % (
         len(body),
@@ -208,10 +216,7 @@ async def test_a_repeated_response_head_passes_each_new_body_and_no_stale_one() 
         await writer.drain()
         return True
 
-    backend = await Backend(handler).start()
-    server = await serve_outbound(
-        "127.0.0.1", 0, {"svc": [("127.0.0.1", backend.port)]}, timeouts=SHORT
-    )
+    backend, server = await _serve(handler)
     client = await Client.open(server.port)
     seen = []
     for _ in range(6):
@@ -244,10 +249,7 @@ async def test_an_extra_response_after_a_repeated_one_breaks_the_upstream_connec
         await writer.drain()
         return True
 
-    backend = await Backend(handler).start()
-    server = await serve_outbound(
-        "127.0.0.1", 0, {"svc": [("127.0.0.1", backend.port)]}, timeouts=SHORT
-    )
+    backend, server = await _serve(handler)
     client = await Client.open(server.port)
     for _ in range(3):
         await client.send(WARM)
