@@ -211,8 +211,10 @@ def _tick(
     """Advance one trigger's clocks: ``value`` is the long reading (exit), ``entering`` the one
     read to enter (the short span's when it has evidence), ``began`` the start of that span."""
     if value is None and entering is None:
-        # No evidence: neither degraded nor healthy; both clocks start over.
-        return TriggerClock()
+        # No evidence this tick: it says neither degraded nor healthy, so the clocks stand
+        # still. (Starting them over made a copy holding only the kept share, whose few
+        # samples dip below the minimum now and then, wait far longer to be seen recovered.)
+        return clock
     over_since = None
     if entering is not None and entering > enter:
         # A new degradation is dated from the start of its first slow span, not this tick.

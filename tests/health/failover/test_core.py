@@ -382,6 +382,28 @@ def test_a_kept_share_with_fewer_than_five_samples_is_not_evidence(
         assert "only 4 samples of 5: no evidence" in decisions[-1].explanation
 
 
+def test_a_kept_share_whose_samples_dip_below_five_now_and_then_fails_back_on_time() -> None:
+    # A small share's sample count wanders (1.5% of 60 requests/s: ~9 per 10 s, sometimes 4):
+    # a tick without evidence holds the recovery clocks instead of starting them over.
+    def observe(samples_when_kept: Callable[[float], int]) -> Scene:
+        def scene(t: float, weights: Mapping[str, int]) -> Observations:
+            kept = weights.get(LOCAL, TOTAL_WEIGHT) <= 200
+            samples = samples_when_kept(t) if kept else 500
+            return _scene(lambda _: {"p95": SLOW if 10 <= t < 30 else HEALTHY, "samples": samples})(
+                t, weights
+            )
+
+        return scene
+
+    steady = _run(_policy(), observe(lambda t: 9), 90)
+    dipping = _run(_policy(), observe(lambda t: 4 if int(t) % 4 == 0 else 9), 90)
+    home = [
+        next(i for i, d in enumerate(run) if i > 30 and _away([d])[0] == 0)
+        for run in (steady, dipping)
+    ]
+    assert home[1] <= home[0] + 2
+
+
 def test_a_reading_above_exit_during_failback_pauses_it() -> None:
     scene = _scene(lambda t: {"p95": SLOW if 10 <= t < 30 else BETWEEN if t >= 46 else HEALTHY})
     decisions = _run(_policy(), scene, 80)
