@@ -65,13 +65,14 @@ the trigger's ``enterAfter`` (ticks, 1 per window)    +enterAfter     +enterAfte
 weights to the sidecars (discovery push)              < 0.1 s         < 0.2 s
 ====================================================  ==============  ===================
 
-So the controller acts ≈ 1.2 s (≤ 1.7 s) plus ``enterAfter`` after a brownout starts, once
-the percentile over the decision span has moved (a p95 over 10 s needs ≥ 5 % slow answers,
-i.e. about 0.5 s of them at a constant rate). The hold is counted in ticks, one new window
-each, so ``first_shift_s ≤ 2`` needs the latency trigger's ``enterAfter`` under a second
-(``0s``: the percentile over the span is then the only guard against a blip); the example
-policy's ``2s`` gives ≈ 3.2 s. ``shift_90_s`` is the first shift plus the ramp to 90 %
-(35 % per 1 s: 35, 70, 98, so + 2 s).
+The enter trigger reads the newest closed second (``evidence.enterSpan``, default 1 s) and
+dates a new degradation from the start of its first slow window, so the controller acts at
+the tick that sees the ``enterAfter``-th slow window: a fault that starts ``f`` seconds into
+a whole second moves traffic ``enterAfter + 0.25 − f`` seconds later, or one second more when
+its own second holds under 5 % slow answers (at +400 ms, when ``f`` > ~0.55). With the
+example policy (``enterAfter: 2s``) that is 1.75–2.75 s (pinned in virtual time by
+tests/health/stats); ``enterAfter: 1s`` gives 0.85–1.45 s at the price of one slow second
+moving traffic. ``shift_90_s`` is the first shift plus the ramp: 50 % per 1 s, so + 1 s.
 """
 
 from __future__ import annotations
