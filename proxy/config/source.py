@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
@@ -52,7 +52,8 @@ class ReloadResult:
 class FileConfigSource(Generic[T]):
     """A config file, parsed by ``parse`` (which raises :class:`ConfigRejected`).
 
-    The file is re-read when its (mtime, size, inode) changes, checked every
+    The file is re-read when its (mtime, size, inode) changes, or that of a file
+    ``also_watch`` names (e.g. the certificates the configuration points at), checked every
     ``poll_interval`` seconds, and on SIGHUP when :meth:`watch_sighup` was called. The
     constructor parses once and raises if the first file is bad: a process never starts on a
     configuration it cannot read.
@@ -65,13 +66,15 @@ class FileConfigSource(Generic[T]):
         *,
         poll_interval: float = 1.0,
         on_reload: Callable[[ReloadResult], None] | None = None,
+        also_watch: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self._path = path
         self._parse = parse
         self._poll_interval = poll_interval
         self._on_reload = on_reload
-        self._stamp = self._stat()
+        self._also_watch = also_watch
         self._value = parse(path)
+        self._stamp = self._stat()
         self._changed = asyncio.Event()
         self._version = 0
         self._closed = False
@@ -126,9 +129,16 @@ class FileConfigSource(Generic[T]):
             elif self._changed.is_set():
                 self._changed.clear()
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self._path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
+        paths = [str(self._path)]
+        if self._also_watch is not None:
+            paths.extend(self._also_watch())
+        return tuple(_stat(path) for path in paths)
+
+
+def _stat(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -13,11 +13,8 @@ Both are `proxy.config.source.ConfigSource[SidecarState]`:
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
 from proxy.config.loader import load_file
-from proxy.config.source import ConfigRejected, ReloadResult
+from proxy.config.source import ConfigRejected, FileConfigSource, ReloadResult
 from proxy.identity.bundle import BundleError, TrustBundle, TrustBundleSet, parse_bundle
 from proxy.identity.model import SpiffeId, SpiffeIdError, TrustDomain
 from proxy.identity.svid import SvidError, X509Svid, spiffe_id_of
@@ -208,7 +205,7 @@ def state_from_snapshot(
     return parse
 
 
-class SidecarFileSource:
+class SidecarFileSource(FileConfigSource[SidecarState]):
     """A `ConfigSource[SidecarState]` over a SidecarConfig file and the files it names."""
 
     def __init__(
@@ -218,72 +215,21 @@ class SidecarFileSource:
         poll_interval: float = 1.0,
         on_reload: Callable[[ReloadResult], None] | None = None,
     ) -> None:
-        self._path = path
-        self._poll_interval = poll_interval
-        self._on_reload = on_reload
-        self.config = load_sidecar_config(path)
-        self._value = state_from_config(self.config)
-        self._stamp = self._stat()
-        self._changed = asyncio.Event()
-        self._version = 0
-        self._closed = False
+        super().__init__(
+            path,
+            self._load,
+            poll_interval=poll_interval,
+            on_reload=on_reload,
+            also_watch=self._files,
+        )
 
-    def current(self) -> SidecarState:
-        """The last good state."""
-        return self._value
+    def _load(self, path: Path) -> SidecarState:
+        config = load_sidecar_config(path)
+        state = state_from_config(config)
+        # The config in force (its listeners, identity, files): only once all of it is good.
+        self.config = config
+        return state
 
-    def reload(self) -> ReloadResult:
-        """Re-read everything now; keep the last good state if any file is refused."""
-        self._stamp = self._stat()
-        try:
-            config = load_sidecar_config(self._path)
-            value = state_from_config(config)
-        except ConfigRejected as error:
-            result = ReloadResult(ok=False, reason=error.reason)
-        else:
-            self.config = config
-            self._value = value
-            self._version += 1
-            self._changed.set()
-            result = ReloadResult(ok=True)
-        if self._on_reload is not None:
-            self._on_reload(result)
-        return result
-
-    def watch_sighup(self) -> None:
-        """Reload on SIGHUP (the loop must be running in the main thread)."""
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
-
-    def close(self) -> None:
-        """End every :meth:`updates` iterator."""
-        self._closed = True
-        self._changed.set()
-
-    async def updates(self) -> AsyncIterator[SidecarState]:
-        """Yield each new good state; poll the files for changes meanwhile."""
-        seen = self._version
-        while not self._closed:
-            try:
-                await asyncio.wait_for(self._changed.wait(), timeout=self._poll_interval)
-            except TimeoutError:
-                if self._stat() != self._stamp:
-                    self.reload()
-            if self._version != seen and not self._closed:
-                seen = self._version
-                self._changed.clear()
-                yield self._value
-            elif self._changed.is_set():
-                self._changed.clear()
-
-    def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
+    def _files(self) -> list[str]:
         tls = self.config.spec.tls
-        paths = [str(self._path), tls.certificate, tls.key, *(b.path for b in tls.bundles)]
-        return tuple(_stat(path) for path in paths)
-
-
-def _stat(path: str) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+        return [tls.certificate, tls.key, *(bundle.path for bundle in tls.bundles)]
