@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from proxy.http.model import Failure
 
@@ -211,12 +211,32 @@ def normalise_authority(authority: bytes) -> str | None:
     return text
 
 
+R = TypeVar("R")
+
+_ROUTE_CACHE_MAX = 1024
+
+
+def cached_route(
+    cache: dict[bytes, R | None], routes: Mapping[str, R], authority: bytes
+) -> R | None:
+    """``routes`` at the service ``authority`` names, remembered in ``cache`` by the bytes the
+    client sent (bounded: a client sending ever new Host values must not grow it without end)."""
+    try:
+        return cache[authority]
+    except KeyError:
+        pass
+    host = normalise_authority(authority)
+    route = None if host is None else routes.get(host)
+    if len(cache) >= _ROUTE_CACHE_MAX:
+        cache.clear()
+    cache[authority] = route
+    return route
+
+
 class StaticRouter:
     """Routes by service name (the host part of the authority) to fixed routes."""
 
     __slots__ = ("_cache", "_services")
-
-    _CACHE_MAX = 1024
 
     def __init__(self, services: Mapping[str, Route]) -> None:
         self._services = {name.lower().rstrip("."): route for name, route in services.items()}
@@ -234,15 +254,4 @@ class StaticRouter:
 
     def route(self, authority: bytes) -> Route | None:
         """The route for the service named by ``authority``, or ``None``."""
-        cache = self._cache
-        try:
-            return cache[authority]
-        except KeyError:
-            pass
-        host = normalise_authority(authority)
-        route = None if host is None else self._services.get(host)
-        # Bounded: a client sending ever new Host values must not grow it without end.
-        if len(cache) >= self._CACHE_MAX:
-            cache.clear()
-        cache[authority] = route
-        return route
+        return cached_route(self._cache, self._services, authority)

@@ -46,7 +46,7 @@ from random import Random
 from typing import Protocol
 
 from proxy.balance.core import Endpoint, WeightedTargets, p2c_pick
-from proxy.http.core import InjectedFault, Overloaded, Route, normalise_authority
+from proxy.http.core import InjectedFault, Overloaded, Route, cached_route
 from proxy.http.model import Failure
 from proxy.policy.model import TrafficPolicy, TrafficPolicySpec
 from proxy.resilience.core import (
@@ -340,8 +340,6 @@ class MeshRouter:
 
     __slots__ = ("_cache", "_metrics", "_rng", "_routes", "_targets", "_wall", "stats")
 
-    _CACHE_MAX = 1024
-
     def __init__(
         self,
         *,
@@ -359,17 +357,7 @@ class MeshRouter:
 
     def route(self, authority: bytes) -> Route | None:
         """The route of the upstream named by ``authority`` (``svc``, ``svc.namespace``)."""
-        cache = self._cache
-        try:
-            return cache[authority]
-        except KeyError:
-            pass
-        host = normalise_authority(authority)
-        route = None if host is None else self._routes.get(host)
-        if len(cache) >= self._CACHE_MAX:
-            cache.clear()
-        cache[authority] = route
-        return route
+        return cached_route(self._cache, self._routes, authority)
 
     def upstream(self, service: str) -> MeshRoute | None:
         """The route of ``service`` (for the TCP ports)."""
@@ -404,7 +392,7 @@ class MeshRouter:
             aliases.setdefault(f"{service}.{upstream.namespace}", routes[service])
         self._routes = aliases
         self._targets = targets
-        self._cache = {}
+        self._cache.clear()
 
     def _plan(
         self,
