@@ -398,20 +398,18 @@ async def test_an_endpoint_answering_5xx_is_ejected(mesh: Mesh) -> None:
     assert good.served == 24 - bad.served
 
 
-async def test_an_upstream_of_the_wrong_trust_domain_is_refused_and_counted(
-    mesh: Mesh, tmp_path: Path
-) -> None:
-    # A server whose certificate chains to us-west's root but claims ap-southeast.
+async def _refused_upstream(mesh: Mesh, uri: str, valid: tuple[datetime, datetime]) -> Sidecar:
+    """A caller whose only upstream presents a leaf for ``uri`` valid over ``valid``, signed by
+    us-west's root; one request through it is answered 502. The caller, for its metrics."""
     ca = mesh.west.ca.active
     assert ca.root_key is not None
     from tests.proxy.identity.forge import ForgedDomain
 
-    forged_domain = ForgedDomain(mesh.west.trust_domain, ca.root, ca.root_key)
     leaf = forge_leaf(
-        forged_domain,
-        uris=["spiffe://ap-southeast.acme/ns/default/sa/payments"],
-        not_before=mesh.west.ca.active.root.not_valid_before_utc,
-        not_after=mesh.west.ca.active.root.not_valid_before_utc + timedelta(days=1),
+        ForgedDomain(mesh.west.trust_domain, ca.root, ca.root_key),
+        uris=[uri],
+        not_before=valid[0],
+        not_after=valid[1],
     )
     context = server_context(leaf, TrustBundleSet([mesh.west.ca.bundle()]))
 
@@ -431,42 +429,28 @@ async def test_an_upstream_of_the_wrong_trust_domain_is_refused_and_counted(
     assert (await get(client))[0] == 502
     await client.close()
     server.close()
+    return caller
+
+
+async def test_an_upstream_of_the_wrong_trust_domain_is_refused_and_counted(mesh: Mesh) -> None:
+    # A server whose certificate chains to us-west's root but claims ap-southeast.
+    root = mesh.west.ca.active.root
+    caller = await _refused_upstream(
+        mesh,
+        "spiffe://ap-southeast.acme/ns/default/sa/payments",
+        (root.not_valid_before_utc, root.not_valid_before_utc + timedelta(days=1)),
+    )
     assert sample(caller, "snapbright_outbound_rejected_total", reason="foreign-root") == 1.0
 
 
-async def test_an_upstream_presenting_an_expired_svid_is_refused_and_counted(
-    mesh: Mesh, tmp_path: Path
-) -> None:
+async def test_an_upstream_presenting_an_expired_svid_is_refused_and_counted(mesh: Mesh) -> None:
     # OpenSSL refuses it in the handshake; the reason it gives is the one counted.
-    ca = mesh.west.ca.active
-    assert ca.root_key is not None
-    from tests.proxy.identity.forge import ForgedDomain
-
     now = datetime.now(UTC)  # OpenSSL checks against the real clock
-    expired = forge_leaf(
-        ForgedDomain(mesh.west.trust_domain, ca.root, ca.root_key),
-        uris=["spiffe://us-west.acme/ns/default/sa/payments"],
-        not_before=now - timedelta(minutes=30),
-        not_after=now - timedelta(minutes=1),
+    caller = await _refused_upstream(
+        mesh,
+        "spiffe://us-west.acme/ns/default/sa/payments",
+        (now - timedelta(minutes=30), now - timedelta(minutes=1)),
     )
-    context = server_context(expired, TrustBundleSet([mesh.west.ca.bundle()]))
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
-    port = server.sockets[0].getsockname()[1]
-    caller = await mesh.sidecar(
-        mesh.west,
-        "checkout",
-        1,
-        upstreams=[{"service": "payments", "targets": [target("us-west", port)]}],
-        policies=[traffic_policy(retries={"attempts": 1})],
-    )
-    client = await Client.open(outbound_port(caller))
-    assert (await get(client))[0] == 502
-    await client.close()
-    server.close()
     assert sample(caller, "snapbright_outbound_rejected_total", reason="expired") == 1.0
 
 
