@@ -17,8 +17,8 @@ from pydantic import ValidationError
 
 from snapbright.check.core import Unreachable
 from snapbright.check.model import ClusterStatus
-from snapbright.controlplane.client import AdminApiError, admin_url, request
-from snapbright.controlplane.model import ENDPOINTS_FILE, EndpointsFile
+from snapbright.controlplane.client import AdminApiError, admin_url, load_endpoints, request
+from snapbright.controlplane.model import ENDPOINTS_FILE
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,14 +48,7 @@ def targets(api: str | None, cluster: str | None, every: bool, state_dir: Path) 
 
 def _every_cluster(state_dir: Path) -> list[Target]:
     path = state_dir / ENDPOINTS_FILE
-    try:
-        endpoints = EndpointsFile.model_validate_json(path.read_bytes())
-    except FileNotFoundError:
-        raise AdminApiError(
-            f"no {path}: is a mesh running? (pass --state-dir DIR, or --api URL)"
-        ) from None
-    except (OSError, ValidationError) as error:
-        raise AdminApiError(f"cannot read {path}: {error}") from None
+    endpoints = load_endpoints(state_dir, "is a mesh running? (pass --state-dir DIR, or --api URL)")
     if not endpoints.clusters:
         raise AdminApiError(f"{path} lists no cluster")
     return [

@@ -26,6 +26,18 @@ class AdminApiError(Exception):
     """The control plane could not be found or reached, or refused the request."""
 
 
+def load_endpoints(state_dir: Path, hint: str) -> EndpointsFile:
+    """The state directory's endpoints file; :class:`AdminApiError` (with ``hint`` when it is
+    missing) if it cannot be read."""
+    path = state_dir / ENDPOINTS_FILE
+    try:
+        return EndpointsFile.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise AdminApiError(f"no {path}: {hint}") from None
+    except (OSError, ValidationError) as error:
+        raise AdminApiError(f"cannot read {path}: {error}") from None
+
+
 def admin_url(api: str | None, cluster: str | None, state_dir: Path) -> str:
     """The admin API's base URL, from ``api`` or the state directory's endpoints file."""
     if api is not None:
@@ -34,14 +46,9 @@ def admin_url(api: str | None, cluster: str | None, state_dir: Path) -> str:
             raise AdminApiError(f"--api {api!r} is not an http(s)://host:port URL")
         return api.rstrip("/")
     path = state_dir / ENDPOINTS_FILE
-    try:
-        endpoints = EndpointsFile.model_validate_json(path.read_bytes())
-    except FileNotFoundError:
-        raise AdminApiError(
-            f"no {path}: is a control plane running? (pass --api URL or --state-dir DIR)"
-        ) from None
-    except (OSError, ValidationError) as error:
-        raise AdminApiError(f"cannot read {path}: {error}") from None
+    endpoints = load_endpoints(
+        state_dir, "is a control plane running? (pass --api URL or --state-dir DIR)"
+    )
     if cluster is not None:
         found = endpoints.clusters.get(cluster)
         if found is None:
