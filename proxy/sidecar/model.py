@@ -240,6 +240,34 @@ class TargetState:
     sni: str
     trust_domain: TrustDomain
 
+    @classmethod
+    def filled(
+        cls,
+        service: str,
+        namespace: str,
+        cluster: str,
+        weight: float,
+        endpoints: tuple[tuple[str, int], ...],
+        local_cluster: str,
+        mesh: str,
+        *,
+        name: str = "",
+        sni: str = "",
+        trust_domain: str = "",
+    ) -> TargetState:
+        """A target with what its source left empty filled in: its name, the SNI naming the
+        service in that cluster, and that cluster's trust domain."""
+        return cls(
+            name=name or target_name(service, cluster, local_cluster),
+            cluster=cluster,
+            weight=weight,
+            endpoints=endpoints,
+            sni=sni or sni_of(service, namespace, cluster, mesh),
+            trust_domain=TrustDomain.parse(trust_domain)
+            if trust_domain
+            else TrustDomain.for_cluster(cluster, mesh),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class UpstreamState:
@@ -281,16 +309,16 @@ def upstreams_of(spec: SidecarSpec) -> dict[str, UpstreamState]:
     result: dict[str, UpstreamState] = {}
     for upstream in spec.upstreams or ():
         targets = tuple(
-            TargetState(
-                name=target_name(upstream.service, target.cluster, identity.cluster),
-                cluster=target.cluster,
-                weight=target.weight,
-                endpoints=tuple((e.address, e.port) for e in target.endpoints),
-                sni=target.sni
-                or sni_of(upstream.service, upstream.namespace, target.cluster, identity.mesh),
-                trust_domain=TrustDomain.parse(target.trust_domain)
-                if target.trust_domain
-                else TrustDomain.for_cluster(target.cluster, identity.mesh),
+            TargetState.filled(
+                upstream.service,
+                upstream.namespace,
+                target.cluster,
+                target.weight,
+                tuple((e.address, e.port) for e in target.endpoints),
+                identity.cluster,
+                identity.mesh,
+                sni=target.sni or "",
+                trust_domain=target.trust_domain or "",
             )
             for target in upstream.targets
         )

@@ -34,8 +34,6 @@ from proxy.sidecar.model import (
     SidecarState,
     TargetState,
     UpstreamState,
-    sni_of,
-    target_name,
     upstreams_of,
 )
 
@@ -162,16 +160,17 @@ def state_from_snapshot(
             upstreams = {}
             for upstream in snapshot.upstreams:
                 targets = tuple(
-                    TargetState(
-                        name=t.name or target_name(upstream.service, t.cluster, identity.cluster),
-                        cluster=t.cluster,
-                        weight=t.weight / 10_000,
-                        endpoints=tuple((e.address, e.port) for e in t.endpoints),
-                        sni=t.sni
-                        or sni_of(upstream.service, upstream.namespace, t.cluster, identity.mesh),
-                        trust_domain=TrustDomain.parse(t.trust_domain)
-                        if t.trust_domain
-                        else TrustDomain.for_cluster(t.cluster, identity.mesh),
+                    TargetState.filled(
+                        upstream.service,
+                        upstream.namespace,
+                        t.cluster,
+                        t.weight / 10_000,
+                        tuple((e.address, e.port) for e in t.endpoints),
+                        identity.cluster,
+                        identity.mesh,
+                        name=t.name,
+                        sni=t.sni,
+                        trust_domain=t.trust_domain,
                     )
                     for t in upstream.targets
                 )
