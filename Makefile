@@ -6,13 +6,16 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: up test check system-deps protos clean
+.PHONY: up test check system-deps native protos clean
 
 up: $(STAMP)
+	$(BIN)/python scripts/native.py
 	$(BIN)/snapbright up
 
+# The tests run the compiled hot path, as a deployment does (tests/proxy/test_native.py).
 test: system-deps $(STAMP)
-	$(MAKE) --no-print-directory check
+	$(BIN)/python scripts/native.py --require
+	SNAPBRIGHT_REQUIRE_NATIVE=1 $(MAKE) --no-print-directory check
 
 # Everything the tests run, in the order a reviewer reads it.
 check:
@@ -24,7 +27,11 @@ check:
 	$(BIN)/pytest
 
 system-deps:
-	bash scripts/system-deps.sh
+	PYTHON=$(PYTHON) bash scripts/system-deps.sh
+
+# Compile the hot path with mypyc when a source changed (proxy/native.py says which modules).
+native: $(STAMP)
+	$(BIN)/python scripts/native.py
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,4 +43,5 @@ protos: $(STAMP)
 	$(BIN)/python scripts/protos.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	test ! -x $(BIN)/python || $(BIN)/python scripts/native.py --clean
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build

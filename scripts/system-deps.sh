@@ -10,12 +10,19 @@ declare -A wanted=(
   [wrk]=wrk
   [promtool]=prometheus
   [chromium]=chromium
+  # mypyc compiles the data plane's hot path (scripts/native.py): a C compiler and Python's headers.
+  [gcc]=gcc
 )
 
 missing=()
 for cmd in "${!wanted[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")
 done
+python="${PYTHON:-python3.11}"
+if command -v "$python" >/dev/null 2>&1 && ! "$python" -c \
+  'import os, sysconfig; raise SystemExit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))'; then
+  missing+=("$(basename "$python")-dev")
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 sudo=""

@@ -1231,12 +1231,15 @@ class OutboundServer:
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
         """The listening sockets."""
-        return tuple(self._server.sockets)
+        # uvloop's Server.sockets is a list where typeshed says tuple; compiled code (mypyc)
+        # checks the declared type, so it is read untyped.
+        server: Any = self._server
+        return tuple(server.sockets)
 
     @property
     def port(self) -> int:
         """The port the listener is bound to (useful when it was started on port 0)."""
-        port: int = self._server.sockets[0].getsockname()[1]
+        port: int = self.sockets[0].getsockname()[1]
         return port
 
     @property

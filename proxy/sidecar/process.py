@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import uvloop
 
+from proxy import native
 from proxy.config.source import ConfigSource, ReloadResult
 from proxy.http.model import Limits, Timeouts
 from proxy.http.server import OutboundServer, serve_outbound
@@ -373,7 +374,8 @@ async def serve(config_path: Path) -> None:
         registration = _registration(config, sidecar.inbound.port)
         if registration is not None:
             registration.start()
-        _log.info("sidecar: ready")
+        # "compiled", or "pure: <why>" when the mypyc build is missing or stale (proxy/native.py).
+        _log.info("sidecar: ready (hot path: %s)", native.state)
         # What start-up made (modules, config models) lives for good: out of the collector's
         # sight, so that a full collection on the request path walks only what requests made.
         gc.collect()

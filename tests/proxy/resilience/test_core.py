@@ -335,12 +335,16 @@ def test_breaker_with_no_pending_slots_refuses_to_queue() -> None:
     assert CircuitBreaker(max_pending=0).try_wait() == OVERLOAD_MAX_PENDING
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"max_requests": 0}, {"max_connections": -1}, {"max_pending": 1.5}]
-)
+@pytest.mark.parametrize("kwargs", [{"max_requests": 0}, {"max_connections": -1}])
 def test_invalid_breaker_is_rejected(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="must be an integer"):
         CircuitBreaker(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_fractional_breaker_limit_is_rejected() -> None:
+    # Pure Python names the rule (ValueError); compiled (mypyc), the signature refuses it first.
+    with pytest.raises((ValueError, TypeError)):
+        CircuitBreaker(max_pending=1.5)  # type: ignore[arg-type]
 
 
 # --- outlier ejection -------------------------------------------------------------------------
@@ -520,9 +524,14 @@ def test_no_fault_draws_nothing() -> None:
         ({"abort_share": -0.1}, "abort_share must be >= 0"),
         ({"delay_s": math.inf}, "delay_s must be a finite number"),
         ({"abort_status": 99}, "abort_status must be between 200 and 599"),
-        ({"abort_status": "503"}, "abort_status must be an HTTP status"),
     ],
 )
 def test_invalid_fault_spec_is_rejected(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FaultSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_fault_status_that_is_not_a_number_is_rejected() -> None:
+    # Pure Python names the rule (ValueError); compiled (mypyc), the signature refuses it first.
+    with pytest.raises((ValueError, TypeError)):
+        FaultSpec(abort_status="503")  # type: ignore[arg-type]

@@ -1,0 +1,116 @@
+"""The compiled hot path: the modules mypyc compiles, and whether this process runs them.
+
+The request path (HTTP forwarding, balancing, stats, resilience, authorization, the mesh
+router) is plain, strictly typed Python that ``scripts/native.py`` compiles with mypyc into
+C extensions beside the sources; Python then imports the extension before the ``.py``. That
+takes a fifth off the CPU each proxied request costs (bench/dataplane.py).
+
+A compiled module must never run in place of a source that changed after it was built: the
+build writes the digest of every source it compiled to ``native.json``, and `activate` (run
+when the ``proxy`` package is imported, before any of these modules) compares them. On any
+difference, or with ``SNAPBRIGHT_PURE=1``, every listed module is imported from its source
+instead: all or none, since compiled modules call into each other's native classes.
+
+The TLS record engine (proxy/tls/engine.py) is not compiled: compiled, it crashed the
+interpreter in the authorization tests (a segfault, cause not found), and a data plane must
+not trade a crash for speed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from importlib.machinery import ModuleSpec
+from pathlib import Path
+from types import ModuleType
+
+COMPILED = (
+    "proxy.http.core",
+    "proxy.http.upstream",
+    "proxy.http.server",
+    "proxy.stats.core",
+    "proxy.balance.core",
+    "proxy.resilience.core",
+    "proxy.authz.core",
+    "proxy.sidecar.router",
+    "proxy.sidecar.metrics",
+    "proxy.sidecar.inbound",
+)
+# mypyc's shared runtime library for these modules: proxy/hotpath__mypyc.<abi>.so
+GROUP = "proxy.hotpath"
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = Path(__file__).with_name("native.json")
+
+_UNCHECKED = "pure: not checked"
+# What this process runs: "compiled", or "pure: <why>". Set by `activate`.
+state = _UNCHECKED
+
+
+def source_of(module: str, root: Path = ROOT) -> Path:
+    """The ``.py`` file of a listed module."""
+    return root.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def digest(path: Path) -> str:
+    """The SHA-256 of a source file, as the manifest records it."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def stale(manifest: Path, modules: Sequence[str], root: Path = ROOT) -> str | None:
+    """Why the compiled modules must not run (``None`` when they match their sources)."""
+    try:
+        built = json.loads(manifest.read_text())["sources"]
+    except FileNotFoundError:
+        return "not built (make native)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{manifest.name} unreadable: {error}"
+    if not isinstance(built, dict):
+        return f"{manifest.name} unreadable: sources is not a mapping"
+    for module in modules:
+        if built.get(module) != digest(source_of(module, root)):
+            return f"{module} changed since it was compiled (make native)"
+    return None
+
+
+class _FromSource:
+    """A meta path finder that imports the listed modules from their ``.py`` files."""
+
+    def __init__(self, modules: Sequence[str], root: Path) -> None:
+        self._modules = frozenset(modules)
+        self._root = root
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if fullname not in self._modules:
+            return None
+        return importlib.util.spec_from_file_location(fullname, source_of(fullname, self._root))
+
+
+def activate() -> str:
+    """Decide once per process whether the compiled modules run; returns `state`."""
+    global state
+    if state != _UNCHECKED:
+        return state
+    why = "SNAPBRIGHT_PURE=1" if os.environ.get("SNAPBRIGHT_PURE") == "1" else None
+    if why is None:
+        why = stale(MANIFEST, COMPILED)
+    if why is None:
+        state = "compiled"
+    else:
+        sys.meta_path.insert(0, _FromSource(COMPILED, ROOT))
+        state = f"pure: {why}"
+    return state
+
+
+def running() -> dict[str, str]:
+    """Each listed module that is imported, and the file it was loaded from."""
+    return {
+        name: str(getattr(sys.modules[name], "__file__", "?"))
+        for name in COMPILED
+        if name in sys.modules
+    }
