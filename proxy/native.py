@@ -11,9 +11,11 @@ when the ``proxy`` package is imported, before any of these modules) compares th
 difference, or with ``SNAPBRIGHT_PURE=1``, every listed module is imported from its source
 instead: all or none, since compiled modules call into each other's native classes.
 
-The TLS record engine (proxy/tls/engine.py) is not compiled: compiled, it crashed the
-interpreter in the authorization tests (a segfault, cause not found), and a data plane must
-not trade a crash for speed.
+Compiled classes carry no weak references: a weakref to one is never cleared when it dies
+(mypyc 2.4 sets tp_weaklistoffset on classes with a Python base but its dealloc does not
+clear them), and the next walk of a WeakSet holding one crashed the interpreter. So no
+WeakSet, WeakKeyDictionary or weakref.ref may hold an instance of a class defined here;
+tests/proxy/test_native.py checks the modules for it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ COMPILED = (
     "proxy.sidecar.router",
     "proxy.sidecar.metrics",
     "proxy.sidecar.inbound",
+    "proxy.tls.engine",
+    "proxy.tls.peer",
 )
 # mypyc's shared runtime library for these modules: proxy/hotpath__mypyc.<abi>.so
 GROUP = "proxy.hotpath"

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -44,7 +43,7 @@ from proxy.policy.model import AuthorizationPolicy
 from proxy.sidecar.peers import PeerConnections, trusts
 from proxy.sidecar.pipe import PipeEnd, join
 from proxy.sidecar.tls import ALPN_TCP, TlsHolder
-from proxy.tls.engine import TlsContext, TlsTransport, server_factory
+from proxy.tls.engine import TlsAcceptor, TlsContext, TlsTransport, server_factory
 from proxy.tls.peer import PeerCheck
 
 __all__ = ["PEER_ID_HEADER", "Inbound"]
@@ -154,7 +153,7 @@ class Inbound:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: OutboundServer | None = None
         self._closing = False
-        self._accepting: weakref.WeakSet[TlsTransport] = weakref.WeakSet()
+        self._acceptor: TlsAcceptor | None = None
 
     @property
     def port(self) -> int:
@@ -263,32 +262,21 @@ class Inbound:
             limits=limits,
             timeouts=timeouts,
             gates=self._gate,
-            wrap_protocol=lambda http: self._tracked(
-                server_factory(
-                    self._server_context,
-                    partial(self._accepted, http),
-                    self.reject,
-                    self.handshake_timeout,
-                )
-            ),
+            wrap_protocol=self._acceptor_for,
         )
 
-    def _tracked(self, factory: Callable[[], TlsTransport]) -> Callable[[], TlsTransport]:
-        """Connections are remembered (weakly) so that closing ends those mid-handshake."""
-
-        def accept() -> TlsTransport:
-            transport = factory()
-            self._accepting.add(transport)
-            return transport
-
-        return accept
+    def _acceptor_for(self, http: Callable[[], asyncio.Protocol]) -> TlsAcceptor:
+        # Kept, so that closing can drop the connections still in their handshake.
+        self._acceptor = server_factory(
+            self._server_context, partial(self._accepted, http), self.reject, self.handshake_timeout
+        )
+        return self._acceptor
 
     async def aclose(self, grace: float = 5.0) -> None:
         """Stop accepting, let requests finish for up to ``grace`` seconds, close the rest."""
         self._closing = True
-        for transport in list(self._accepting):
-            if transport.handshaking:
-                transport.abort()
+        if self._acceptor is not None:
+            self._acceptor.abort_handshakes()
         for task in list(self._tasks):
             task.cancel()
         for pipe in list(self.pipes):

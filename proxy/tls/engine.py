@@ -35,8 +35,9 @@ from OpenSSL import SSL, crypto
 
 from proxy.identity.bundle import TrustBundle, TrustBundleSet
 from proxy.identity.svid import X509Svid
+from proxy.tls.errors import TlsError
 
-__all__ = ["TlsContext", "TlsError", "TlsTransport", "connect", "server_factory"]
+__all__ = ["TlsAcceptor", "TlsContext", "TlsError", "TlsTransport", "connect", "server_factory"]
 
 _lib: Any = Binding.lib
 _ffi: Any = Binding.ffi
@@ -66,21 +67,6 @@ _PLAINTEXT = frozenset(
 )
 
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
-
-
-class TlsError(ConnectionError):
-    """A TLS handshake or record failure.
-
-    ``reason`` is a short label (``plaintext``, ``untrusted-chain``, ``expired``,
-    ``not-yet-valid``, ``invalid-purpose``, ``no-certificate``, ``handshake-timeout``,
-    ``handshake-failed``); ``verify_code`` is OpenSSL's X509_V_ERR code when the peer's
-    certificate failed verification, else 0.
-    """
-
-    def __init__(self, reason: str, detail: str, verify_code: int = 0) -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.verify_code = verify_code
 
 
 class TlsContext:
@@ -132,10 +118,14 @@ class TlsContext:
         return cls(native, False, TrustBundleSet([bundle]), anchors, keep)
 
 
-class _Accept:
-    """What a server does with its connections (shared by all of them)."""
+class TlsAcceptor:
+    """A listener's protocol factory: each call makes the TLS side of a new connection.
 
-    __slots__ = ("context", "on_failure", "on_handshake", "timeout")
+    It also knows the connections still in their handshake (until it ends, however it ends),
+    so that a closing listener can drop them: `abort_handshakes`. Made by `server_factory`.
+    """
+
+    __slots__ = ("context", "handshaking", "on_failure", "on_handshake", "timeout")
 
     def __init__(
         self,
@@ -148,6 +138,15 @@ class _Accept:
         self.on_handshake = on_handshake
         self.on_failure = on_failure
         self.timeout = timeout
+        self.handshaking: set[TlsTransport] = set()
+
+    def __call__(self) -> TlsTransport:
+        return TlsTransport(self.context(), self)
+
+    def abort_handshakes(self) -> None:
+        """Drop every connection still in its handshake."""
+        for transport in list(self.handshaking):
+            transport.abort()
 
 
 class _Dial:
@@ -189,7 +188,6 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
     """
 
     __slots__ = (
-        "__weakref__",
         "_app",
         "_conn",
         "_context",
@@ -208,7 +206,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         "_unread",
     )
 
-    def __init__(self, context: TlsContext, role: _Accept | _Dial) -> None:
+    def __init__(self, context: TlsContext, role: TlsAcceptor | _Dial) -> None:
         super().__init__()
         self._context = context
         self._role = role
@@ -325,7 +323,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         if state >= _CLOSING:
             return
         self._state = _CLOSING
-        self._cancel_timer()
+        self._handshake_over()
         if state == _OPEN and self._error is None:
             _lib.SSL_shutdown(self._ssl)
             _lib.ERR_clear_error()
@@ -336,7 +334,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
     def abort(self) -> None:
         if self._state < _CLOSING:
             self._state = _CLOSING
-        self._cancel_timer()
+        self._handshake_over()
         if self._raw is not None:
             self._raw.abort()
 
@@ -383,9 +381,10 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         self._in = conn._into_ssl
         self._out = conn._from_ssl
         role = self._role
-        if isinstance(role, _Accept):
+        if isinstance(role, TlsAcceptor):
             conn.set_accept_state()
             self._timer = loop.call_later(role.timeout, self._timed_out)
+            role.handshaking.add(self)
             return
         conn.set_connect_state()
         if role.sni:
@@ -431,7 +430,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         state = self._state
         self._state = _CLOSED
-        self._cancel_timer()
+        self._handshake_over()
         self._conn = self._ssl = self._in = self._out = None
         if state == _HANDSHAKE:
             self._report_failure(TlsError("handshake-failed", "the connection was lost"))
@@ -458,11 +457,11 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         self._handshake_failed(error)
 
     def _established(self) -> None:
-        self._cancel_timer()
+        self._handshake_over()
         self._state = _OPEN
         role = self._role
         app: asyncio.BaseProtocol | None
-        if isinstance(role, _Accept):
+        if isinstance(role, TlsAcceptor):
             try:
                 app = role.on_handshake(self)
             except Exception as exc:  # a bug in the hook: refuse, and say so
@@ -585,27 +584,30 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         if self._state != _HANDSHAKE:
             return
         self._state = _CLOSING
-        self._cancel_timer()
+        self._handshake_over()
         self._report_failure(error)
         if self._raw is not None:
             self._raw.abort()
 
     def _report_failure(self, error: TlsError) -> None:
         role = self._role
-        if isinstance(role, _Accept):
+        if isinstance(role, TlsAcceptor):
             role.on_failure(error.reason)
         elif not role.waiter.done():
             role.waiter.set_exception(error)
 
     def _timed_out(self) -> None:
-        self._timer = None
         self._handshake_failed(TlsError("handshake-timeout", "the peer did not finish in time"))
 
-    def _cancel_timer(self) -> None:
+    def _handshake_over(self) -> None:
+        """The handshake is done, failed, timed out, or its connection is going: once or more."""
         timer = self._timer
         if timer is not None:
             self._timer = None
             timer.cancel()
+        role = self._role
+        if isinstance(role, TlsAcceptor):
+            role.handshaking.discard(self)
 
 
 def server_factory(
@@ -613,7 +615,7 @@ def server_factory(
     on_handshake: Callable[[TlsTransport], asyncio.BaseProtocol | None],
     on_failure: Callable[[str], None],
     timeout: float,
-) -> Callable[[], TlsTransport]:
+) -> TlsAcceptor:
     """A protocol factory for ``loop.create_server`` that terminates TLS on each connection.
 
     ``context`` is read once per new connection (rotation swaps what it returns). After the
@@ -623,8 +625,7 @@ def server_factory(
     """
     if timeout <= 0:
         raise ValueError("the handshake timeout must be positive")
-    accept = _Accept(context, on_handshake, on_failure, timeout)
-    return lambda: TlsTransport(accept.context(), accept)
+    return TlsAcceptor(context, on_handshake, on_failure, timeout)
 
 
 async def connect(

@@ -107,3 +107,11 @@ def test_a_missing_or_broken_manifest_means_pure_python(
     reason = native.stale(manifest, ["pkg.mod"], tmp_path)
     assert reason is not None
     assert reason.startswith(why)
+
+
+def test_no_compiled_module_keeps_weak_references() -> None:
+    # mypyc 2.4 never clears a weakref to a compiled object when the object dies: a WeakSet
+    # of TLS transports crashed the interpreter on its next walk (proxy/native.py).
+    for module in native.COMPILED:
+        text = native.source_of(module).read_text()
+        assert "weakref" not in text, f"{module} uses weakref; compiled objects must not"
