@@ -20,18 +20,19 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from string import ascii_letters, digits
+from typing import Final
 
 from proxy.identity.model import SpiffeId, TrustDomain
 from proxy.policy.model import AuthorizationPolicy, AuthorizationRule, Principal
 
-_UNRESERVED = frozenset(ascii_letters + digits + "-._~")
+_UNRESERVED: Final = frozenset(ascii_letters + digits + "-._~")
 # RFC 3986 pchar plus '/': everything else (space, '\', '"', non-ASCII, controls) is refused.
-_PATH_CHARS = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
+_PATH_CHARS: Final = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
 # Nothing to normalise: no escape, no parameter, no empty or dot segment (the common case).
-_ALREADY_NORMAL = re.compile(r"(?!.*(?://|/\.\.?(?:/|$)))/[A-Za-z0-9\-_~!$&'()*+,=:@/.]*")
-_HEX = frozenset("0123456789abcdefABCDEF")
+_ALREADY_NORMAL: Final = re.compile(r"(?!.*(?://|/\.\.?(?:/|$)))/[A-Za-z0-9\-_~!$&'()*+,=:@/.]*")
+_HEX: Final = frozenset("0123456789abcdefABCDEF")
 # Encoded separators: whether the application splits on them is its own choice, so refuse.
-_AMBIGUOUS = frozenset({"2F", "5C"})
+_AMBIGUOUS: Final = frozenset({"2F", "5C"})
 
 
 @dataclass(frozen=True, slots=True)

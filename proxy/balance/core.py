@@ -21,11 +21,12 @@ from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from itertools import accumulate
 from random import Random
+from typing import Final
 
 __all__ = ["Endpoint", "WeightedTargets", "p2c_pick", "pick_cluster"]
 
-_exp = math.exp
-_INF = math.inf
+_exp: Final = math.exp
+_INF: Final = math.inf
 
 
 class WeightedTargets:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from proxy.http.model import Failure
 
@@ -213,7 +213,7 @@ def normalise_authority(authority: bytes) -> str | None:
 
 R = TypeVar("R")
 
-_ROUTE_CACHE_MAX = 1024
+_ROUTE_CACHE_MAX: Final = 1024
 
 
 def cached_route(

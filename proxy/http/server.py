@@ -27,7 +27,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import httptools
 
@@ -52,20 +52,20 @@ from proxy.http.upstream import (
 __all__ = ["OutboundServer", "serve_outbound"]
 
 # Connection states.
-_IDLE = 0  # between requests
-_HEAD = 1  # reading a request head
-_CONNECTING = 2  # head read, upstream connection being made
-_WAITING = 3  # request sent (or streaming), response not complete
-_PIPE = 4  # upgraded: bytes pass both ways
-_DEAD = 5  # answered with an error or closing: input ignored
+_IDLE: Final = 0  # between requests
+_HEAD: Final = 1  # reading a request head
+_CONNECTING: Final = 2  # head read, upstream connection being made
+_WAITING: Final = 3  # request sent (or streaming), response not complete
+_PIPE: Final = 4  # upgraded: bytes pass both ways
+_DEAD: Final = 5  # answered with an error or closing: input ignored
 
 # Reasons reading from the client is paused (bits).
-_P_UPSTREAM = 1  # upstream write buffer full
-_P_CONNECTING = 2  # no upstream connection yet to write to
-_P_QUEUED = 4  # a pipelined request waits for the response before it
-_P_UPGRADE = 8  # bytes after an upgrade request wait for the 101
+_P_UPSTREAM: Final = 1  # upstream write buffer full
+_P_CONNECTING: Final = 2  # no upstream connection yet to write to
+_P_QUEUED: Final = 4  # a pipelined request waits for the response before it
+_P_UPGRADE: Final = 8  # bytes after an upgrade request wait for the 101
 
-_REQUEST_SPECIAL = frozenset(
+_REQUEST_SPECIAL: Final = frozenset(
     {
         b"host",
         b"content-length",
@@ -78,18 +78,18 @@ _REQUEST_SPECIAL = frozenset(
         b"upgrade",
     }
 )
-_SPECIAL_LENGTHS = frozenset(len(name) for name in _REQUEST_SPECIAL)
+_SPECIAL_LENGTHS: Final = frozenset(len(name) for name in _REQUEST_SPECIAL)
 # Header blocks up to this size are remembered per connection (see `_Downstream._start`).
-_BLOCK_CACHE_MAX = 4096
-_CONNECTION_TOKENS_KEPT = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
-_CONNECTION_TOKENS_REFUSED = frozenset({b"host", b"content-length", b"transfer-encoding"})
-_RETRYABLE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+_BLOCK_CACHE_MAX: Final = 4096
+_CONNECTION_TOKENS_KEPT: Final = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
+_CONNECTION_TOKENS_REFUSED: Final = frozenset({b"host", b"content-length", b"transfer-encoding"})
+_RETRYABLE_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 # A request line the fast path takes: a bodiless method, an origin-form target of RFC 3986
 # path and query characters only (a strict subset of what llhttp accepts), HTTP/1.1.
-_FAST_LINE = re.compile(
+_FAST_LINE: Final = re.compile(
     rb"(GET|HEAD|DELETE|OPTIONS) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.1"
 )
-_REASONS = {
+_REASONS: Final = {
     400: b"Bad Request",
     403: b"Forbidden",
     404: b"Not Found",
@@ -103,11 +103,11 @@ _REASONS = {
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
-_WRITE_HIGH = 256 * 1024
-_monotonic = time.monotonic
+_WRITE_HIGH: Final = 256 * 1024
+_monotonic: Final = time.monotonic
 # After an error reply, how long the rest of the client's bytes are read and dropped, so
 # that its kernel does not answer our close with a reset that discards the reply.
-_LINGER = 2.0
+_LINGER: Final = 2.0
 
 
 class _Stop(Exception):

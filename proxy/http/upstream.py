@@ -19,7 +19,7 @@ import asyncio
 import http
 import math
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
 
@@ -37,11 +37,11 @@ Connector = Callable[
 ]
 """Opens a connection to an endpoint with the given protocol factory (raises OSError)."""
 
-_STATUS_LINES = {
+_STATUS_LINES: Final = {
     int(status): b"HTTP/1.1 %d %s\r\n" % (status, status.phrase.encode("ascii"))
     for status in http.HTTPStatus
 }
-_HOP_BY_HOP = frozenset(
+_HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -53,21 +53,21 @@ _HOP_BY_HOP = frozenset(
         b"content-length",
     }
 )
-_HOP_LENGTHS = frozenset(len(name) for name in _HOP_BY_HOP)
-_CONNECTION_TOKENS_KEPT = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
+_HOP_LENGTHS: Final = frozenset(len(name) for name in _HOP_BY_HOP)
+_CONNECTION_TOKENS_KEPT: Final = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
 
 # An upstream response head (with any 1xx before it) larger than this is refused.
-_MAX_RESPONSE_HEAD = 256 * 1024
+_MAX_RESPONSE_HEAD: Final = 256 * 1024
 
-_JOIN_MAX = 32 * 1024
+_JOIN_MAX: Final = 32 * 1024
 # Header blocks up to this size are remembered per connection (see `on_headers_complete`).
-_BLOCK_CACHE_MAX = 4096
+_BLOCK_CACHE_MAX: Final = 4096
 
 # Body modes of the response as written downstream.
-_NONE = 0  # no body (HEAD, 204, 304)
-_LENGTH = 1  # Content-Length, passed as is
-_CHUNKED = 2  # re-framed as chunked
-_RAW = 3  # HTTP/1.0 client: raw bytes, then close
+_NONE: Final = 0  # no body (HEAD, 204, 304)
+_LENGTH: Final = 1  # Content-Length, passed as is
+_CHUNKED: Final = 2  # re-framed as chunked
+_RAW: Final = 3  # HTTP/1.0 client: raw bytes, then close
 
 
 class _BadResponse(Exception):

@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterable
 from enum import StrEnum
 from random import Random
+from typing import Final
 
 from proxy.balance.core import Endpoint
 
@@ -186,9 +187,9 @@ def failure_class_of_status(status: int) -> FailureClass | None:
     return None
 
 
-_METHOD = re.compile(r"[A-Z][A-Z_-]*")
+_METHOD: Final = re.compile(r"[A-Z][A-Z_-]*")
 
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 """Methods whose repetition has the same effect as one request (RFC 9110, 9.2.2)."""
 
 
@@ -281,11 +282,11 @@ class RetryPolicy:
 
 # --- circuit breaking -------------------------------------------------------------------------
 
-OVERLOAD_HEADER = "x-snapbright-overload"
+OVERLOAD_HEADER: Final = "x-snapbright-overload"
 """Header of the 503 the sidecar answers when a circuit breaker refuses a request."""
-OVERLOAD_MAX_CONNECTIONS = "max-connections"
-OVERLOAD_MAX_PENDING = "max-pending"
-OVERLOAD_MAX_REQUESTS = "max-requests"
+OVERLOAD_MAX_CONNECTIONS: Final = "max-connections"
+OVERLOAD_MAX_PENDING: Final = "max-pending"
+OVERLOAD_MAX_REQUESTS: Final = "max-requests"
 
 
 class CircuitBreaker:

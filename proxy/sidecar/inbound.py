@@ -30,7 +30,7 @@ import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 from proxy.authz.core import authorize
 from proxy.http.core import RequestGate, RoundRobinRoute, Route, StaticEndpoint
@@ -48,7 +48,7 @@ from proxy.tls.peer import PeerCheck
 
 __all__ = ["PEER_ID_HEADER", "Inbound"]
 
-PEER_ID_HEADER = b"x-snapbright-peer-id"
+PEER_ID_HEADER: Final = b"x-snapbright-peer-id"
 
 
 def _svid_reason(error: SvidError) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from itertools import accumulate
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -29,7 +30,7 @@ from proxy.stats.core import Outcome
 
 __all__ = ["INBOUND_REJECT_REASONS", "SidecarMetrics"]
 
-INBOUND_REJECT_REASONS = (
+INBOUND_REJECT_REASONS: Final = (
     "plaintext",
     "handshake-timeout",
     "handshake-failed",
@@ -42,8 +43,23 @@ INBOUND_REJECT_REASONS = (
 )
 """Reasons created up front so that dashboards see zeros, not gaps (others appear on use)."""
 
-_LABELS = ["source_cluster", "destination_service", "destination_cluster"]
-_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LABELS: Final = ["source_cluster", "destination_service", "destination_cluster"]
+_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 
 class _TargetRecorder:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from random import Random
-from typing import Protocol
+from typing import Final, Protocol
 
 from proxy.balance.core import Endpoint, WeightedTargets, p2c_pick
 from proxy.http.core import InjectedFault, Overloaded, Route, cached_route
@@ -63,13 +63,13 @@ from proxy.stats.core import Outcome, Series, StatsRecorder, outcome_of_status
 
 __all__ = ["MeshEndpoint", "MeshRoute", "MeshRouter", "RequestMetrics", "TargetRuntime"]
 
-_FAILURE_OUTCOME = {
+_FAILURE_OUTCOME: Final = {
     Failure.CONNECT: Outcome.CONNECT_FAILURE,
     Failure.TIMEOUT: Outcome.TIMEOUT,
     Failure.RESET: Outcome.HTTP_5XX,
     Failure.PROTOCOL: Outcome.HTTP_5XX,
 }
-_DEFAULT_POLICY = TrafficPolicySpec(service="default")
+_DEFAULT_POLICY: Final = TrafficPolicySpec(service="default")
 
 
 class RequestMetrics(Protocol):
@@ -160,8 +160,8 @@ class MeshEndpoint(Endpoint):
         """Connect failures in a row (each doubles the time out of rotation)."""
 
 
-_CONNECT_EJECTION_S = 1.0
-_CONNECT_EJECTION_MAX_S = 16.0
+_CONNECT_EJECTION_S: Final = 1.0
+_CONNECT_EJECTION_MAX_S: Final = 16.0
 
 
 def _ignore(outcome: Outcome, latency: float) -> None:
@@ -195,7 +195,7 @@ class _Plan:
         """Failover priorities: the heaviest target first, weight 0 last."""
 
 
-_EMPTY = _Plan(WeightedTargets({}), {}, RetryPolicy(), RetryBudget())
+_EMPTY: Final = _Plan(WeightedTargets({}), {}, RetryPolicy(), RetryBudget())
 
 
 class MeshRoute:

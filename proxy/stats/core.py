@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Final
 
 __all__ = [
     "MAX_LATENCY_S",
@@ -34,33 +35,33 @@ __all__ = [
     "outcome_of_status",
 ]
 
-_log = math.log
-_ceil = math.ceil
+_log: Final = math.log
+_ceil: Final = math.ceil
 
-MIN_LATENCY_S = 1e-4
+MIN_LATENCY_S: Final = 1e-4
 """Upper bound of the first bucket: anything this fast or faster is counted as 100 µs."""
-MAX_LATENCY_S = 60.0
+MAX_LATENCY_S: Final = 60.0
 """Latencies above the last bucket (about 60.3 s) are counted as that bound."""
-_GAMMA = 1.2
-RELATIVE_ERROR = (_GAMMA - 1.0) / (_GAMMA + 1.0)
+_GAMMA: Final = 1.2
+RELATIVE_ERROR: Final = (_GAMMA - 1.0) / (_GAMMA + 1.0)
 """Largest relative error of a quantile estimate between the two bounds (about 9.1 %)."""
 
-_LAST_BOUNDED = _ceil(math.log(MAX_LATENCY_S / MIN_LATENCY_S) / math.log(_GAMMA))
+_LAST_BOUNDED: Final = _ceil(math.log(MAX_LATENCY_S / MIN_LATENCY_S) / math.log(_GAMMA))
 # Bucket 0 holds [0, MIN]; bucket i holds (MIN·γ^(i-1), MIN·γ^i]; the last holds the rest.
-_BUCKETS = _LAST_BOUNDED + 2
-_UPPER = tuple(MIN_LATENCY_S * _GAMMA**i for i in range(_LAST_BOUNDED + 1))
+_BUCKETS: Final = _LAST_BOUNDED + 2
+_UPPER: Final = tuple(MIN_LATENCY_S * _GAMMA**i for i in range(_LAST_BOUNDED + 1))
 # The estimate for a bucket is the value whose relative error to both bounds is the same.
-_ESTIMATE = (
+_ESTIMATE: Final = (
     MIN_LATENCY_S,
     *(2.0 * upper / (_GAMMA + 1.0) for upper in _UPPER[1:]),
     _UPPER[-1],
 )
-_INV_MIN = 1.0 / MIN_LATENCY_S
-_INV_LOG_GAMMA = 1.0 / math.log(_GAMMA)
+_INV_MIN: Final = 1.0 / MIN_LATENCY_S
+_INV_LOG_GAMMA: Final = 1.0 / math.log(_GAMMA)
 
 
-_TOP = _UPPER[-1]
-_OVERFLOW = _LAST_BOUNDED + 1
+_TOP: Final = _UPPER[-1]
+_OVERFLOW: Final = _LAST_BOUNDED + 1
 
 
 def _bucket(latency_s: float) -> int:
@@ -93,10 +94,10 @@ class Outcome(IntEnum):
         return self <= Outcome.HTTP_4XX
 
 
-_LABELS = ("2xx", "3xx", "4xx", "5xx", "connect-failure", "timeout")
-_OUTCOMES = len(_LABELS)
+_LABELS: Final = ("2xx", "3xx", "4xx", "5xx", "connect-failure", "timeout")
+_OUTCOMES: Final = len(_LABELS)
 # 1xx only ends a request as 101 Switching Protocols, an upgrade that succeeded.
-_BY_STATUS_CLASS = (
+_BY_STATUS_CLASS: Final = (
     None,
     Outcome.HTTP_2XX,
     Outcome.HTTP_2XX,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL, crypto
@@ -39,30 +39,33 @@ from proxy.tls.errors import TlsError
 
 __all__ = ["TlsAcceptor", "TlsContext", "TlsError", "TlsTransport", "connect", "server_factory"]
 
-_lib: Any = Binding.lib
-_ffi: Any = Binding.ffi
+_lib: Final[Any] = Binding.lib
+_ffi: Final[Any] = Binding.ffi
 
-_SSL_read = _lib.SSL_read
-_SSL_write = _lib.SSL_write
-_BIO_read = _lib.BIO_read
-_BIO_write = _lib.BIO_write
-_SSL_get_error = _lib.SSL_get_error
-_BIO_pending = _lib.BIO_get_mem_data  # with NULL: how many bytes the memory BIO holds
-_NULL = _ffi.NULL
-_WANT_READ: int = _lib.SSL_ERROR_WANT_READ
-_ZERO_RETURN: int = _lib.SSL_ERROR_ZERO_RETURN
-_SYSCALL: int = _lib.SSL_ERROR_SYSCALL
+_SSL_read: Final = _lib.SSL_read
+_SSL_write: Final = _lib.SSL_write
+_BIO_read: Final = _lib.BIO_read
+_BIO_write: Final = _lib.BIO_write
+_SSL_get_error: Final = _lib.SSL_get_error
+_BIO_pending: Final = _lib.BIO_get_mem_data  # with NULL: how many bytes the memory BIO holds
+_NULL: Final = _ffi.NULL
+_WANT_READ: Final[int] = _lib.SSL_ERROR_WANT_READ
+_ZERO_RETURN: Final[int] = _lib.SSL_ERROR_ZERO_RETURN
+_SYSCALL: Final[int] = _lib.SSL_ERROR_SYSCALL
 
 # Scratch for SSL_read and BIO_read: what leaves it is copied into bytes at once (app
 # protocols keep what they get, and uvloop's write(memoryview) does not copy).
-_SCRATCH = 256 * 1024
-_RECORD = 16 * 1024  # a TLS record's largest plaintext
+_SCRATCH: Final = 256 * 1024
+_RECORD: Final = 16 * 1024  # a TLS record's largest plaintext
 
-_HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
+_HANDSHAKE: Final = 0
+_OPEN: Final = 1
+_CLOSING: Final = 2
+_CLOSED: Final = 3
 
 # X509_V_ERR_* codes that have their own rejection labels.
-_VERIFY_LABELS = {10: "expired", 9: "not-yet-valid", 26: "invalid-purpose"}
-_PLAINTEXT = frozenset(
+_VERIFY_LABELS: Final = {10: "expired", 9: "not-yet-valid", 26: "invalid-purpose"}
+_PLAINTEXT: Final = frozenset(
     ("HTTP_REQUEST", "WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL", "HTTPS_PROXY_REQUEST")
 )
 
@@ -173,7 +176,7 @@ class _Scratch(threading.local):
         self.view: Any = _ffi.buffer(self.buf)
 
 
-_scratch = _Scratch()
+_scratch: Final = _Scratch()
 
 
 class TlsTransport(asyncio.Transport, asyncio.Protocol):
