@@ -249,6 +249,32 @@ async def test_client_and_server_prove_their_svids_and_exchange_bytes() -> None:
         assert await closed(client) is None
 
 
+async def test_the_acceptor_drops_only_the_connections_still_in_their_handshake() -> None:
+    # What a closing inbound listener does (Inbound.aclose); established ones stay.
+    server = Server(lambda _: App(echo=True))
+    acceptor = server_factory(
+        lambda: SERVER_CONTEXT, server.on_handshake, server.failures.put_nowait, WAIT
+    )
+    listener = await asyncio.get_running_loop().create_server(acceptor, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    silent_reader, silent = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        transport, app = await dial(port)
+        await server.app()  # the server's side of it is established too
+        assert len(acceptor.handshaking) == 1
+        acceptor.abort_handshakes()
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(silent_reader.read(), WAIT) == b""
+        assert acceptor.handshaking == set()
+        transport.write(b"still here")
+        assert await app.received(10) == b"still here"
+        transport.close()
+    finally:
+        listener.close()
+        await _close(silent)
+        await _settle()
+
+
 async def test_alpn_picks_the_protocol_the_client_offers_and_none_if_none_matches() -> None:
     async with engine_server() as server:
         tcp = TlsContext.client(CLIENT, A.bundle(), ("snapbright-tcp",))
