@@ -43,7 +43,9 @@ Measurements, each pair interleaved (A B, then B A, … for ``--rounds`` rounds;
   largest VmRSS sampled during its c50 runs), ``sidecar_kib_per_conn`` (A's VmRSS with 1,000
   idle keep-alive client connections, each having made one request, minus before, per
   connection; ``sidecar_fds_per_idle_conn`` counts A's file descriptors the same way, which
-  shows whether an idle client connection also holds an upstream connection).
+  shows whether an idle client connection also holds an upstream connection);
+  ``sidecar_uss_idle_mib`` and ``sidecar_pss_idle_mib`` beside it (A's private pages, and its
+  share of the shared-library pages that RSS counts in full in every process).
 
 Why our own open-loop generator: wrk is closed loop (a stalled response delays the next
 send, so the stall is measured once: coordinated omission) and wrk2 is not in Debian.
@@ -444,6 +446,7 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
     )
     time.sleep(1.0)
     rss_idle_kib = harness.rss_kib(a.pid)
+    uss_idle_kib, pss_idle_kib = harness.private_kib(a.pid)
 
     # haproxy: http mode, the mTLS pair, and the SNI router; the TLS endpoint for the gateway.
     hp = {name: harness.free_port() for name in ("http", "client", "server", "router", "tls")}
@@ -656,6 +659,10 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
         f"{sampler.peak_kib / 1024:.1f} MiB, +{(rss_with - rss_before) / 1000:.1f} KiB/conn,"
         f" +{(fds_with - fds_before) / 1000:.2f} fds/conn"
     )
+    print(
+        f"{'sidecar A idle':<18}USS {uss_idle_kib / 1024:.1f} MiB (private), "
+        f"PSS {pss_idle_kib / 1024:.1f} MiB (shared pages split among the processes mapping them)"
+    )
 
     ratio_p50 = added["l7 sidecar"] / added["l7 haproxy"] if added["l7 haproxy"] > 0 else 99.0
     summary: dict[str, Any] = {
@@ -667,6 +674,8 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
         "handshake_ratio": round(hs_rate["sidecar inbound"] / hs_rate["haproxy"], 3),
         "sidecar_rss_idle_mib": round(rss_idle_kib / 1024, 1),
         "sidecar_rss_load_mib": round(sampler.peak_kib / 1024, 1),
+        "sidecar_uss_idle_mib": round(uss_idle_kib / 1024, 1),
+        "sidecar_pss_idle_mib": round(pss_idle_kib / 1024, 1),
         "sidecar_kib_per_conn": round((rss_with - rss_before) / 1000, 2),
         # Contention-robust companions: haproxy's CPU per request (handshake) over ours.
         "l7_cpu_ratio": round(cpu["l7 haproxy"] / cpu["l7 sidecar"], 3),

@@ -94,6 +94,19 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def private_kib(pid: int) -> tuple[int, int]:
+    """(USS, PSS) of a process now, KiB: its private pages, and its fair share of shared ones.
+
+    RSS counts every shared-library page each process maps (libpython, OpenSSL inside
+    cryptography, ...) in full; on a node running many sidecars those pages are resident once.
+    """
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        fields[name] = int(rest.split()[0])
+    return fields["Private_Clean"] + fields["Private_Dirty"], fields["Pss"]
+
+
 @contextmanager
 def process(command: Sequence[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A child process with its output in ``log``; SIGTERM (then SIGKILL) on exit."""
