@@ -11,11 +11,12 @@ when the ``proxy`` package is imported, before any of these modules) compares th
 difference, or with ``SNAPBRIGHT_PURE=1``, every listed module is imported from its source
 instead: all or none, since compiled modules call into each other's native classes.
 
-Compiled classes carry no weak references: a weakref to one is never cleared when it dies
-(mypyc 2.4 sets tp_weaklistoffset on classes with a Python base but its dealloc does not
-clear them), and the next walk of a WeakSet holding one crashed the interpreter. So no
-WeakSet, WeakKeyDictionary or weakref.ref may hold an instance of a class defined here;
-tests/proxy/test_native.py checks the modules for it.
+No weak reference may point at an instance of a compiled class. A WeakSet of compiled TLS
+transports crashed the interpreter on its next walk (gdb: a freed weakref object under
+``_weakrefset.__iter__``); as far as we can tell, mypyc 2.4 gives classes with a Python base
+a weakref slot but its dealloc does not clear their weak references. The modules listed here
+do not import weakref (tests/proxy/test_native.py); code elsewhere must not weakly hold their
+objects either.
 """
 
 from __future__ import annotations
