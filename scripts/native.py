@@ -74,11 +74,12 @@ def build() -> str | None:
         text=True,
         check=False,
     )
-    missing = [path.name for path in _extensions() if not path.exists()]
+    missing = [str(path.relative_to(native.ROOT)) for path in _extensions() if not path.exists()]
     if done.returncode != 0 or missing:
         clean()
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-        return f"mypyc exited with {done.returncode}, missing {missing}:\n{tail}"
+        what = f"exited with {done.returncode}" if done.returncode else f"did not make {missing}"
+        return f"mypyc {what}:\n{tail}"
     # Written last, from the digests taken before compiling: a source edited during the
     # build leaves the manifest stale, and the next import falls back to pure Python.
     tmp = native.MANIFEST.with_suffix(".tmp")
