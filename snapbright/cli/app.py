@@ -91,6 +91,10 @@ def _run_data_plane(command: str, argv: list[str]) -> int:
     config: Path = parser.parse_args(argv).config
 
     from proxy.config.source import ConfigRejected
+    from snapbright.cli import logs
+
+    # The sidecar's "ready (hot path: compiled)" and config refusals reach its log.
+    logs.configure()
 
     run: Callable[[Path], int]
     refused: tuple[type[Exception], ...]

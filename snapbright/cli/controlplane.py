@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +10,7 @@ import typer
 from federation.peering.store import PeeringStoreError
 from federation.trust.store import StoreError
 from proxy.config.source import ConfigRejected
+from snapbright.cli import logs
 from snapbright.controlplane.process import run
 
 
@@ -24,10 +24,7 @@ def controlplane(
 
     SIGTERM or SIGINT stops it; everything acknowledged is already on disk.
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+    logs.configure()
     try:
         run(config)
     except ConfigRejected as error:
