@@ -22,6 +22,7 @@ objects either.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -60,6 +61,14 @@ def source_of(module: str, root: Path = ROOT) -> Path:
     return root.joinpath(*module.split(".")).with_suffix(".py")
 
 
+def extensions(modules: Sequence[str] = COMPILED, root: Path = ROOT) -> list[Path]:
+    """Every file a build leaves beside the sources: one per module, and the shared library."""
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]  # e.g. .cpython-311-x86_64-linux-gnu.so
+    package, _, name = GROUP.rpartition(".")
+    shared = root.joinpath(*package.split("."), f"{name}__mypyc{suffix}")
+    return [*(source_of(module, root).with_suffix(suffix) for module in modules), shared]
+
+
 def digest(path: Path) -> str:
     """The SHA-256 of a source file, as the manifest records it."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -78,6 +87,10 @@ def stale(manifest: Path, modules: Sequence[str], root: Path = ROOT) -> str | No
     for module in modules:
         if built.get(module) != digest(source_of(module, root)):
             return f"{module} changed since it was compiled (make native)"
+    # E.g. a wheel that carried the manifest but not the extensions.
+    for path in extensions(modules, root):
+        if not path.exists():
+            return f"{path.name} is missing (make native)"
     return None
 
 

@@ -15,7 +15,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -28,21 +27,9 @@ assert _spec.loader is not None
 native = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(native)
 
-_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-# mypyc's shared runtime library of the group, e.g. proxy/hotpath__mypyc.<abi>.so
-_SHARED = native.ROOT.joinpath(*native.GROUP.split(".")).with_name(
-    native.GROUP.rpartition(".")[2] + "__mypyc" + _SUFFIX
-)
-
-
-def _extensions() -> list[Path]:
-    """Every compiled file that a build leaves beside the sources."""
-    modules = [native.source_of(module).with_suffix(_SUFFIX) for module in native.COMPILED]
-    return [*modules, _SHARED]
-
 
 def clean() -> None:
-    for path in _extensions():
+    for path in native.extensions():
         path.unlink(missing_ok=True)
     native.MANIFEST.unlink(missing_ok=True)
 
@@ -74,7 +61,8 @@ def build() -> str | None:
         text=True,
         check=False,
     )
-    missing = [str(path.relative_to(native.ROOT)) for path in _extensions() if not path.exists()]
+    made = native.extensions()
+    missing = [str(path.relative_to(native.ROOT)) for path in made if not path.exists()]
     if done.returncode != 0 or missing:
         clean()
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
@@ -103,8 +91,7 @@ def main() -> int:
         clean()
         print("native: removed the compiled modules; the data plane runs pure Python")
         return 0
-    fresh = native.stale(native.MANIFEST, native.COMPILED) is None
-    if fresh and all(path.exists() for path in _extensions()):
+    if native.stale(native.MANIFEST, native.COMPILED) is None:
         print("native: the compiled hot path is up to date")
         return 0
     failure = build()

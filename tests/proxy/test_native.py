@@ -60,6 +60,9 @@ def _tree(tmp_path: Path) -> tuple[Path, Path]:
     source.write_text("X = 1\n")
     manifest = tmp_path / "native.json"
     manifest.write_text(json.dumps({"sources": {"pkg.mod": native.digest(source)}}))
+    for extension in native.extensions(["pkg.mod"], tmp_path):
+        extension.parent.mkdir(parents=True, exist_ok=True)
+        extension.write_bytes(b"")
     return source, manifest
 
 
@@ -76,6 +79,18 @@ def test_a_source_edited_after_the_build_is_stale(tmp_path: Path) -> None:
     assert native.stale(manifest, ["pkg.mod"], tmp_path) == (
         "pkg.mod changed since it was compiled (make native)"
     )
+
+
+def test_a_manifest_without_its_extensions_means_pure_python(tmp_path: Path) -> None:
+    # As a wheel would be that carried native.json but not the compiled files.
+    _, manifest = _tree(tmp_path)
+    module, shared = native.extensions(["pkg.mod"], tmp_path)
+    shared.unlink()
+    why = native.stale(manifest, ["pkg.mod"], tmp_path)
+    assert why == f"{shared.name} is missing (make native)"
+    module.unlink()
+    why = native.stale(manifest, ["pkg.mod"], tmp_path)
+    assert why == f"{module.name} is missing (make native)"
 
 
 def test_a_module_the_build_did_not_compile_is_stale(tmp_path: Path) -> None:
