@@ -45,6 +45,7 @@ COMPILED = (
     "proxy.sidecar.inbound",
     "proxy.tls.engine",
     "proxy.tls.peer",
+    "gateway.forward",
 )
 # mypyc's shared runtime library for these modules: proxy/hotpath__mypyc.<abi>.so
 GROUP = "proxy.hotpath"
