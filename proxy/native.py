@@ -1,7 +1,7 @@
 """The compiled hot path: the modules mypyc compiles, and whether this process runs them.
 
-The request path (HTTP forwarding, balancing, stats, resilience, authorization, the mesh
-router) is plain, strictly typed Python that ``scripts/native.py`` compiles with mypyc into
+The request path (HTTP forwarding, the TLS record engine, balancing, stats, resilience,
+authorization, the mesh router, the gateway's passthrough) is plain, strictly typed Python that ``scripts/native.py`` compiles with mypyc into
 C extensions beside the sources; Python then imports the extension before the ``.py``. That
 takes a fifth off the CPU each proxied request costs (bench/dataplane.py).
 
