@@ -1,9 +1,10 @@
 """The compiled hot path: the modules mypyc compiles, and whether this process runs them.
 
 The request path (HTTP forwarding, the TLS record engine, balancing, stats, resilience,
-authorization, the mesh router, the gateway's passthrough) is plain, strictly typed Python that ``scripts/native.py`` compiles with mypyc into
-C extensions beside the sources; Python then imports the extension before the ``.py``. That
-takes a fifth off the CPU each proxied request costs (bench/dataplane.py).
+authorization, the mesh router, the gateway's passthrough) is plain, strictly typed Python
+that ``scripts/native.py`` compiles with mypyc into C extensions beside the sources; Python
+then imports the extension before the ``.py``. That takes a fifth off the CPU each proxied
+request costs (bench/dataplane.py).
 
 A compiled module must never run in place of a source that changed after it was built: the
 build writes the digest of every source it compiled to ``native.json``, and `activate` (run
