@@ -8,8 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: up test check system-deps native protos clean
 
-up: $(STAMP)
-	$(BIN)/python scripts/native.py
+up: native
 	$(BIN)/snapbright up
 
 # The tests run the compiled hot path, as a deployment does (tests/proxy/test_native.py).
