@@ -236,11 +236,6 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         return self._context
 
     @property
-    def handshaking(self) -> bool:
-        """Whether the handshake is still running (no application protocol yet)."""
-        return self._state == _HANDSHAKE
-
-    @property
     def alpn(self) -> str | None:
         """The protocol ALPN selected, if any."""
         conn = self._conn
