@@ -45,7 +45,10 @@ Measurements, each pair interleaved (A B, then B A, … for ``--rounds`` rounds;
   connection; ``sidecar_fds_per_idle_conn`` counts A's file descriptors the same way, which
   shows whether an idle client connection also holds an upstream connection);
   ``sidecar_uss_idle_mib`` and ``sidecar_pss_idle_mib`` beside it (A's private pages, and its
-  share of the shared-library pages that RSS counts in full in every process).
+  share of the shared-library pages that RSS counts in full in every process);
+  ``python_rss_mib``, ``runtime_libraries_rss_mib`` and ``config_libraries_rss_mib`` are the
+  floor under it: the RSS of fresh interpreters that import nothing, the data plane's
+  libraries, and those plus pydantic and PyYAML (``_RSS_LAYERS``).
 
 Why our own open-loop generator: wrk is closed loop (a stalled response delays the next
 send, so the stall is measured once: coordinated omission) and wrk2 is not in Debian.
@@ -102,6 +105,19 @@ _CLUSTER = "east"
 _SNI = f"svc.default.{_CLUSTER}.{_MESH}"
 _GATEWAY_SNI = "payments.default.east.acme"
 _LOADGEN = Path(__file__).resolve().parent / "loadgen"
+
+# What sidecar A's idle RSS is made of, measured as fresh interpreters that only import:
+# - nothing;
+# - the libraries the data plane is built on (asyncio with ssl, uvloop, httptools; pyOpenSSL,
+#   whose OpenSSL lives in cryptography's Rust extension, for the TLS engine; and
+#   prometheus-client for the metrics);
+# - those plus the configuration's (pydantic models read from YAML files).
+_RUNTIME_LIBRARIES = ("asyncio", "ssl", "uvloop", "httptools", "OpenSSL.SSL", "prometheus_client")
+_RSS_LAYERS: dict[str, tuple[str, ...]] = {
+    "python": (),
+    "runtime libraries": _RUNTIME_LIBRARIES,
+    "+ config libraries": (*_RUNTIME_LIBRARIES, "yaml", "pydantic"),
+}
 
 TARGETS: dict[str, tuple[str, float]] = {
     "l7_rps_ratio": (">=", 0.75),
@@ -447,6 +463,7 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
     time.sleep(1.0)
     rss_idle_kib = harness.rss_kib(a.pid)
     uss_idle_kib, pss_idle_kib = harness.private_kib(a.pid)
+    rss_layers = {name: harness.import_rss_kib(modules) for name, modules in _RSS_LAYERS.items()}
 
     # haproxy: http mode, the mTLS pair, and the SNI router; the TLS endpoint for the gateway.
     hp = {name: harness.free_port() for name in ("http", "client", "server", "router", "tls")}
@@ -663,6 +680,11 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
         f"{'sidecar A idle':<18}USS {uss_idle_kib / 1024:.1f} MiB (private), "
         f"PSS {pss_idle_kib / 1024:.1f} MiB (shared pages split among the processes mapping them)"
     )
+    print(
+        f"{'idle RSS floor':<18}"
+        + ", ".join(f"{name} {kib / 1024:.1f} MiB" for name, kib in rss_layers.items())
+        + f"; sidecar A {rss_idle_kib / 1024:.1f} MiB"
+    )
 
     ratio_p50 = added["l7 sidecar"] / added["l7 haproxy"] if added["l7 haproxy"] > 0 else 99.0
     summary: dict[str, Any] = {
@@ -677,6 +699,9 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
         "sidecar_uss_idle_mib": round(uss_idle_kib / 1024, 1),
         "sidecar_pss_idle_mib": round(pss_idle_kib / 1024, 1),
         "sidecar_kib_per_conn": round((rss_with - rss_before) / 1000, 2),
+        "python_rss_mib": round(rss_layers["python"] / 1024, 1),
+        "runtime_libraries_rss_mib": round(rss_layers["runtime libraries"] / 1024, 1),
+        "config_libraries_rss_mib": round(rss_layers["+ config libraries"] / 1024, 1),
         # Contention-robust companions: haproxy's CPU per request (handshake) over ours.
         "l7_cpu_ratio": round(cpu["l7 haproxy"] / cpu["l7 sidecar"], 3),
         "mtls_cpu_ratio": round(cpu["mtls haproxy"] / cpu["mtls sidecars"], 3),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from bench.dataplane import TARGETS, parse_key_values, verdicts
-from bench.harness import haproxy_config, parse_wrk
+from bench.harness import haproxy_config, import_rss_kib, parse_wrk
 
 _WRK = """\
 Running 3s test @ http://127.0.0.1:40001/
@@ -104,3 +106,11 @@ def test_haproxy_templates_fill_every_name() -> None:
 def test_haproxy_template_with_a_missing_name_is_refused() -> None:
     with pytest.raises(KeyError):
         haproxy_config("mtls-client", port=1)
+
+
+def test_the_rss_floor_grows_with_what_the_interpreter_imports() -> None:
+    bare = import_rss_kib(())
+    with_asyncio = import_rss_kib(("asyncio",))
+    assert 1024 < bare < with_asyncio
+    with pytest.raises(subprocess.CalledProcessError):
+        import_rss_kib(("no_such_module_here",))
