@@ -42,6 +42,8 @@ from proxy.http.core import (
 )
 from proxy.http.model import Failure, Limits, Timeouts
 from proxy.http.upstream import (
+    BLOCK_CACHE_MAX,
+    CONNECTION_TOKENS_KEPT,
     Connector,
     UpstreamConnection,
     UpstreamPool,
@@ -79,9 +81,6 @@ _REQUEST_SPECIAL: Final = frozenset(
     }
 )
 _SPECIAL_LENGTHS: Final = frozenset(len(name) for name in _REQUEST_SPECIAL)
-# Header blocks up to this size are remembered per connection (see `_Downstream._start`).
-_BLOCK_CACHE_MAX: Final = 4096
-_CONNECTION_TOKENS_KEPT: Final = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
 _CONNECTION_TOKENS_REFUSED: Final = frozenset({b"host", b"content-length", b"transfer-encoding"})
 _RETRYABLE_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 # A request line the fast path takes: a bodiless method, an origin-form target of RFC 3986
@@ -699,7 +698,7 @@ class _Downstream(asyncio.Protocol):
                     continue
                 extend((name, b": ", value, b"\r\n"))
             block = b"".join(block_parts)
-            if len(block) <= _BLOCK_CACHE_MAX:
+            if len(block) <= BLOCK_CACHE_MAX:
                 # What the common request appends after its path (None: not the common one).
                 tail = None
                 tail_body = False
@@ -729,7 +728,7 @@ class _Downstream(asyncio.Protocol):
         if not http11 and version != "1.0":
             return self._bad_input(505 if version[:1] != "0" else 400, "unsupported version")
         self.http11 = http11
-        if listed is not None and not listed <= _CONNECTION_TOKENS_KEPT:
+        if listed is not None and not listed <= CONNECTION_TOKENS_KEPT:
             if listed & _CONNECTION_TOKENS_REFUSED:
                 return self._bad_input(400, "Connection names a framing header")
             parts = parts[:4]

@@ -29,7 +29,15 @@ from proxy.http.model import Failure
 if TYPE_CHECKING:
     from proxy.http.server import _Downstream
 
-__all__ = ["Connector", "UpstreamConnection", "UpstreamPool", "connection_tokens", "write_out"]
+__all__ = [
+    "BLOCK_CACHE_MAX",
+    "CONNECTION_TOKENS_KEPT",
+    "Connector",
+    "UpstreamConnection",
+    "UpstreamPool",
+    "connection_tokens",
+    "write_out",
+]
 
 Connector = Callable[
     [Callable[[], "UpstreamConnection"], EndpointAddress],
@@ -54,14 +62,16 @@ _HOP_BY_HOP: Final = frozenset(
     }
 )
 _HOP_LENGTHS: Final = frozenset(len(name) for name in _HOP_BY_HOP)
-_CONNECTION_TOKENS_KEPT: Final = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
+# Connection tokens that name no header to remove: a head listing only these is sent on as is.
+CONNECTION_TOKENS_KEPT: Final = frozenset({b"", b"close", b"keep-alive", b"upgrade"})
 
 # An upstream response head (with any 1xx before it) larger than this is refused.
 _MAX_RESPONSE_HEAD: Final = 256 * 1024
 
 _JOIN_MAX: Final = 32 * 1024
-# Header blocks up to this size are remembered per connection (see `on_headers_complete`).
-_BLOCK_CACHE_MAX: Final = 4096
+# Header blocks up to this size are remembered per connection, both ways (see
+# `on_headers_complete` here and `_Downstream._start` in server.py).
+BLOCK_CACHE_MAX: Final = 4096
 
 # Body modes of the response as written downstream.
 _NONE: Final = 0  # no body (HEAD, 204, 304)
@@ -368,14 +378,14 @@ class UpstreamConnection(asyncio.Protocol):
                     continue
                 extend((name, b": ", value, b"\r\n"))
             block = b"".join(block_parts)
-            if len(block) <= _BLOCK_CACHE_MAX:
+            if len(block) <= BLOCK_CACHE_MAX:
                 # The whole head of the common response with these fields (see above).
                 common_status = 0
                 common_head = b""
                 if (
                     length is not None
                     and coding is None
-                    and (listed is None or listed <= _CONNECTION_TOKENS_KEPT)
+                    and (listed is None or listed <= CONNECTION_TOKENS_KEPT)
                     and status != 204
                     and status != 304
                 ):
@@ -389,7 +399,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._last_block = (block, length, coding, listed, common_status, common_head)
         parts = [_STATUS_LINES.get(status) or _status_line(status), block]
         extend = parts.extend
-        if listed is not None and not listed <= _CONNECTION_TOKENS_KEPT:
+        if listed is not None and not listed <= CONNECTION_TOKENS_KEPT:
             parts = _without(parts, hdr, listed)
             extend = parts.extend
         if coding is not None and (coding.lower() != b"chunked" or length is not None):
