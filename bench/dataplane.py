@@ -47,8 +47,8 @@ Measurements, each pair interleaved (A B, then B A, … for ``--rounds`` rounds;
   ``sidecar_uss_idle_mib`` and ``sidecar_pss_idle_mib`` beside it (A's private pages, and its
   share of the shared-library pages that RSS counts in full in every process);
   ``python_rss_mib``, ``runtime_libraries_rss_mib`` and ``config_libraries_rss_mib`` are the
-  floor under it: the RSS of fresh interpreters that import nothing, the data plane's
-  libraries, and those plus pydantic and PyYAML (``_RSS_LAYERS``).
+  floor under it: the RSS of fresh interpreters that run nothing, import the data plane's
+  libraries, and also build one pydantic model from YAML (``_RSS_LAYERS``).
 
 Why our own open-loop generator: wrk is closed loop (a stalled response delays the next
 send, so the stall is measured once: coordinated omission) and wrk2 is not in Debian.
@@ -106,17 +106,22 @@ _SNI = f"svc.default.{_CLUSTER}.{_MESH}"
 _GATEWAY_SNI = "payments.default.east.acme"
 _LOADGEN = Path(__file__).resolve().parent / "loadgen"
 
-# What sidecar A's idle RSS is made of, measured as fresh interpreters that only import:
+# What sidecar A's idle RSS is made of, measured as fresh interpreters that run only:
 # - nothing;
-# - the libraries the data plane is built on (asyncio with ssl, uvloop, httptools; pyOpenSSL,
-#   whose OpenSSL lives in cryptography's Rust extension, for the TLS engine; and
+# - imports of the libraries the data plane is built on (asyncio with ssl, uvloop, httptools;
+#   pyOpenSSL, whose OpenSSL lives in cryptography's Rust extension, for the TLS engine; and
 #   prometheus-client for the metrics);
-# - those plus the configuration's (pydantic models read from YAML files).
-_RUNTIME_LIBRARIES = ("asyncio", "ssl", "uvloop", "httptools", "OpenSSL.SSL", "prometheus_client")
-_RSS_LAYERS: dict[str, tuple[str, ...]] = {
-    "python": (),
+# - those, and PyYAML, and one pydantic model built and validated (pydantic loads most of
+#   itself only when the first model class is built).
+_RUNTIME_LIBRARIES = "import asyncio, ssl, uvloop, httptools, OpenSSL.SSL, prometheus_client"
+_RSS_LAYERS: dict[str, str] = {
+    "python": "",
     "runtime libraries": _RUNTIME_LIBRARIES,
-    "+ config libraries": (*_RUNTIME_LIBRARIES, "yaml", "pydantic"),
+    "+ config libraries": f"""{_RUNTIME_LIBRARIES}
+import yaml, pydantic
+class Model(pydantic.BaseModel):
+    port: int
+Model.model_validate(yaml.safe_load("port: 80"))""",
 }
 
 TARGETS: dict[str, tuple[str, float]] = {
@@ -463,7 +468,7 @@ def _run(args: argparse.Namespace, scratch: Path, stack: ExitStack) -> dict[str,
     time.sleep(1.0)
     rss_idle_kib = harness.rss_kib(a.pid)
     uss_idle_kib, pss_idle_kib = harness.private_kib(a.pid)
-    rss_layers = {name: harness.import_rss_kib(modules) for name, modules in _RSS_LAYERS.items()}
+    rss_layers = {name: harness.rss_after_kib(code) for name, code in _RSS_LAYERS.items()}
 
     # haproxy: http mode, the mTLS pair, and the SNI router; the TLS endpoint for the gateway.
     hp = {name: harness.free_port() for name in ("http", "client", "server", "router", "tls")}

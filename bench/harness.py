@@ -107,19 +107,19 @@ def private_kib(pid: int) -> tuple[int, int]:
     return fields["Private_Clean"] + fields["Private_Dirty"], fields["Pss"]
 
 
-def import_rss_kib(modules: Sequence[str]) -> int:
-    """VmRSS (KiB) of a fresh interpreter (this one's executable) once it has imported
-    ``modules``: the floor under any process that needs them. Median of three starts."""
-    code = (
-        "import sys\n"
-        "for name in sys.argv[1:]:\n"
-        "    __import__(name)\n"
+def rss_after_kib(code: str) -> int:
+    """VmRSS (KiB) of a fresh interpreter (this one's executable) once it has run ``code``:
+    the floor under any process that needs what ``code`` loads. Median of three starts."""
+    report = (
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')))"
     )
     runs = [
         int(
             subprocess.run(
-                [sys.executable, "-c", code, *modules], check=True, capture_output=True, text=True
+                [sys.executable, "-c", f"{code}\n{report}"],
+                check=True,
+                capture_output=True,
+                text=True,
             ).stdout
         )
         for _ in range(3)

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from bench.dataplane import TARGETS, parse_key_values, verdicts
-from bench.harness import haproxy_config, import_rss_kib, parse_wrk
+from bench.harness import haproxy_config, parse_wrk, rss_after_kib
 
 _WRK = """\
 Running 3s test @ http://127.0.0.1:40001/
@@ -109,8 +109,8 @@ def test_haproxy_template_with_a_missing_name_is_refused() -> None:
 
 
 def test_the_rss_floor_grows_with_what_the_interpreter_imports() -> None:
-    bare = import_rss_kib(())
-    with_asyncio = import_rss_kib(("asyncio",))
+    bare = rss_after_kib("")
+    with_asyncio = rss_after_kib("import asyncio")
     assert 1024 < bare < with_asyncio
     with pytest.raises(subprocess.CalledProcessError):
-        import_rss_kib(("no_such_module_here",))
+        rss_after_kib("import no_such_module_here")
