@@ -108,22 +108,26 @@ class _Params:
     percentile: Percentile
 
 
+def _default_params() -> _Params:
+    failback = Failback()
+    return _Params(
+        latency=None,
+        error_rate=None,
+        targets=NEAREST,
+        ramp_step=TOTAL,
+        ramp_interval=0.0,
+        cap_away=0,
+        failback=failback,
+        failback_step=_bp(failback.step),
+        respect_headroom=True,
+        evidence=Evidence(),
+        percentile="p95",
+    )
+
+
 def _params(policy: FailoverPolicy | None) -> _Params:
     if policy is None:
-        failback = Failback()
-        return _Params(
-            latency=None,
-            error_rate=None,
-            targets=NEAREST,
-            ramp_step=TOTAL,
-            ramp_interval=0.0,
-            cap_away=0,
-            failback=failback,
-            failback_step=_bp(failback.step),
-            respect_headroom=True,
-            evidence=Evidence(),
-            percentile="p95",
-        )
+        return _DEFAULT_PARAMS  # built once: most pairs have no policy, every tick
     spec = policy.spec
     latency = spec.triggers.latency
     return _Params(
@@ -143,6 +147,9 @@ def _params(policy: FailoverPolicy | None) -> _Params:
 
 def _bp(share: float) -> int:
     return max(1, round(share * TOTAL))
+
+
+_DEFAULT_PARAMS = _default_params()
 
 
 # --- Reading one cluster: evidence, hysteresis clocks, and what they say ---

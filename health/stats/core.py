@@ -58,6 +58,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from operator import add
 
 from federation.peering.model import HealthSource, ServiceHealth, ServiceKey
 from health.failover.model import FailoverPolicy, Observations, TargetObservation
@@ -147,21 +148,23 @@ class _Ring:
             self.counts[slot][:] = [0] * _OUTCOMES
             self.histograms[slot].counts[:] = [0] * len(self.histograms[slot].counts)
         counts = self.counts[slot]
-        for index, value in enumerate(window.counts):
-            counts[index] += value
+        counts[:] = map(add, counts, window.counts)
         self.histograms[slot].absorb(window.histogram)
         if self.newest is None or window.start > self.newest:
             self.newest = window.start
 
-    def merge_into(self, begin: int, end: int, counts: list[int], histogram: Histogram) -> None:
+    def merge_into(
+        self, begin: int, end: int, counts: list[int], histogram: Histogram | None
+    ) -> None:
+        """Add the seconds in [begin, end) to ``counts``, and to ``histogram`` unless None."""
         size = len(self.seconds)
         # Visit only the span's slots: a 10 s query reads 10 slots, not the whole ring.
         for second in range(max(begin, end - size), end):
             slot = second % size
             if self.seconds[slot] == second:
-                for index, value in enumerate(self.counts[slot]):
-                    counts[index] += value
-                histogram.absorb(self.histograms[slot])
+                counts[:] = map(add, counts, self.counts[slot])
+                if histogram is not None:
+                    histogram.absorb(self.histograms[slot])
 
     @property
     def held(self) -> int:
@@ -230,27 +233,40 @@ class RegionalStats:
         return sum(ring.held for ring in self._rings.values())
 
     def stats(
-        self, service: str, caller_cluster: str, target_cluster: str, now: float, span_s: int
+        self,
+        service: str,
+        caller_cluster: str,
+        target_cluster: str,
+        now: float,
+        span_s: int,
+        *,
+        latency: bool = True,
     ) -> TrafficStats:
         """Requests from ``caller_cluster`` to ``service`` in ``target_cluster`` over the last
-        ``span_s`` closed seconds at ``now``."""
-        return self._merged([TrafficKey(service, caller_cluster, target_cluster)], now, span_s)
+        ``span_s`` closed seconds at ``now``.
+
+        ``latency=False`` leaves the histograms out (p50…p99 are None): for a caller that
+        reads only counts and rates, at a fraction of the cost."""
+        key = TrafficKey(service, caller_cluster, target_cluster)
+        return self._merged([key], now, span_s, latency)
 
     def service_stats(
-        self, service: str, target_cluster: str, now: float, span_s: int
+        self, service: str, target_cluster: str, now: float, span_s: int, *, latency: bool = True
     ) -> TrafficStats:
         """Requests from every caller cluster to ``service`` in ``target_cluster``."""
         keys = [k for k in self._by_service.get(service, ()) if k.target_cluster == target_cluster]
-        return self._merged(keys, now, span_s)
+        return self._merged(keys, now, span_s, latency)
 
     def caller_stats(
-        self, service: str, caller_cluster: str, now: float, span_s: int
+        self, service: str, caller_cluster: str, now: float, span_s: int, *, latency: bool = True
     ) -> TrafficStats:
         """Requests from ``caller_cluster`` to ``service``, whichever cluster served them."""
         keys = [k for k in self._by_service.get(service, ()) if k.caller_cluster == caller_cluster]
-        return self._merged(keys, now, span_s)
+        return self._merged(keys, now, span_s, latency)
 
-    def _merged(self, keys: Iterable[TrafficKey], now: float, span_s: int) -> TrafficStats:
+    def _merged(
+        self, keys: Iterable[TrafficKey], now: float, span_s: int, latency: bool
+    ) -> TrafficStats:
         if (
             isinstance(span_s, bool)
             or not isinstance(span_s, int)
@@ -260,7 +276,7 @@ class RegionalStats:
         end = math.floor(now)
         begin = end - span_s
         counts = [0] * _OUTCOMES
-        histogram = Histogram()
+        histogram = Histogram() if latency else None
         newest: int | None = None
         for key in keys:
             ring = self._rings.get(key)
@@ -277,10 +293,10 @@ class RegionalStats:
             failures=requests - succeeded,
             rate_per_s=requests / span_s,
             success_rate=succeeded / requests if requests else None,
-            p50=histogram.quantile(0.50),
-            p90=histogram.quantile(0.90),
-            p95=histogram.quantile(0.95),
-            p99=histogram.quantile(0.99),
+            p50=None if histogram is None else histogram.quantile(0.50),
+            p90=None if histogram is None else histogram.quantile(0.90),
+            p95=None if histogram is None else histogram.quantile(0.95),
+            p99=None if histogram is None else histogram.quantile(0.99),
             last_at=None if newest is None else float(newest + 1),
             connect_failures=counts[Outcome.CONNECT_FAILURE],
         )
@@ -350,13 +366,15 @@ def observations(
     gateways = gateways or {}
     mine = stats.stats(service, caller_cluster, caller_cluster, now, span_s)
     short = stats.stats(service, caller_cluster, caller_cluster, now, enter_span_s)
-    everyone = stats.service_stats(service, caller_cluster, now, span_s)
-    headroom = (
-        None if local.capacity_rps is None else max(0.0, local.capacity_rps - everyone.rate_per_s)
-    )
+    headroom = None
+    if local.capacity_rps is not None:
+        everyone = stats.service_stats(service, caller_cluster, now, span_s, latency=False)
+        headroom = max(0.0, local.capacity_rps - everyone.rate_per_s)
     freshest = max(local.observed_at, mine.last_at if mine.last_at is not None else -math.inf)
     healthy = local.healthy_endpoints
-    recent = stats.stats(service, caller_cluster, caller_cluster, now, UNREACHABLE_SPAN_S)
+    recent = stats.stats(
+        service, caller_cluster, caller_cluster, now, UNREACHABLE_SPAN_S, latency=False
+    )
     if recent.connect_failures >= UNREACHABLE_MIN_FAILURES and recent.connect_failures == (
         recent.requests
     ):
@@ -392,7 +410,9 @@ def observations(
         targets.append(_remote(remote, gateways.get(remote.cluster), measured, now, min_samples))
     return Observations(
         local=caller_cluster,
-        request_rate=stats.caller_stats(service, caller_cluster, now, span_s).rate_per_s,
+        request_rate=stats.caller_stats(
+            service, caller_cluster, now, span_s, latency=False
+        ).rate_per_s,
         targets=tuple(targets),
     )
 
