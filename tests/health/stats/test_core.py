@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -227,6 +228,30 @@ def test_stats_merge_per_service_over_callers_and_per_caller_over_targets() -> N
         TrafficKey(PAYMENTS, EU, US),
         TrafficKey(PAYMENTS, US, EU),
     }
+
+
+def test_counts_only_stats_are_the_full_ones_without_latencies() -> None:
+    stats = RegionalStats()
+    _steady(stats, range(10), per_second=10, latency=0.02, caller=US, target=US)
+    failing = {Outcome.HTTP_2XX: 3, Outcome.CONNECT_FAILURE: 2}
+    stats.add(US, _window(9, [0.03] * 5, outcomes=failing), 10.0)
+    for full, counted in (
+        (
+            stats.stats(PAYMENTS, US, US, 10.0, 5),
+            stats.stats(PAYMENTS, US, US, 10.0, 5, latency=False),
+        ),
+        (
+            stats.service_stats(PAYMENTS, US, 10.0, 5),
+            stats.service_stats(PAYMENTS, US, 10.0, 5, latency=False),
+        ),
+        (
+            stats.caller_stats(PAYMENTS, US, 10.0, 5),
+            stats.caller_stats(PAYMENTS, US, 10.0, 5, latency=False),
+        ),
+    ):
+        assert full.p95 is not None
+        assert counted == replace(full, p50=None, p90=None, p95=None, p99=None)
+        assert (counted.requests, counted.connect_failures) == (55, 2)
 
 
 # --- Bounded memory ---
